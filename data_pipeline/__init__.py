@@ -1,0 +1,1 @@
+"""Raw text -> cleaned documents -> sentencepiece tokens -> Arrow shards + manifest -> packed loader."""

@@ -1,0 +1,98 @@
+"""Arrow token shards and the manifest that describes them.
+
+A shard is an Arrow IPC file with one column `tokens` (list<uint16|uint32>), one row per document,
+each ending in EOS. Its flat values are the packed token stream; its offsets are document boundaries.
+Shards and the manifest are written under a temporary name, fsynced, then renamed, so a file that
+has its final name is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+MANIFEST_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(path: Path, documents: list[np.ndarray], dtype: np.dtype) -> dict:
+    """Write one shard atomically; return its manifest record."""
+    lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
+    offsets = np.zeros(len(documents) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(documents).astype(dtype, copy=False)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    table = pa.table({"tokens": column})
+    tmp = path.with_name(path.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"file": path.name, "tokens": int(lengths.sum()), "documents": len(documents),
+            "sha256": file_sha256(path)}
+
+
+def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map a shard: (flat token values, document offsets), both zero-copy views."""
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        column = table.column("tokens").combine_chunks()
+    except (pa.ArrowInvalid, KeyError, OSError) as e:
+        raise ValueError(f"corrupt or unreadable token shard {path}: {e}") from None
+    values = column.values.to_numpy(zero_copy_only=True)
+    offsets = column.offsets.to_numpy(zero_copy_only=True)
+    return values, offsets
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"data directory not found: {data_dir} (run `megacore data prepare` first)")
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in data directory {data_dir} (run `megacore data prepare` first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: unsupported manifest version {manifest.get('version')!r}")
+    return manifest
+
+
+def fingerprint(tokenizer_sha256: str, splits: dict) -> str:
+    """Identity of the tokenized data: changes when any shard or the tokenizer changes."""
+    digest = hashlib.sha256(tokenizer_sha256.encode())
+    for split in sorted(splits):
+        for shard in splits[split]["shards"]:
+            digest.update(f"{split}/{shard['file']}/{shard['sha256']}".encode())
+    return digest.hexdigest()[:16]

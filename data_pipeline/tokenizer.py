@@ -1,0 +1,70 @@
+"""SentencePiece tokenizer: training on documents, and a small wrapper used by the loader and the model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# Reserved now so that chat fine-tuning later needs no new vocabulary.
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe") -> "Tokenizer":
+    """Train on `documents` and write the model atomically to `out_path`."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(documents),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        # Identity normalisation, kept whitespace and byte fallback make decode(encode(x)) == x,
+        # indentation and newlines included.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+        split_digits=True,
+        # A corpus too small for vocab_size gets a smaller vocabulary instead of an abort.
+        hard_vocab_limit=False,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+        user_defined_symbols=CHAT_TOKENS,
+        max_sentence_length=1 << 20,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    return Tokenizer(out_path)
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        self.path = path
+        data = path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.sp = spm.SentencePieceProcessor(model_proto=data)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])

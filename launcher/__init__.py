@@ -1,0 +1,1 @@
+"""Launching training: torchrun on this machine now; Slurm jobs later."""

@@ -1,0 +1,3 @@
+"""megacore: distributed training for Llama-style language models."""
+
+__version__ = "0.1.0"

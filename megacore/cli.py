@@ -1,0 +1,198 @@
+"""The `megacore` command line.
+
+    megacore data prepare CONFIG [key=value ...]
+    megacore train CONFIG [key=value ...] [--nproc N] [--resume none|auto|CKPT]
+    megacore eval RUN_DIR|CKPT [--split val] [--batches N]
+    megacore generate RUN_DIR|CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    megacore plot RUN_DIR [--out FILE]
+
+Configuration errors, missing files and bad arguments exit with status 2 and a message naming the key
+or path, before any training process is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megacore.config import ConfigError, load_config
+
+USAGE_ERROR = 2
+
+
+def _fail(message: str) -> int:
+    print(f"megacore: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megacore", description="Distributed training for Llama-style models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare tokenized data").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="raw text -> tokenizer + Arrow token shards + manifest")
+    _add_config_args(prep)
+
+    train = sub.add_parser("train", help="train (or resume) a model")
+    _add_config_args(train)
+    train.add_argument("--nproc", type=int, default=None,
+                       help="start N local ranks under torchrun (omit when already launched by torchrun)")
+    train.add_argument("--resume", default="none",
+                       help="'none' (refuse if the run has checkpoints), 'auto' (newest checkpoint if any), "
+                            "or a checkpoint directory")
+    train.add_argument("--dry-run", action="store_true", help="validate the config and print it; train nothing")
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a data split")
+    ev.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--data-dir", default=None, help="prepared data (default: the run's data.dir)")
+    ev.add_argument("--batches", type=int, default=0, help="evaluate at most N batches (0: the whole split)")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
+
+    gen = sub.add_parser("generate", help="sample text from a checkpoint")
+    gen.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    gen.add_argument("--prompt", default="")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--seed", type=int, default=0)
+
+    plot = sub.add_parser("plot", help="PNG charts of a run's metrics")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Overrides may follow options (`train cfg.yaml --nproc 2 optim.lr=1e-3`): collect them here.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides += extra
+    try:
+        if args.command == "data":
+            return cmd_prepare(args)
+        if args.command == "train":
+            return cmd_train(args, argv)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "plot":
+            return cmd_plot(args)
+    except ConfigError as e:
+        return _fail(str(e))
+    except (FileNotFoundError, FileExistsError) as e:
+        return _fail(str(e))
+    return USAGE_ERROR
+
+
+def cmd_prepare(args) -> int:
+    from data_pipeline.prepare import prepare
+    from data_pipeline.sources import SourceError
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        prepare(cfg.data)
+    except (SourceError, ValueError) as e:
+        return _fail(str(e))
+    return 0
+
+
+def cmd_train(args, argv: list[str]) -> int:
+    cfg = load_config(args.config, args.overrides)
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if under_torchrun else (args.nproc or 1)
+    if args.nproc is not None and args.nproc < 1:
+        return _fail(f"--nproc must be >= 1, got {args.nproc}")
+    if not under_torchrun:
+        # Refuse bad layouts, missing data and run-directory conflicts before starting any process.
+        from megacore.run_dir import resolve_vocab_size
+        from megacore.train.trainer import checkpoint_to_resume
+
+        cfg.check_world(world_size)
+        resolve_vocab_size(cfg)
+        checkpoint_to_resume(cfg.train.run_dir, args.resume)
+    if args.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        print(f"world size {world_size}: layout ok")
+        return 0
+    if args.nproc and not under_torchrun:
+        from launcher.torchrun import run_local
+
+        return run_local(args.nproc, _without_nproc(argv))
+    from megacore.train.trainer import train
+
+    train(cfg, args.resume)
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from data_pipeline.loader import PackedLoader, TokenStore
+    from megacore.distributed import init_distributed, shutdown
+    from megacore.evaluate import evaluate
+    from megacore.generate import load_trained
+
+    model, _, cfg, ckpt = load_trained(args.checkpoint)
+    store = TokenStore(args.data_dir or cfg.data.dir, args.split)
+    loader = PackedLoader(store, cfg.data.seq_len, args.batch_size, shuffle=False)
+    init_distributed("cpu")
+    try:
+        result = evaluate(model, loader, args.batches or loader.batches_per_epoch, torch.device("cpu"),
+                          micro_batch_size=cfg.train.micro_batch_size)
+    finally:
+        shutdown()
+    print(json.dumps({"checkpoint": str(ckpt), "split": args.split, **result}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from megacore.generate import load_trained, sample
+
+    model, tokenizer, _, _ = load_trained(args.checkpoint)
+    generator = torch.Generator().manual_seed(args.seed)
+    # Training documents are separated by EOS, so an empty prompt starts "at a document boundary".
+    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
+    new = sample(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                 eos_id=None, generator=generator)
+    print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from megacore.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

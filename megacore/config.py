@@ -1,0 +1,331 @@
+"""Typed run configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+
+`load_config("configs/tiny.yaml", ["optim.lr=3e-4"])` returns a validated `Config`. Unknown keys, wrong
+types and impossible values raise `ConfigError`, whose message names the dotted key; the CLI turns it
+into exit status 2 before any process is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key or file."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    # 0 means: take the vocabulary size from the tokenizer of `data.dir`.
+    vocab_size: int = 0
+    # SwiGLU hidden size is 8/3 * dim rounded up to a multiple of this (as in Llama).
+    ffn_multiple_of: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 1024
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        _positive(self, "model", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_multiple_of", "max_seq_len")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"model head dim {self.dim // self.n_heads} (dim / n_heads) must be even for RoPE")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
+            raise ConfigError("model.norm_eps, model.rope_theta and model.init_std must be > 0")
+
+
+@dataclass
+class DataConfig:
+    # Where `megacore data prepare` writes shards, manifest and tokenizer, and where training reads them.
+    dir: str = "data/shakespeare"
+    # fsspec URLs or globs of raw text (.txt, .jsonl, optionally compressed), chained URLs included.
+    sources: list[str] = field(default_factory=list)
+    # For .txt files: one document per blank-line separated paragraph, or per file.
+    text_unit: Literal["paragraph", "file"] = "paragraph"
+    # For .jsonl records: the field holding the text.
+    text_field: str = "text"
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = 2048
+    val_fraction: float = 0.05
+    shard_tokens: int = 1 << 22
+    seq_len: int = 256
+
+    def validate(self) -> None:
+        _positive(self, "data", "vocab_size", "shard_tokens", "seq_len")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.vocab_size < 260:
+            # 256 byte-fallback pieces plus the special tokens must fit.
+            raise ConfigError(f"data.vocab_size must be at least 260 (byte fallback), got {self.vocab_size}")
+
+
+@dataclass
+class ParallelConfig:
+    # Ranks that shard parameters with FSDP2; -1 means all ranks.
+    dp_shard: int = -1
+
+    def validate(self) -> None:
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard must be -1 (all ranks) or >= 1, got {self.dp_shard}")
+
+    def check_world(self, world_size: int) -> None:
+        if self.dp_shard != -1 and self.dp_shard != world_size:
+            raise ConfigError(
+                f"parallel.dp_shard={self.dp_shard} does not match the world size {world_size}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    # The cosine schedule decays to lr * min_lr_ratio.
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Clip the global gradient norm to this; 0 disables clipping.
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    # Length of the schedule in optimizer steps.
+    steps: int = 300
+    # End this invocation after this step (a planned stop; the schedule still spans `steps`).
+    stop_after: Optional[int] = None
+    # Sequences per optimizer step across all ranks, and per forward pass on one rank.
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 on CPU is ~90x slower here (no bf16 units): keep fp32 for CPU runs.
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = 100
+    eval_batches: int = 8
+
+    def validate(self) -> None:
+        _positive(self, "train", "steps", "global_batch_size", "micro_batch_size", "eval_every", "eval_batches")
+        if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
+            raise ConfigError(f"train.stop_after must be in [1, train.steps={self.steps}], got {self.stop_after}")
+
+    def check_world(self, dp_size: int) -> int:
+        """Return the gradient accumulation steps for `dp_size` data-parallel ranks."""
+        per_step = self.micro_batch_size * dp_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={self.micro_batch_size} x {dp_size} data-parallel ranks")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    # Keep the newest `keep_last` checkpoints; 0 keeps all.
+    keep_last: int = 2
+
+    def validate(self) -> None:
+        _positive(self, "checkpoint", "every")
+        if self.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+
+    def validate(self) -> None:
+        _positive(self, "logging", "log_every")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        return self
+
+    def check_world(self, world_size: int) -> int:
+        """Check the layout against a world size; return gradient accumulation steps."""
+        self.parallel.check_world(world_size)
+        return self.train.check_world(world_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(section: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ConfigError(f"{prefix}.{name} must be > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML + overrides -> typed dataclasses
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return _build(Config, raw, "").validate()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, value = parse_override(item)
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            full = _dotted_leaf(raw[key], f"{prefix}{key}")
+            raise ConfigError(f"unknown config key {full!r} (valid here: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name in known:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _dotted_leaf(node: Any, key: str) -> str:
+    """`no.such.key=1` arrives as {"no": {"such": {"key": 1}}}: name the whole key, as the user wrote it."""
+    while isinstance(node, dict) and len(node) == 1:
+        (child, node), = node.items()
+        key = f"{key}.{child}"
+    return key
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        if not math.isfinite(number) or number != int(number):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        # YAML 1.1 reads "3e-4" as a string; accept any text float() accepts.
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+        return number
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,13 @@
+"""The language-modelling loss shared by training and evaluation."""
+
+import torch
+import torch.nn.functional as F
+
+# Labels equal to this carry no loss (padding, or prompt tokens in fine-tuning).
+IGNORE_INDEX = -100
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over labels that are not IGNORE_INDEX, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")

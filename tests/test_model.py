@@ -1,0 +1,59 @@
+"""The Llama model: shapes, causality, grouped-query attention, init, and the FLOPs formula."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from megacore.config import ModelConfig
+from megacore.model import Llama, flops_per_token, num_params
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 100,
+                          "max_seq_len": 64, **kw})
+
+
+def test_forward_shape_and_finite():
+    model = Llama(tiny())
+    logits = model(torch.randint(0, 100, (3, 16)))
+    assert logits.shape == (3, 16, 100) and torch.isfinite(logits).all()
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(0)
+    model = Llama(tiny())
+    x = torch.randint(0, 100, (1, 20))
+    y = x.clone()
+    y[0, 12:] = (y[0, 12:] + 1) % 100
+    assert torch.allclose(model(x)[0, :12], model(y)[0, :12], atol=1e-6)
+    assert not torch.allclose(model(x)[0, 12:], model(y)[0, 12:])
+
+
+def test_grouped_query_attention_uses_fewer_kv_weights():
+    mha, gqa = Llama(tiny(n_kv_heads=4)), Llama(tiny(n_kv_heads=1))
+    assert gqa.layers["0"].attention.wk.weight.shape == (16, 64)
+    assert num_params(gqa) < num_params(mha)
+
+
+def test_same_seed_same_weights_and_position_ids_default():
+    torch.manual_seed(1)
+    a = Llama(tiny())
+    torch.manual_seed(1)
+    b = Llama(tiny())
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    x = torch.randint(0, 100, (2, 10))
+    assert torch.equal(a(x), a(x, position_ids=torch.arange(10).expand(2, 10)))
+
+
+@pytest.mark.parametrize("cfg", [tiny(), tiny(dim=128, n_heads=8, n_kv_heads=8, n_layers=3, vocab_size=512)])
+def test_flops_per_token_matches_flop_counter(cfg):
+    seq = 64
+    model = Llama(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, seq))
+    # The math backend expresses attention as matmuls that the counter sees (the fused CPU kernel is not counted).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens).float().sum().backward()
+    measured = counter.get_total_flops() / tokens.numel()
+    assert flops_per_token(cfg, seq) == pytest.approx(measured, rel=0.05)

@@ -1,0 +1,69 @@
+"""Real distributed training under torchrun (gloo, 2 CPU ranks): the run directory, falling validation
+loss, resume that matches an uninterrupted run, layout-independent losses, eval, generate and plot."""
+
+import json
+import math
+
+import pytest
+
+from megacore.checkpoint import list_checkpoints, read_meta
+from tests.conftest import megacore, read_metrics
+
+
+def test_two_rank_run_writes_run_dir_and_val_loss_falls(tiny_args, tmp_path):
+    args = tiny_args("run", "train.steps=30", "train.eval_every=10", "checkpoint.every=10", "checkpoint.keep_last=2",
+                     "optim.lr=3e-3")
+    proc = megacore("train", *args, "--nproc", "2")
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "tokenizer.model").is_file()
+    train = read_metrics(run)
+    assert sorted(train) == list(range(1, 31))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(train[30])
+    val = read_metrics(run, "val")
+    assert sorted(val) == [10, 20, 30]
+    assert val[30]["loss"] < val[10]["loss"] < math.log(512)
+    assert val[30]["perplexity"] == pytest.approx(math.exp(val[30]["loss"]))
+    # keep_last=2: step 10 was pruned; the newest holds the data position and the resolved config.
+    ckpts = list_checkpoints(run)
+    assert [c.name for c in ckpts] == ["step_00000020", "step_00000030"]
+    meta = read_meta(ckpts[-1])
+    assert meta["step"] == 30 and meta["world_size"] == 2
+    assert meta["loader"]["consumed_samples"] + meta["loader"]["epoch"] > 0
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert "saved checkpoint" in proc.stdout
+
+    # eval, generate and plot on the result, in one process (DCP reshards the 2-rank checkpoint).
+    result = json.loads(megacore("eval", run, "--batches", "4").stdout.strip().splitlines()[-1])
+    assert set(result) >= {"loss", "perplexity", "bits_per_byte"}
+    assert 0 < result["bits_per_byte"] < 8
+    out = megacore("generate", run, "--prompt", "KING.", "--max-new-tokens", "20").stdout
+    assert out.startswith("KING.") and len(out) > len("KING.")
+    png = megacore("plot", run).stdout.strip()
+    assert png.endswith(".png")
+
+
+def test_stop_and_resume_matches_uninterrupted_run(tiny_args, tmp_path):
+    straight = tiny_args("straight", "train.steps=8", "checkpoint.every=100", "train.eval_every=100")
+    megacore("train", *straight, "--nproc", "2")
+
+    split = tiny_args("split", "train.steps=8", "checkpoint.every=100", "train.eval_every=100")
+    megacore("train", *split, "train.stop_after=4", "--nproc", "2")
+    assert [c.name for c in list_checkpoints(tmp_path / "split")] == ["step_00000004"]
+    refused = megacore("train", *split, "--nproc", "2", check=False)
+    assert refused.returncode == 2 and "--resume auto" in refused.stderr
+    megacore("train", *split, "--resume", "auto", "--nproc", "2")
+
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
+    for step in range(1, 9):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-4, abs=1e-4), step
+    assert read_metrics(tmp_path / "split", "val")[8]["loss"] == pytest.approx(
+        read_metrics(tmp_path / "straight", "val")[8]["loss"], rel=1e-4)
+
+
+def test_one_rank_and_two_rank_fsdp_give_the_same_losses(tiny_args, tmp_path):
+    common = ["train.steps=6", "checkpoint.every=100", "train.eval_every=100"]
+    megacore("train", *tiny_args("single", *common))
+    megacore("train", *tiny_args("fsdp", *common), "--nproc", "2")
+    single, fsdp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
+    for step in range(1, 7):
+        assert fsdp[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5), step
