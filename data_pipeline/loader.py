@@ -4,14 +4,22 @@ The token stream of a split is the concatenation of its shards (documents alread
 Sample i is the window stream[i * seq_len : i * seq_len + seq_len + 1]: inputs are its first seq_len
 tokens, labels its last seq_len, so every token is a target exactly once per epoch.
 
-The global order of samples is a pure function of (seed, epoch, data fingerprint): a permutation per
-epoch. Global batch s is order[s*B : (s+1)*B]; data-parallel rank r takes the r-th contiguous slice.
-The state is therefore tiny, {epoch, consumed_samples, seed, fingerprint, seq_len}, and a run resumes
-on any number of data-parallel ranks and continues the same global sequence of batches.
+Order. A dataset's samples form an endless sequence over epochs: position p is sample
+perm(seed, epoch = p // N, fingerprint)[p % N]. A mixture of datasets assigns each global sample
+position to the dataset whose share is furthest behind its weight (as Megatron's blended datasets
+do), so the order is a pure function of (seed, weights, fingerprints, seq_len) and of how many samples
+each dataset has given. Global batch b holds the next global_batch_size samples; data-parallel rank r
+takes the r-th contiguous slice.
+
+State. {step, positions per dataset, seed, fingerprints, seq_len}: a handful of integers. It does not
+depend on the number of ranks or workers, so a run resumes on another data-parallel size or worker
+count and continues the same global sequence of batches.
 """
 
 from __future__ import annotations
 
+import collections
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +36,12 @@ class TokenStore:
         manifest = read_manifest(self.data_dir)
         if split not in manifest["splits"]:
             raise ValueError(f"{self.data_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
-        self.manifest = manifest
-        self.split = split
+        self.manifest, self.split = manifest, split
+        tokenizer = self.data_dir / manifest["tokenizer"]["file"]
+        if not tokenizer.is_file():
+            raise FileNotFoundError(f"tokenizer missing: {tokenizer} (named in {self.data_dir / 'manifest.json'})")
         self.fingerprint: str = manifest["fingerprint"]
+        self.eos_id: int = manifest["tokenizer"]["eos_id"]
         info = manifest["splits"][split]
         self.bytes_per_token = info["bytes"] / info["tokens"]
         self._values = []
@@ -59,66 +70,180 @@ class TokenStore:
         return out
 
 
-class PackedLoader:
-    """Yields this rank's slice of each global batch: {"input_ids", "labels"} of shape (B / dp, seq_len)."""
+class SampleStream:
+    """One dataset's endless sequence of window ids: position p -> sample id, a pure function."""
 
-    def __init__(self, store: TokenStore, seq_len: int, global_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 0, shuffle: bool = True):
-        if global_batch_size % dp_size:
-            raise ValueError(f"global batch {global_batch_size} is not divisible by {dp_size} data-parallel ranks")
+    def __init__(self, store: TokenStore, seq_len: int, seed: int, shuffle: bool = True):
         self.store, self.seq_len, self.seed, self.shuffle = store, seq_len, seed, shuffle
-        self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.num_samples = (store.num_tokens - 1) // seq_len
-        self.batches_per_epoch = self.num_samples // global_batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"split {store.split!r} of {store.data_dir} has {store.num_tokens} tokens: too few for one global "
-                f"batch of {global_batch_size} x {seq_len} tokens")
-        self.epoch = 0
-        self.consumed_samples = 0  # within the current epoch, counted globally over all ranks
-        self._order_epoch, self._order = -1, None
+        if self.num_samples < 1:
+            raise ValueError(f"split {store.split!r} of {store.data_dir} has {store.num_tokens} tokens: "
+                             f"too few for one window of {seq_len + 1}")
+        self._cached_epoch, self._order = -1, None
 
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
+    def order(self, epoch: int) -> np.ndarray:
+        if self._cached_epoch != epoch:
             if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch, int(self.store.fingerprint, 16)])
+                rng = np.random.default_rng([self.seed, epoch, int(self.store.fingerprint, 16)])
                 self._order = rng.permutation(self.num_samples)
             else:
                 self._order = np.arange(self.num_samples)
-            self._order_epoch = self.epoch
+            self._cached_epoch = epoch
         return self._order
 
+    def sample_ids(self, start: int, count: int) -> np.ndarray:
+        positions = np.arange(start, start + count)
+        epochs = positions // self.num_samples
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self.order(int(epoch))[positions[sel] % self.num_samples]
+        return out
+
+    def window(self, sample_id: int) -> np.ndarray:
+        return self.store.read(int(sample_id) * self.seq_len, self.seq_len + 1)
+
+
+def document_position_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """Positions that restart at 0 after every EOS: (batch, seq) -> (batch, seq)."""
+    t = tokens.shape[-1]
+    starts = np.zeros(tokens.shape, dtype=bool)
+    starts[..., 0] = True
+    starts[..., 1:] = tokens[..., :-1] == eos_id
+    index = np.where(starts, np.arange(t), 0)
+    return np.arange(t) - np.maximum.accumulate(index, axis=-1)
+
+
+class PackedLoader:
+    """Yields this rank's slice of each global batch as {"input_ids", "labels", "position_ids"}, each of
+    shape (global_batch_size / dp_size, seq_len), plus the sample ids as "sample_ids" (dataset, id)."""
+
+    def __init__(self, stores: TokenStore | list[TokenStore], seq_len: int, global_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 weights: list[float] | None = None, num_workers: int = 0):
+        stores = [stores] if isinstance(stores, TokenStore) else list(stores)
+        weights = weights or [1.0] * len(stores)
+        if len(weights) != len(stores):
+            raise ValueError(f"{len(stores)} datasets but {len(weights)} weights")
+        if global_batch_size % dp_size:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by {dp_size} data-parallel ranks")
+        self.streams = [SampleStream(s, seq_len, seed, shuffle) for s in stores]
+        self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.seq_len, self.seed, self.global_batch_size = seq_len, seed, global_batch_size
+        self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        self.eos_id = stores[0].eos_id
+        # The state: global batches given out, and samples given out by each dataset.
+        self.step = 0
+        self.positions = np.zeros(len(stores), dtype=np.int64)
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="loader") if num_workers else None
+        self._ahead: collections.deque[tuple[Future, int, np.ndarray]] = collections.deque()
+        self._plan_step, self._plan_positions = 0, self.positions.copy()
+
+    @property
+    def store(self) -> TokenStore:
+        return self.streams[0].store
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global batches in one pass over the first dataset (for a single dataset: one epoch)."""
+        return max(1, int(self.streams[0].num_samples / self.weights[0]) // self.global_batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.positions[0] // self.streams[0].num_samples)
+
+    # -- planning: which samples make up the next global batch (cheap, sequential) --
+
+    def _plan(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(dataset of each sample, sample id of each, positions after the batch) for the next global batch."""
+        positions = positions.copy()
+        datasets = np.empty(self.global_batch_size, dtype=np.int64)
+        if len(self.streams) == 1:
+            datasets[:] = 0
+        else:
+            for i in range(self.global_batch_size):
+                # The dataset furthest behind its share of the samples given so far.
+                total = positions.sum() + 1
+                j = int(np.argmax(self.weights * total - positions))
+                datasets[i] = j
+                positions[j] += 1
+            positions -= np.bincount(datasets, minlength=len(self.streams))
+        ids = np.empty(self.global_batch_size, dtype=np.int64)
+        for j, stream in enumerate(self.streams):
+            sel = datasets == j
+            ids[sel] = stream.sample_ids(int(positions[j]), int(sel.sum()))
+            positions[j] += int(sel.sum())
+        return datasets, ids, positions
+
     def global_batch_ids(self) -> np.ndarray:
-        """Sample ids of the next global batch (all ranks), without consuming it."""
-        if self.consumed_samples + self.global_batch_size > self.batches_per_epoch * self.global_batch_size:
-            # The remainder of an epoch that does not fill a global batch is dropped.
-            self.epoch, self.consumed_samples = self.epoch + 1, 0
-        start = self.consumed_samples
-        return self._epoch_order()[start:start + self.global_batch_size]
+        """Sample ids of the next global batch (all ranks), without consuming it (single dataset)."""
+        return self._plan(self.positions)[1]
+
+    # -- reading this rank's slice (the heavy part: may run in worker threads) --
+
+    def _read(self, datasets: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        per_rank = self.global_batch_size // self.dp_size
+        lo, hi = self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank
+        windows = np.stack([self.streams[d].window(i) for d, i in zip(datasets[lo:hi], ids[lo:hi])])
+        inputs = windows[:, :-1]
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
+                "labels": torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
+                "position_ids": torch.from_numpy(document_position_ids(inputs, self.eos_id)),
+                "sample_ids": torch.from_numpy(np.stack([datasets[lo:hi], ids[lo:hi]], axis=1))}
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        ids = self.global_batch_ids()
-        per_rank = self.global_batch_size // self.dp_size
-        local = ids[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-        windows = np.stack([self.store.read(int(i) * self.seq_len, self.seq_len + 1) for i in local])
-        self.consumed_samples += self.global_batch_size
-        tokens = torch.from_numpy(windows)
-        return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+        if self._pool is None:
+            datasets, ids, self.positions = self._plan(self.positions)
+            self.step += 1
+            return self._read(datasets, ids)
+        # Keep num_workers batches in flight; the state advances only when a batch is handed out.
+        while len(self._ahead) < self.num_workers + 1:
+            datasets, ids, self._plan_positions = self._plan(self._plan_positions)
+            self._plan_step += 1
+            future = self._pool.submit(self._read, datasets, ids)
+            self._ahead.append((future, self._plan_step, self._plan_positions.copy()))
+        future, self.step, self.positions = self._ahead.popleft()
+        return future.result()
+
+    def skip(self, steps: int) -> None:
+        """Advance by `steps` global batches without reading them (planning only)."""
+        self._drain()
+        for _ in range(steps):
+            self.positions = self._plan(self.positions)[2]
+            self.step += 1
+        self._plan_step, self._plan_positions = self.step, self.positions.copy()
 
     def __iter__(self):
         while True:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed_samples": self.consumed_samples, "seed": self.seed,
-                "fingerprint": self.store.fingerprint, "seq_len": self.seq_len}
+        return {"step": self.step, "positions": self.positions.tolist(), "seed": self.seed,
+                "fingerprints": [s.store.fingerprint for s in self.streams], "weights": self.weights.tolist(),
+                "seq_len": self.seq_len, "epoch": self.epoch,
+                "consumed_samples": int(self.positions[0] % self.streams[0].num_samples)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["fingerprint"] != self.store.fingerprint:
-            raise ValueError(
-                f"data changed since the checkpoint: fingerprint {state['fingerprint']} in the checkpoint, "
-                f"{self.store.fingerprint} in {self.store.data_dir}")
+        mine = [s.store.fingerprint for s in self.streams]
+        if state["fingerprints"] != mine:
+            raise ValueError(f"data changed since the checkpoint: fingerprints {state['fingerprints']} in the "
+                             f"checkpoint, {mine} in {[str(s.store.data_dir) for s in self.streams]}")
         for key in ("seed", "seq_len"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"loader {key} changed since the checkpoint: {state[key]} -> {getattr(self, key)}")
-        self.epoch, self.consumed_samples = int(state["epoch"]), int(state["consumed_samples"])
+        if not np.allclose(state["weights"], self.weights):
+            raise ValueError(f"mixture weights changed since the checkpoint: {state['weights']} -> "
+                             f"{self.weights.tolist()}")
+        self._drain()
+        self.step, self.positions = int(state["step"]), np.asarray(state["positions"], dtype=np.int64)
+        self._plan_step, self._plan_positions = self.step, self.positions.copy()
+
+    def _drain(self) -> None:
+        for future, _, _ in self._ahead:
+            future.cancel()
+        self._ahead.clear()
+
+    def close(self) -> None:
+        self._drain()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -1,33 +1,48 @@
-"""`megacore data prepare`: raw sources -> tokenizer + train/val Arrow shards + manifest."""
+"""`megacore data prepare`: raw sources -> cleaned documents -> tokenizer -> Arrow shards + manifest.
+
+Two streaming passes over the sources, so memory stays bounded by the shards in flight:
+1. the first `data.tokenizer_sample_mb` of training text trains the tokenizer (skipped on a rerun
+   when `tokenizer.json` records the same settings and sample);
+2. documents are cleaned, split into train/val by content hash, and cut into shards of about
+   `data.shard_mb` of text. Each shard is tokenized in a worker process and written atomically with
+   a sidecar `*.arrow.json` naming the tokenizer and a digest of its documents. A rerun skips every
+   shard whose sidecar matches, so an interrupted preparation resumes where it stopped.
+The manifest is written last; until then the directory is not a dataset the loader will open.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.shards import (MANIFEST, MANIFEST_VERSION, TOKENIZER, fingerprint, read_manifest, token_dtype,
-                                  write_json_atomic, write_shard)
+from data_pipeline.cleaning import Cleaner
+from data_pipeline.shards import (MANIFEST, MANIFEST_VERSION, TOKENIZER, file_sha256, fingerprint, read_manifest,
+                                  token_dtype, write_json_atomic, write_shard)
 from data_pipeline.sources import SourceStats, iter_documents
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 
-ENCODE_BATCH = 1024
+TOKENIZER_SIDECAR = "tokenizer.json"
+SETTINGS = ("sources", "text_unit", "text_field", "normalize", "min_doc_chars", "max_doc_chars", "dedup",
+            "strict_utf8", "tokenizer_type", "vocab_size", "tokenizer_sample_mb", "val_fraction", "shard_mb")
 
 
-def split_of(text: str, val_fraction: float) -> str:
+def split_of(digest: bytes, val_fraction: float) -> str:
     """Split by content hash: a document keeps its split whatever order the inputs come in."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return "val" if h < val_fraction * 2**64 else "train"
+    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
 def prepare(data_cfg, log=print) -> dict:
     """Prepare `data_cfg.dir` from `data_cfg.sources`; returns the manifest. Skips if already up to date."""
     out = Path(data_cfg.dir)
-    settings = {k: getattr(data_cfg, k) for k in
-                ("sources", "text_unit", "text_field", "tokenizer_type", "vocab_size", "val_fraction", "shard_tokens")}
+    settings = {k: getattr(data_cfg, k) for k in SETTINGS}
     try:
         old = read_manifest(out)
     except (FileNotFoundError, ValueError):
@@ -38,30 +53,72 @@ def prepare(data_cfg, log=print) -> dict:
     if not data_cfg.sources:
         raise ValueError("data.sources is empty: name at least one file, glob or URL of raw text")
     out.mkdir(parents=True, exist_ok=True)
+    # The old manifest no longer describes what is being written.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for leftover in out.glob("*.tmp"):
+        leftover.unlink()
     t0 = time.time()
 
-    stats = SourceStats()
-    docs = {"train": [], "val": []}
-    for text in iter_documents(data_cfg.sources, data_cfg.text_unit, data_cfg.text_field, stats):
-        docs[split_of(text, data_cfg.val_fraction)].append(text)
+    tokenizer = _tokenizer(data_cfg, out, settings, log)
+    dtype = token_dtype(tokenizer.vocab_size)
+
+    stats, cleaner = SourceStats(), _cleaner(data_cfg)
+    buffers = {"train": [], "val": []}
+    buffer_bytes = {"train": 0, "val": 0}
+    split_bytes = {"train": 0, "val": 0}
+    shard_index = {"train": 0, "val": 0}
+    source_digest = hashlib.sha256()
+    jobs: list = []
+    workers = data_cfg.prepare_workers or os.cpu_count() or 1
+    shard_limit = int(data_cfg.shard_mb * 2**20)
+    # spawn, not fork: the caller may hold threads (sentencepiece's, a training process's).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _init_worker, (str(out / TOKENIZER),)) as pool:
+        def submit(split: str) -> None:
+            if len(jobs) >= 2 * workers:
+                jobs[-2 * workers].result()  # bound the documents held in flight
+            name = f"{split}-{shard_index[split]:05d}.arrow"
+            jobs.append(pool.submit(_write_shard_job, str(out / name), buffers[split], dtype.name, tokenizer.sha256))
+            shard_index[split] += 1
+            buffers[split], buffer_bytes[split] = [], 0
+
+        for text in iter_documents(data_cfg.sources, data_cfg.text_unit, data_cfg.text_field, stats,
+                                   data_cfg.strict_utf8):
+            cleaned = cleaner.clean(text)
+            if cleaned is None:
+                continue
+            text, digest = cleaned
+            source_digest.update(digest)
+            split = split_of(digest, data_cfg.val_fraction)
+            size = len(text.encode("utf-8"))
+            buffers[split].append(text)
+            buffer_bytes[split] += size
+            split_bytes[split] += size
+            if buffer_bytes[split] >= shard_limit:
+                submit(split)
+        for split in ("train", "val"):
+            if buffers[split]:
+                submit(split)
+        records = [job.result() for job in tqdm(jobs, desc="tokenize + write shards", unit="shard", leave=False)]
+
+    for name in stats.empty_files:
+        log(f"skipped empty file {name}")
+    for name in stats.binary_files:
+        log(f"skipped binary file {name}")
     for name in stats.replaced_bytes_files:
         log(f"warning: {name}: invalid UTF-8 bytes replaced with U+FFFD")
-    if not docs["train"]:
-        raise ValueError(f"no training documents in {data_cfg.sources}")
-    if data_cfg.val_fraction > 0 and not docs["val"]:
+    splits = {}
+    for split in ("train", "val"):
+        shards = [r for r in records if r["file"].startswith(split + "-")]
+        if shards:
+            splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
+                             "documents": sum(s["documents"] for s in shards), "bytes": split_bytes[split]}
+    if "train" not in splits:
+        raise ValueError(f"no training documents left in {data_cfg.sources} after cleaning "
+                         f"({cleaner.stats.as_dict()})")
+    if data_cfg.val_fraction > 0 and "val" not in splits:
         raise ValueError(f"data.val_fraction={data_cfg.val_fraction} selected no documents; raise it or add data")
-    log(f"read {stats.documents:,} documents from {stats.files} files "
-        f"({len(docs['train']):,} train, {len(docs['val']):,} val)")
-
-    tokenizer = train_tokenizer(docs["train"], out / TOKENIZER, data_cfg.vocab_size, data_cfg.tokenizer_type)
-    log(f"trained {data_cfg.tokenizer_type} tokenizer, vocab {tokenizer.vocab_size} ({time.time() - t0:.1f}s)")
-    if tokenizer.vocab_size < data_cfg.vocab_size:
-        log(f"warning: the corpus supports only {tokenizer.vocab_size} pieces, fewer than "
-            f"data.vocab_size={data_cfg.vocab_size}")
-
-    dtype = token_dtype(tokenizer.vocab_size)
-    splits = {split: _write_split(out, split, texts, tokenizer, dtype, data_cfg.shard_tokens)
-              for split, texts in docs.items() if texts}
+    _remove_stale_shards(out, splits)
     manifest = {
         "version": MANIFEST_VERSION,
         "settings": settings,
@@ -69,45 +126,89 @@ def prepare(data_cfg, log=print) -> dict:
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
         "dtype": dtype.name,
         "splits": splits,
+        "source_fingerprint": source_digest.hexdigest()[:16],
         "fingerprint": fingerprint(tokenizer.sha256, splits),
-        "stats": {"files": stats.files, "documents": stats.documents, "empty_skipped": stats.empty_skipped,
-                  "files_with_replaced_bytes": len(stats.replaced_bytes_files)},
+        "stats": {"files": stats.files, "documents_read": stats.documents, "empty_files": len(stats.empty_files),
+                  "binary_files": len(stats.binary_files),
+                  "files_with_replaced_bytes": len(stats.replaced_bytes_files), **cleaner.stats.as_dict()},
     }
     write_json_atomic(out / MANIFEST, manifest)
-    # Shards of an earlier preparation that the new manifest no longer names.
-    named = {s["file"] for sp in splits.values() for s in sp["shards"]}
-    for stale in out.glob("*.arrow"):
-        if stale.name not in named:
-            stale.unlink()
+    skipped = sum(r.pop("reused") for r in records)
     for split, info in splits.items():
-        log(f"{split}: {info['tokens']:,} tokens in {len(info['shards'])} shard(s), "
+        log(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} shard(s), "
             f"{info['bytes'] / info['tokens']:.2f} bytes/token")
-    log(f"prepared {out} in {time.time() - t0:.1f}s")
+    log(f"cleaning: {cleaner.stats.as_dict()}")
+    log(f"prepared {out} in {time.time() - t0:.1f}s ({skipped} finished shard(s) reused)")
     return manifest
 
 
-def _write_split(out: Path, split: str, texts: list[str], tokenizer: Tokenizer, dtype, shard_tokens: int) -> dict:
-    shards, pending, pending_tokens = [], [], 0
-    eos = np.array([tokenizer.eos_id], dtype=np.int64)
+def _cleaner(data_cfg) -> Cleaner:
+    return Cleaner(data_cfg.normalize, data_cfg.min_doc_chars, data_cfg.max_doc_chars, data_cfg.dedup)
 
-    def flush():
-        nonlocal pending, pending_tokens
-        shards.append(write_shard(out / f"{split}-{len(shards):05d}.arrow", pending, dtype))
-        pending, pending_tokens = [], 0
 
-    for start in tqdm(range(0, len(texts), ENCODE_BATCH), desc=f"tokenize {split}", unit="batch", leave=False):
-        for ids in tokenizer.encode_batch(texts[start:start + ENCODE_BATCH]):
-            doc = np.concatenate([np.asarray(ids, dtype=np.int64), eos])
-            pending.append(doc)
-            pending_tokens += len(doc)
-            if pending_tokens >= shard_tokens:
-                flush()
-    if pending:
-        flush()
-    return {
-        "shards": shards,
-        "tokens": sum(s["tokens"] for s in shards),
-        "documents": sum(s["documents"] for s in shards),
-        # UTF-8 bytes of the text (separators excluded), for bits-per-byte.
-        "bytes": sum(len(t.encode("utf-8")) for t in texts),
-    }
+def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
+    """Train on the first tokenizer_sample_mb of cleaned training text, or reuse a matching tokenizer."""
+    limit = int(data_cfg.tokenizer_sample_mb * 2**20)
+    sample, size, cleaner = [], 0, _cleaner(data_cfg)
+    for text in iter_documents(data_cfg.sources, data_cfg.text_unit, data_cfg.text_field, SourceStats(),
+                               data_cfg.strict_utf8):
+        cleaned = cleaner.clean(text)
+        if cleaned is None or split_of(cleaned[1], data_cfg.val_fraction) != "train":
+            continue
+        sample.append(cleaned[0])
+        size += len(cleaned[0].encode("utf-8"))
+        if size >= limit:
+            break
+    key = {"settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
+           "sample_sha256": hashlib.sha256("\x00".join(sample).encode("utf-8")).hexdigest()}
+    sidecar = out / TOKENIZER_SIDECAR
+    if (out / TOKENIZER).is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == key:
+        log(f"reusing {out / TOKENIZER}")
+        return Tokenizer(out / TOKENIZER)
+    if not sample:
+        raise ValueError(f"no training documents in {data_cfg.sources}")
+    t0 = time.time()
+    tokenizer = train_tokenizer(sample, out / TOKENIZER, data_cfg.vocab_size, data_cfg.tokenizer_type)
+    write_json_atomic(sidecar, key)
+    log(f"trained {data_cfg.tokenizer_type} tokenizer on {size / 2**20:.1f} MB, vocab {tokenizer.vocab_size} "
+        f"({time.time() - t0:.1f}s)")
+    if tokenizer.vocab_size < data_cfg.vocab_size:
+        log(f"warning: the corpus supports only {tokenizer.vocab_size} pieces, fewer than "
+            f"data.vocab_size={data_cfg.vocab_size}")
+    return tokenizer
+
+
+def _remove_stale_shards(out: Path, splits: dict) -> None:
+    """Shards (and sidecars) of an earlier preparation that the new manifest does not name."""
+    named = {s["file"] for info in splits.values() for s in info["shards"]}
+    for path in list(out.glob("*.arrow")) + list(out.glob("*.arrow.json")):
+        if path.name.removesuffix(".json") not in named:
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes: each holds the tokenizer and writes whole shards.
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(tokenizer_path)
+
+
+def _write_shard_job(path: str, texts: list[str], dtype: str, tokenizer_sha256: str) -> dict:
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".json")
+    key = {"tokenizer_sha256": tokenizer_sha256,
+           "text_sha256": hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()}
+    if path.is_file() and sidecar.is_file():
+        record = json.loads(sidecar.read_text())
+        if record.get("key") == key and file_sha256(path) == record["shard"]["sha256"]:
+            return {**record["shard"], "reused": True}
+    sidecar.unlink(missing_ok=True)
+    eos = _worker_tokenizer.eos_id
+    docs = [np.append(np.asarray(ids, dtype=np.int64), eos) for ids in _worker_tokenizer.sp.encode(texts)]
+    shard = write_shard(path, docs, np.dtype(dtype))
+    write_json_atomic(sidecar, {"key": key, "shard": shard})
+    return {**shard, "reused": False}

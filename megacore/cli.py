@@ -1,6 +1,8 @@
 """The `megacore` command line.
 
     megacore data prepare CONFIG [key=value ...]
+    megacore data inspect|verify DIR
+    megacore data order DIR --dp-size W --dp-rank R --global-batch B --steps N [--start-step S] [--json]
     megacore train CONFIG [key=value ...] [--nproc N] [--resume none|auto|CKPT]
     megacore eval RUN_DIR|CKPT [--split val] [--batches N]
     megacore generate RUN_DIR|CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
@@ -18,6 +20,7 @@ import os
 import sys
 
 from megacore.config import ConfigError, load_config
+from megacore.data_commands import DataError
 
 USAGE_ERROR = 2
 
@@ -39,6 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="prepare tokenized data").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="raw text -> tokenizer + Arrow token shards + manifest")
     _add_config_args(prep)
+    inspect = data.add_parser("inspect", help="statistics of a prepared directory and a decoded sample")
+    inspect.add_argument("dir")
+    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--chars", type=int, default=400, help="characters of decoded sample to show")
+    verify = data.add_parser("verify", help="check every shard against the manifest's sha256 and counts")
+    verify.add_argument("dir")
+    order = data.add_parser("order", help="print the global sample ids one data-parallel rank receives per step")
+    order.add_argument("dir")
+    order.add_argument("--dp-size", type=int, required=True)
+    order.add_argument("--dp-rank", type=int, required=True)
+    order.add_argument("--global-batch", type=int, required=True)
+    order.add_argument("--steps", type=int, required=True)
+    order.add_argument("--start-step", type=int, default=0)
+    order.add_argument("--seq-len", type=int, default=256)
+    order.add_argument("--seed", type=int, default=1234, help="train.seed of the run")
+    order.add_argument("--split", default="train")
+    order.add_argument("--json", action="store_true", help="one JSON object per step")
 
     train = sub.add_parser("train", help="train (or resume) a model")
     _add_config_args(train)
@@ -83,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         if args.command == "data":
-            return cmd_prepare(args)
+            from megacore import data_commands
+
+            return getattr(data_commands, args.data_command)(args)
         if args.command == "train":
             return cmd_train(args, argv)
         if args.command == "eval":
@@ -96,19 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except (FileNotFoundError, FileExistsError) as e:
         return _fail(str(e))
-    return USAGE_ERROR
-
-
-def cmd_prepare(args) -> int:
-    from data_pipeline.prepare import prepare
-    from data_pipeline.sources import SourceError
-
-    cfg = load_config(args.config, args.overrides)
-    try:
-        prepare(cfg.data)
-    except (SourceError, ValueError) as e:
+    except DataError as e:
         return _fail(str(e))
-    return 0
+    return USAGE_ERROR
 
 
 def cmd_train(args, argv: list[str]) -> int:

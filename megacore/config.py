@@ -57,25 +57,60 @@ class ModelConfig:
 class DataConfig:
     # Where `megacore data prepare` writes shards, manifest and tokenizer, and where training reads them.
     dir: str = "data/shakespeare"
-    # fsspec URLs or globs of raw text (.txt, .jsonl, optionally compressed), chained URLs included.
+    # fsspec URLs or globs of raw text (.txt, .jsonl, .parquet, .arrow; .gz/.bz2/.xz/.zst), chained URLs too.
     sources: list[str] = field(default_factory=list)
     # For .txt files: one document per blank-line separated paragraph, or per file.
     text_unit: Literal["paragraph", "file"] = "paragraph"
-    # For .jsonl records: the field holding the text.
+    # For .jsonl records and .parquet/.arrow tables: the field holding the text.
     text_field: str = "text"
+    # Cleaning: Unicode normal form, length filters (characters), exact de-duplication, UTF-8 policy.
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    min_doc_chars: int = 1
+    max_doc_chars: int = 1_000_000
+    dedup: bool = True
+    # Invalid UTF-8 is replaced (and the file named in the log) unless this is set; then it is an error.
+    strict_utf8: bool = False
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 2048
+    # The tokenizer trains on the first this-many MB of cleaned training text.
+    tokenizer_sample_mb: float = 256.0
     val_fraction: float = 0.05
-    shard_tokens: int = 1 << 22
+    # Text per shard (MB of UTF-8); shards are the unit of parallel tokenization and of resumed preparation.
+    shard_mb: float = 64.0
+    # Tokenizer worker processes for `data prepare` (0: one per CPU).
+    prepare_workers: int = 0
     seq_len: int = 256
+    # Background threads that read the next batches ahead of training (0: read in the training loop).
+    num_workers: int = 1
+    # Training data as a weighted mixture of prepared directories, "DIR:WEIGHT" each; empty: `dir` alone.
+    # Validation and the tokenizer still come from `dir`; every directory must share its tokenizer.
+    mixture: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        _positive(self, "data", "vocab_size", "shard_tokens", "seq_len")
+        _positive(self, "data", "vocab_size", "seq_len", "max_doc_chars", "shard_mb", "tokenizer_sample_mb")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.vocab_size < 260:
             # 256 byte-fallback pieces plus the special tokens must fit.
             raise ConfigError(f"data.vocab_size must be at least 260 (byte fallback), got {self.vocab_size}")
+        for name in ("min_doc_chars", "prepare_workers", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        self.mixture_weights()
+
+    def mixture_weights(self) -> list[tuple[str, float]]:
+        """[(dir, weight)] of the training mixture; weights need not sum to 1."""
+        out = []
+        for i, item in enumerate(self.mixture):
+            path, sep, weight = item.rpartition(":")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = -1.0
+            if not sep or not path or not value > 0:
+                raise ConfigError(f"data.mixture[{i}]={item!r} is not of the form DIR:WEIGHT with WEIGHT > 0")
+            out.append((path, value))
+        return out
 
 
 @dataclass

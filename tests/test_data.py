@@ -5,11 +5,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from data_pipeline.loader import PackedLoader, TokenStore
 from data_pipeline.prepare import prepare, split_of
 from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import Tokenizer
+import hashlib
 from megacore.config import DataConfig
 from tests.conftest import megacore
 
@@ -36,12 +38,20 @@ def test_tokenizer_round_trips_text_exactly(data_dir):
         assert tok.decode(tok.encode(text)) == text
 
 
-def test_split_is_by_content_and_independent_of_order():
-    docs = [f"document number {i}" for i in range(2000)]
-    forward = {d: split_of(d, 0.1) for d in docs}
-    backward = {d: split_of(d, 0.1) for d in reversed(docs)}
-    assert forward == backward
-    assert 100 < sum(s == "val" for s in forward.values()) < 300
+def test_split_is_by_content_and_independent_of_input_order(tmp_path):
+    docs = [f"Document number {i}: " + "words " * 30 for i in range(600)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in reversed(docs)))
+    splits = {}
+    for name in ("a", "b"):
+        cfg = DataConfig(dir=str(tmp_path / f"out-{name}"), sources=[str(tmp_path / f"{name}.jsonl")],
+                         vocab_size=300, val_fraction=0.1)
+        prepare(cfg, log=lambda *_: None)
+        tok = Tokenizer(tmp_path / f"out-{name}" / "tokenizer.model")
+        store = TokenStore(tmp_path / f"out-{name}", "val")
+        splits[name] = sorted(tok.decode(d).rstrip() for d in _documents(store))
+    assert splits["a"] == splits["b"] and 20 < len(splits["a"]) < 110
+    assert split_of(hashlib.sha256(b"x").digest(), 0.0) == "train"
 
 
 def test_rerun_with_same_settings_skips(data_dir, capsys):
@@ -75,75 +85,115 @@ def test_missing_source_is_named(tmp_path):
     assert proc.returncode == 2 and "nothing-*.txt" in proc.stderr
 
 
-def _epoch_ids(store, dp_size, gbs=12, seq_len=64):
-    loaders = [PackedLoader(store, seq_len, gbs, r, dp_size, seed=7) for r in range(dp_size)]
-    steps = loaders[0].batches_per_epoch
-    batches = []
+def _global_batches(store, dp_size, workers, steps, gbs=12, seq_len=64, start_state=None):
+    """Per step: the concatenation of every rank's slice, and the sample ids."""
+    loaders = [PackedLoader(store, seq_len, gbs, r, dp_size, seed=7, num_workers=workers) for r in range(dp_size)]
+    if start_state is not None:
+        for l in loaders:
+            l.load_state_dict(start_state)
+    out = []
     for _ in range(steps):
-        ids = loaders[0].global_batch_ids().copy()
-        per_rank = [l.next_batch()["input_ids"] for l in loaders]
-        batches.append((ids, torch_cat(per_rank)))
-    return batches
+        parts = [l.next_batch() for l in loaders]
+        out.append((torch.cat([p["input_ids"] for p in parts]), torch.cat([p["sample_ids"][:, 1] for p in parts])))
+    states = [l.state_dict() for l in loaders]
+    assert all(st == states[0] for st in states), "every rank holds the same loader state"
+    for l in loaders:
+        l.close()
+    return out, states[0]
 
 
-def torch_cat(tensors):
-    import torch
-    return torch.cat(tensors)
-
-
+@pytest.mark.parametrize("workers", [0, 1, 2])
 @pytest.mark.parametrize("dp_size", [1, 2, 3, 4])
-def test_each_sample_once_per_epoch_and_same_global_batches_for_any_dp(data_dir, dp_size):
+def test_each_token_once_per_epoch_and_same_global_batches_for_any_dp_and_workers(data_dir, dp_size, workers):
     store = TokenStore(data_dir, "val")
-    reference = _epoch_ids(store, 1)
-    batches = _epoch_ids(store, dp_size)
-    seen = np.concatenate([ids for ids, _ in batches])
-    assert len(np.unique(seen)) == len(seen) == len(batches) * 12
-    for (ref_ids, ref_tokens), (ids, tokens) in zip(reference, batches):
-        assert np.array_equal(ref_ids, ids)
-        assert (ref_tokens == tokens).all(), "ranks' slices must concatenate to the global batch"
+    num_samples = (store.num_tokens - 1) // 64
+    steps = -(-num_samples // 12)  # enough batches to cover one epoch
+    reference, _ = _global_batches(store, 1, 0, steps)
+    batches, _ = _global_batches(store, dp_size, workers, steps)
+    for (ref_tokens, ref_ids), (tokens, ids) in zip(reference, batches):
+        assert torch.equal(ref_ids, ids) and torch.equal(ref_tokens, tokens)
+    epoch0 = torch.cat([ids for _, ids in batches])[:num_samples]
+    assert sorted(epoch0.tolist()) == list(range(num_samples)), "each window exactly once in epoch 0"
+    # Windows tile the stream: together their targets are every token after the first, once.
+    covered = np.zeros(store.num_tokens, dtype=np.int64)
+    for i in epoch0.tolist():
+        covered[i * 64 + 1:(i + 1) * 64 + 1] += 1
+    assert covered[1:num_samples * 64 + 1].min() == covered.max() == 1
 
 
-def test_windows_are_consecutive_stream_tokens(data_dir):
+def test_windows_are_consecutive_stream_tokens_with_document_positions(data_dir):
     store = TokenStore(data_dir, "val")
     loader = PackedLoader(store, 64, 4, shuffle=False)
     batch = loader.next_batch()
     stream = store.read(0, 4 * 64 + 1)
     assert (batch["input_ids"].flatten().numpy() == stream[:-1]).all()
     assert (batch["labels"][0].numpy() == stream[1:65]).all()
+    # Positions restart after every EOS, so attention can be confined to documents.
+    tokens, positions = batch["input_ids"][0].numpy(), batch["position_ids"][0].numpy()
+    assert positions[0] == 0
+    for t in range(1, 64):
+        assert positions[t] == (0 if tokens[t - 1] == store.eos_id else positions[t - 1] + 1)
 
 
-def test_resume_mid_epoch_on_another_dp_size_continues_the_same_sequence(data_dir):
+def test_stop_at_dp2_resume_at_dp4_yields_the_uninterrupted_batches(data_dir):
     store = TokenStore(data_dir, "val")
-    straight = PackedLoader(store, 64, 8, seed=3)
-    expected = [straight.next_batch()["input_ids"] for _ in range(10)]
-
-    first = [PackedLoader(store, 64, 8, r, 2, seed=3) for r in range(2)]
-    for _ in range(4):
-        for l in first:
-            l.next_batch()
-    state = first[0].state_dict()
-    assert state == first[1].state_dict()
-    resumed = [PackedLoader(store, 64, 8, r, 4, seed=3) for r in range(4)]
-    for l in resumed:
-        l.load_state_dict(json.loads(json.dumps(state)))
-    for step in range(4, 10):
-        got = torch_cat([l.next_batch()["input_ids"] for l in resumed])
-        assert (got == expected[step]).all()
+    straight, _ = _global_batches(store, 1, 0, 12)
+    _, state = _global_batches(store, 2, 1, 5)
+    state = json.loads(json.dumps(state))  # as stored in a checkpoint
+    resumed, _ = _global_batches(store, 4, 2, 7, start_state=state)
+    for (tokens, ids), (ref_tokens, ref_ids) in zip(resumed, straight[5:]):
+        assert torch.equal(ids, ref_ids) and torch.equal(tokens, ref_tokens)
 
 
-def test_epochs_roll_over_with_a_new_order(data_dir):
+def test_epochs_continue_with_a_new_order(data_dir):
     store = TokenStore(data_dir, "val")
     loader = PackedLoader(store, 64, 16, seed=1)
-    first = loader.global_batch_ids().copy()
-    for _ in range(loader.batches_per_epoch):
-        loader.next_batch()
-    assert loader.global_batch_ids() is not None and loader.epoch == 1
-    assert not np.array_equal(first, loader.global_batch_ids())
+    n = loader.streams[0].num_samples
+    stream = loader.streams[0]
+    assert sorted(stream.sample_ids(0, n).tolist()) == sorted(stream.sample_ids(n, n).tolist())
+    assert not np.array_equal(stream.sample_ids(0, n), stream.sample_ids(n, n))
+    loader.skip(-(-n // 16))
+    assert loader.epoch == 1
+
+
+def test_weighted_mixture_is_deterministic_proportional_and_resumable(data_dir, tmp_path):
+    a, b = TokenStore(data_dir, "train"), TokenStore(data_dir, "val")
+    make = lambda r, size: PackedLoader([a, b], 64, 20, r, size, seed=5, weights=[3, 1])
+    one = make(0, 1)
+    batches = [one.next_batch()["sample_ids"] for _ in range(10)]
+    datasets = torch.cat(batches)[:, 0]
+    assert (datasets == 1).sum().item() == 50, "a 3:1 mixture gives the second dataset a quarter of the samples"
+    again = make(0, 1)
+    assert all(torch.equal(again.next_batch()["sample_ids"], x) for x in batches)
+    # Resume after 4 steps on 2 ranks.
+    first = make(0, 1)
+    first.skip(4)
+    state = first.state_dict()
+    ranks = [make(r, 2) for r in range(2)]
+    for l in ranks:
+        l.load_state_dict(state)
+    for step in range(4, 10):
+        assert torch.equal(torch.cat([l.next_batch()["sample_ids"] for l in ranks]), batches[step])
+
+
+def test_order_command_prints_each_ranks_sample_ids(data_dir):
+    rows = {}
+    for rank in range(2):
+        out = megacore("data", "order", data_dir, "--dp-size", "2", "--dp-rank", str(rank), "--global-batch", "8",
+                       "--steps", "3", "--start-step", "2", "--seq-len", "64", "--seed", "9", "--split", "val",
+                       "--json").stdout
+        rows[rank] = [json.loads(line) for line in out.splitlines()]
+    loader = PackedLoader(TokenStore(data_dir, "val"), 64, 8, seed=9)
+    loader.skip(2)
+    for i in range(3):
+        expected = loader.next_batch()["sample_ids"][:, 1].tolist()
+        assert rows[0][i]["step"] == 2 + i
+        assert rows[0][i]["sample_ids"] + rows[1][i]["sample_ids"] == expected
 
 
 def test_fingerprint_mismatch_on_resume_is_an_error(data_dir):
     loader = PackedLoader(TokenStore(data_dir, "val"), 64, 8)
-    state = loader.state_dict() | {"fingerprint": "0123456789abcdef"}
+    state = loader.state_dict() | {"fingerprints": ["0123456789abcdef"]}
     with pytest.raises(ValueError, match="fingerprint"):
         loader.load_state_dict(state)
 
@@ -151,3 +201,16 @@ def test_fingerprint_mismatch_on_resume_is_an_error(data_dir):
 def test_missing_data_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
         TokenStore(tmp_path / "absent", "train")
+
+
+def _documents(store):
+    """Token lists of every document in a split (EOS removed)."""
+    tokens = store.read(0, store.num_tokens).tolist()
+    docs, current = [], []
+    for t in tokens:
+        if t == store.eos_id:
+            docs.append(current)
+            current = []
+        else:
+            current.append(t)
+    return docs

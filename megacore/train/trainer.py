@@ -14,8 +14,9 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from data_pipeline.loader import PackedLoader, TokenStore
-from megacore.checkpoint import Checkpointer, latest_checkpoint
-from megacore.config import Config
+from data_pipeline.shards import read_manifest
+from megacore.checkpoint import Checkpointer, latest_checkpoint, resolve_checkpoint
+from megacore.config import Config, ConfigError
 from megacore.distributed import all_reduce_sum, init_distributed, shutdown
 from megacore.evaluate import evaluate
 from megacore.loss import IGNORE_INDEX, loss_sum
@@ -51,7 +52,9 @@ def _train(cfg: Config, resume: str, env) -> dict:
     dp_rank, dp_size = mesh.get_local_rank(), mesh.size()
 
     seq_len, gbs = cfg.data.seq_len, cfg.train.global_batch_size
-    train_loader = PackedLoader(TokenStore(cfg.data.dir, "train"), seq_len, gbs, dp_rank, dp_size, cfg.train.seed)
+    stores, weights = train_stores(cfg)
+    train_loader = PackedLoader(stores, seq_len, gbs, dp_rank, dp_size, cfg.train.seed, weights=weights,
+                                num_workers=cfg.data.num_workers)
     val_store = TokenStore(cfg.data.dir, "val")
 
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, env.is_main)
@@ -108,10 +111,24 @@ def _train(cfg: Config, resume: str, env) -> dict:
                 print(f"saved checkpoint {path}", flush=True)
             window_start = time.perf_counter()  # keep checkpoint time out of throughput
     metrics.close()
+    train_loader.close()
     return {"step": step, **result}
 
 
+def train_stores(cfg: Config) -> tuple[list[TokenStore], list[float]]:
+    """The training split of `data.dir`, or of each `data.mixture` directory with its weight."""
+    mixture = cfg.data.mixture_weights() or [(cfg.data.dir, 1.0)]
+    stores = [TokenStore(path, "train") for path, _ in mixture]
+    tokenizer = read_manifest(cfg.data.dir)["tokenizer"]["sha256"]
+    for store in stores:
+        if store.manifest["tokenizer"]["sha256"] != tokenizer:
+            raise ConfigError(f"data.mixture: {store.data_dir} was tokenized with another tokenizer than "
+                              f"data.dir={cfg.data.dir}")
+    return stores, [w for _, w in mixture]
+
+
 def checkpoint_to_resume(run_dir: str, resume: str):
+    """The checkpoint that `--resume` selects, or None to start fresh; raises if that would lose work."""
     if resume == "none":
         existing = latest_checkpoint(run_dir)
         if existing is not None:
@@ -120,7 +137,7 @@ def checkpoint_to_resume(run_dir: str, resume: str):
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
-    return resume
+    return resolve_checkpoint(resume)
 
 
 def _train_step(model, batch, accum_steps: int, dp_size: int, device, amp) -> tuple[float, int]:
