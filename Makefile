@@ -10,7 +10,7 @@ DEMO_RUN := runs/demo
 # DeepSpeed compiles C++ ops on first use; keep its cache inside the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,13 @@ demo: $(VENV)/.installed $(SHAKESPEARE)
 
 test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE)
 	$(PY) -m pytest -q tests
+
+# Benchmarks print ratios against a reference run in the same script; figures go in BENCHMARKS.md.
+# HF `datasets` is only the loader benchmark's reference, so it is installed here, not as a dependency.
+bench: $(VENV)/.installed $(SHAKESPEARE)
+	$(PY) -m pip install -q 'datasets>=3'
+	cd bench && ../$(PY) data_prepare.py
+	cd bench && ../$(PY) data_loader.py
 
 clean:
 	rm -rf $(VENV) .cache runs data *.egg-info

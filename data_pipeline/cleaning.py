@@ -37,7 +37,7 @@ class Cleaner:
         if len(text) > self.max_chars:
             self.stats.too_long += 1
             return None
-        if self.normalize != "none":
+        if self.normalize != "none" and not text.isascii():  # ASCII is already in every normal form
             text = unicodedata.normalize(self.normalize, text)
         text, removed = _CONTROL.subn("", text)
         self.stats.control_chars_removed += removed

@@ -56,6 +56,20 @@ class TokenStore:
         self._starts = np.cumsum([0] + [len(v) for v in self._values])
         self.num_tokens = int(self._starts[-1])
 
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows stream[start : start + length] for each start, gathered shard by shard."""
+        out = np.empty((len(starts), length), dtype=np.int64)
+        shard_of = np.searchsorted(self._starts, starts, side="right") - 1
+        inside = starts + length <= self._starts[shard_of + 1]
+        for shard in np.unique(shard_of[inside]):
+            rows = np.flatnonzero(inside & (shard_of == shard))
+            # Row gather from a (no-copy) view of every window: one memcpy per row.
+            view = np.lib.stride_tricks.sliding_window_view(self._values[shard], length)
+            out[rows] = view[starts[rows] - self._starts[shard]]
+        for row in np.flatnonzero(~inside):  # the rare window that spans two shards
+            out[row] = self.read(int(starts[row]), length)
+        return out
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream, across shard boundaries if needed."""
         out = np.empty(length, dtype=np.int64)
@@ -92,6 +106,9 @@ class SampleStream:
         return self._order
 
     def sample_ids(self, start: int, count: int) -> np.ndarray:
+        epoch, offset = divmod(start, self.num_samples)
+        if offset + count <= self.num_samples:  # the usual case: within one epoch
+            return self.order(epoch)[offset:offset + count]
         positions = np.arange(start, start + count)
         epochs = positions // self.num_samples
         out = np.empty(count, dtype=np.int64)
@@ -100,8 +117,8 @@ class SampleStream:
             out[sel] = self.order(int(epoch))[positions[sel] % self.num_samples]
         return out
 
-    def window(self, sample_id: int) -> np.ndarray:
-        return self.store.read(int(sample_id) * self.seq_len, self.seq_len + 1)
+    def windows(self, sample_ids: np.ndarray) -> np.ndarray:
+        return self.store.windows(sample_ids * self.seq_len, self.seq_len + 1)
 
 
 def document_position_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
@@ -115,12 +132,13 @@ def document_position_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
 
 
 class PackedLoader:
-    """Yields this rank's slice of each global batch as {"input_ids", "labels", "position_ids"}, each of
-    shape (global_batch_size / dp_size, seq_len), plus the sample ids as "sample_ids" (dataset, id)."""
+    """Yields this rank's slice of each global batch as {"input_ids", "labels"} of shape
+    (global_batch_size / dp_size, seq_len) (views of one (batch, seq_len + 1) tensor), the sample ids as
+    "sample_ids" (dataset, id), and with document_positions "position_ids" restarting after each EOS."""
 
     def __init__(self, stores: TokenStore | list[TokenStore], seq_len: int, global_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 weights: list[float] | None = None, num_workers: int = 0):
+                 weights: list[float] | None = None, num_workers: int = 0, document_positions: bool = True):
         stores = [stores] if isinstance(stores, TokenStore) else list(stores)
         weights = weights or [1.0] * len(stores)
         if len(weights) != len(stores):
@@ -131,6 +149,7 @@ class PackedLoader:
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seq_len, self.seed, self.global_batch_size = seq_len, seed, global_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        self.document_positions = document_positions
         self.eos_id = stores[0].eos_id
         # The state: global batches given out, and samples given out by each dataset.
         self.step = 0
@@ -184,12 +203,20 @@ class PackedLoader:
     def _read(self, datasets: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
         per_rank = self.global_batch_size // self.dp_size
         lo, hi = self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank
-        windows = np.stack([self.streams[d].window(i) for d, i in zip(datasets[lo:hi], ids[lo:hi])])
-        inputs = windows[:, :-1]
-        return {"input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
-                "labels": torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
-                "position_ids": torch.from_numpy(document_position_ids(inputs, self.eos_id)),
-                "sample_ids": torch.from_numpy(np.stack([datasets[lo:hi], ids[lo:hi]], axis=1))}
+        datasets, ids = datasets[lo:hi], ids[lo:hi]
+        if len(self.streams) == 1:
+            windows = self.streams[0].windows(ids)
+        else:
+            windows = np.empty((hi - lo, self.seq_len + 1), dtype=np.int64)
+            for j, stream in enumerate(self.streams):
+                rows = np.flatnonzero(datasets == j)
+                windows[rows] = stream.windows(ids[rows])
+        tokens = torch.from_numpy(windows)
+        batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
+                 "sample_ids": torch.from_numpy(np.stack([datasets, ids], axis=1))}
+        if self.document_positions:
+            batch["position_ids"] = torch.from_numpy(document_position_ids(windows[:, :-1], self.eos_id))
+        return batch
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self._pool is None:

@@ -2,7 +2,7 @@
 
 Two streaming passes over the sources, so memory stays bounded by the shards in flight:
 1. the first `data.tokenizer_sample_mb` of training text trains the tokenizer (skipped on a rerun
-   when `tokenizer.json` records the same settings and sample);
+   when `tokenizer.json` records the same settings and source files, names and sizes);
 2. documents are cleaned, split into train/val by content hash, and cut into shards of about
    `data.shard_mb` of text. Each shard is tokenized in a worker process and written atomically with
    a sidecar `*.arrow.json` naming the tokenizer and a digest of its documents. A rerun skips every
@@ -13,9 +13,11 @@ The manifest is written last; until then the directory is not a dataset the load
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,7 +28,7 @@ from tqdm import tqdm
 from data_pipeline.cleaning import Cleaner
 from data_pipeline.shards import (MANIFEST, MANIFEST_VERSION, TOKENIZER, file_sha256, fingerprint, read_manifest,
                                   token_dtype, write_json_atomic, write_shard)
-from data_pipeline.sources import SourceStats, iter_documents
+from data_pipeline.sources import SourceStats, iter_documents, source_listing
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 
 TOKENIZER_SIDECAR = "tokenizer.json"
@@ -71,8 +73,9 @@ def prepare(data_cfg, log=print) -> dict:
     jobs: list = []
     workers = data_cfg.prepare_workers or os.cpu_count() or 1
     shard_limit = int(data_cfg.shard_mb * 2**20)
-    # spawn, not fork: the caller may hold threads (sentencepiece's, a training process's).
-    context = multiprocessing.get_context("spawn")
+    # fork on Linux: no threads are alive here (sentencepiece's have finished), workers start at once
+    # and work from notebooks too; spawn elsewhere.
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(workers, context, _init_worker, (str(out / TOKENIZER),)) as pool:
         def submit(split: str) -> None:
             if len(jobs) >= 2 * workers:
@@ -147,7 +150,14 @@ def _cleaner(data_cfg) -> Cleaner:
 
 
 def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
-    """Train on the first tokenizer_sample_mb of cleaned training text, or reuse a matching tokenizer."""
+    """Reuse the tokenizer of an earlier run over the same inputs and settings, or train one on the
+    first tokenizer_sample_mb of cleaned training text."""
+    key = {"settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
+           "sources": source_listing(data_cfg.sources)}
+    sidecar = out / TOKENIZER_SIDECAR
+    if (out / TOKENIZER).is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == key:
+        log(f"reusing {out / TOKENIZER}")
+        return Tokenizer(out / TOKENIZER)
     limit = int(data_cfg.tokenizer_sample_mb * 2**20)
     sample, size, cleaner = [], 0, _cleaner(data_cfg)
     for text in iter_documents(data_cfg.sources, data_cfg.text_unit, data_cfg.text_field, SourceStats(),
@@ -159,12 +169,6 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
         size += len(cleaned[0].encode("utf-8"))
         if size >= limit:
             break
-    key = {"settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
-           "sample_sha256": hashlib.sha256("\x00".join(sample).encode("utf-8")).hexdigest()}
-    sidecar = out / TOKENIZER_SIDECAR
-    if (out / TOKENIZER).is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == key:
-        log(f"reusing {out / TOKENIZER}")
-        return Tokenizer(out / TOKENIZER)
     if not sample:
         raise ValueError(f"no training documents in {data_cfg.sources}")
     t0 = time.time()
@@ -207,8 +211,10 @@ def _write_shard_job(path: str, texts: list[str], dtype: str, tokenizer_sha256: 
         if record.get("key") == key and file_sha256(path) == record["shard"]["sha256"]:
             return {**record["shard"], "reused": True}
     sidecar.unlink(missing_ok=True)
-    eos = _worker_tokenizer.eos_id
-    docs = [np.append(np.asarray(ids, dtype=np.int64), eos) for ids in _worker_tokenizer.sp.encode(texts)]
-    shard = write_shard(path, docs, np.dtype(dtype))
+    # One thread per worker: the workers are the parallelism.
+    encoded = _worker_tokenizer.sp.encode(texts, add_eos=True, num_threads=1)
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.dtype(dtype), count=int(lengths.sum()))
+    shard = write_shard(path, values, lengths)
     write_json_atomic(sidecar, {"key": key, "shard": shard})
     return {**shard, "reused": False}

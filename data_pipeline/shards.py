@@ -33,12 +33,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(path: Path, documents: list[np.ndarray], dtype: np.dtype) -> dict:
-    """Write one shard atomically; return its manifest record."""
-    lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
-    offsets = np.zeros(len(documents) + 1, dtype=np.int32)
+def write_shard(path: Path, values: np.ndarray, lengths: np.ndarray) -> dict:
+    """Write one shard atomically from the flat token values and per-document lengths; return its
+    manifest record."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(documents).astype(dtype, copy=False)
     column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
     table = pa.table({"tokens": column})
     tmp = path.with_name(path.name + ".tmp")
@@ -48,8 +47,7 @@ def write_shard(path: Path, documents: list[np.ndarray], dtype: np.dtype) -> dic
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"file": path.name, "tokens": int(lengths.sum()), "documents": len(documents),
-            "sha256": file_sha256(path)}
+    return {"file": path.name, "tokens": int(offsets[-1]), "documents": len(lengths), "sha256": file_sha256(path)}
 
 
 def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -45,8 +45,22 @@ def open_source_files(urls: list[str]) -> list[fsspec.core.OpenFile]:
             raise SourceError(f"cannot open data source {url!r}: {e}") from None
         if not found:
             raise SourceError(f"data source {url!r} matched no files")
-        files.extend(sorted(found, key=lambda f: f.path))
+        files.extend(sorted(found, key=_read_order))
     return files
+
+
+def _read_order(of: fsspec.core.OpenFile):
+    """Files in path order, except members of a tar archive: in archive order, because reading a
+    compressed archive backwards decompresses it again for every member (15x slower here)."""
+    index = getattr(of.fs, "index", None)
+    if isinstance(index, dict) and of.path in index:
+        return (index[of.path][1], of.path)
+    return (0, of.path)
+
+
+def source_listing(urls: list[str]) -> list[list]:
+    """(path, size) of every source file, in reading order: a cheap identity of the inputs."""
+    return [[of.path, int(of.fs.size(of.path) or 0)] for of in open_source_files(urls)]
 
 
 def source_format(path: str) -> str:
@@ -61,7 +75,7 @@ def source_format(path: str) -> str:
 
 def iter_documents(urls: list[str], text_unit: str = "paragraph", text_field: str = "text",
                    stats: SourceStats | None = None, strict_utf8: bool = False) -> Iterator[str]:
-    """Yield document texts in a fixed order: sources as given, files sorted by path, records in order."""
+    """Yield document texts in a fixed order: sources as given, files by `_read_order`, records in order."""
     stats = stats if stats is not None else SourceStats()
     for of in open_source_files(urls):
         name, fmt = of.path, source_format(of.path)

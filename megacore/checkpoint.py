@@ -17,8 +17,9 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from megacore.config import CheckpointConfig
 
@@ -67,7 +68,7 @@ class Checkpointer:
         self.root = Path(run_dir) / "checkpoints"
         self.cfg, self.is_main = cfg, is_main
 
-    def save(self, step: int, model: nn.Module, optimizer, meta: dict) -> Path:
+    def save(self, step: int, parts: list[nn.Module], optimizers, meta: dict) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
         if self.is_main:
@@ -75,8 +76,7 @@ class Checkpointer:
             # A leftover from a save that crashed is never loaded; clear it before writing again.
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(_state(parts, optimizers)[0], checkpoint_id=str(tmp))
         dist.barrier()
         if self.is_main:
             _write_json_durable(tmp / META, {"step": step, **meta})
@@ -88,17 +88,21 @@ class Checkpointer:
         dist.barrier()
         return final
 
-    def load(self, path: str | Path, model: nn.Module, optimizer=None) -> dict:
-        """Load weights (and optimizer state, when given) into the already-parallelized model."""
+    def load(self, path: str | Path, parts: list[nn.Module], optimizers=None) -> dict:
+        """Load weights (and optimizer state, when given) into the already-parallelized model parts.
+
+        Keys are parameter names of the whole model, so any layout loads any other layout's checkpoint.
+        """
         path = Path(path)
         meta = read_meta(path)
-        state = {"model": get_model_state_dict(model)}
-        if optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        state, keys = _state(parts, optimizers)
         dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"])
-        if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, state["optim"])
+        for i, part in enumerate(parts):
+            model_keys, optim_keys = keys[i]
+            set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
+            if optimizers is not None:
+                set_optimizer_state_dict(part, optimizers.optimizers[i], {k: state["optim"][k] for k in optim_keys},
+                                         options=_OPTIONS)
         return meta
 
     def _prune(self) -> None:
@@ -106,6 +110,22 @@ class Checkpointer:
             return
         for old in list_checkpoints(self.root.parent)[:-self.cfg.keep_last]:
             shutil.rmtree(old)
+
+
+# Flattened optimizer state is keyed by parameter name, like the model's: stages merge without clashes.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _state(parts: list[nn.Module], optimizers) -> tuple[dict, list[tuple[list[str], list[str]]]]:
+    """({"model": {...}, "optim": {...}} merged over this rank's model parts, each part's (model, optim) keys)."""
+    model, optim, keys = {}, {}, []
+    for i, part in enumerate(parts):
+        sd = get_model_state_dict(part, options=_OPTIONS)
+        osd = get_optimizer_state_dict(part, optimizers.optimizers[i], options=_OPTIONS) if optimizers else {}
+        model.update(sd)
+        optim.update(osd)
+        keys.append((list(sd), list(osd)))
+    return ({"model": model, "optim": optim} if optimizers is not None else {"model": model}), keys
 
 
 def _write_json_durable(path: Path, obj: dict) -> None:

@@ -4,6 +4,7 @@
     megacore data inspect|verify DIR
     megacore data order DIR --dp-size W --dp-rank R --global-batch B --steps N [--start-step S] [--json]
     megacore train CONFIG [key=value ...] [--nproc N] [--resume none|auto|CKPT]
+    megacore estimate CONFIG [key=value ...] [--world-size N] [--json]
     megacore eval RUN_DIR|CKPT [--split val] [--batches N]
     megacore generate RUN_DIR|CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     megacore plot RUN_DIR [--out FILE]
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "or a checkpoint directory")
     train.add_argument("--dry-run", action="store_true", help="validate the config and print it; train nothing")
 
+    est = sub.add_parser("estimate", help="parameters, FLOPs per token and per-rank memory of a layout")
+    _add_config_args(est)
+    est.add_argument("--world-size", type=int, default=1)
+    est.add_argument("--json", action="store_true")
+
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a data split")
     ev.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
     ev.add_argument("--split", default="val")
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(data_commands, args.data_command)(args)
         if args.command == "train":
             return cmd_train(args, argv)
+        if args.command == "estimate":
+            return cmd_estimate(args)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command == "generate":
@@ -138,7 +146,10 @@ def cmd_train(args, argv: list[str]) -> int:
         resolve_vocab_size(cfg)
         checkpoint_to_resume(cfg.train.run_dir, args.resume)
     if args.dry_run:
+        from megacore.estimate import estimate, format_estimate
+
         print(json.dumps(cfg.to_dict(), indent=2))
+        print(format_estimate(estimate(cfg, world_size)))
         print(f"world size {world_size}: layout ok")
         return 0
     if args.nproc and not under_torchrun:
@@ -163,21 +174,40 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+def cmd_estimate(args) -> int:
+    from megacore.estimate import estimate, format_estimate
+    from megacore.run_dir import resolve_vocab_size
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size == 0:
+        try:
+            resolve_vocab_size(cfg)
+        except FileNotFoundError:
+            cfg.model.vocab_size = cfg.data.vocab_size  # not prepared yet: the configured target
+    result = estimate(cfg, args.world_size)
+    print(json.dumps(result) if args.json else format_estimate(result))
+    return 0
+
+
 def cmd_eval(args) -> int:
     import torch
 
     from data_pipeline.loader import PackedLoader, TokenStore
     from megacore.distributed import init_distributed, shutdown
     from megacore.evaluate import evaluate
+    from megacore.config import ParallelConfig
     from megacore.generate import load_trained
+    from megacore.parallel import ParallelModel, build_mesh
 
     model, _, cfg, ckpt = load_trained(args.checkpoint)
     store = TokenStore(args.data_dir or cfg.data.dir, args.split)
     loader = PackedLoader(store, cfg.data.seq_len, args.batch_size, shuffle=False)
-    init_distributed("cpu")
+    env = init_distributed("cpu")
     try:
-        result = evaluate(model, loader, args.batches or loader.batches_per_epoch, torch.device("cpu"),
-                          micro_batch_size=cfg.train.micro_batch_size)
+        layout = ParallelConfig(dp_shard=1).resolve(1)
+        pm = ParallelModel([model], build_mesh(layout, env), layout, document_masking=cfg.model.document_masking)
+        n_micro = max(1, args.batch_size // cfg.train.micro_batch_size)
+        result = evaluate(pm, loader, args.batches or loader.batches_per_epoch, n_micro, torch.device("cpu"))
     finally:
         shutdown()
     print(json.dumps({"checkpoint": str(ckpt), "split": args.split, **result}))

@@ -37,6 +37,9 @@ class ModelConfig:
     max_seq_len: int = 1024
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Confine attention to each packed document (positions restart after EOS), as in pretraining
+    # on packed data without cross-document contamination.
+    document_masking: bool = False
 
     def validate(self) -> None:
         _positive(self, "model", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_multiple_of", "max_seq_len")
@@ -80,8 +83,9 @@ class DataConfig:
     # Tokenizer worker processes for `data prepare` (0: one per CPU).
     prepare_workers: int = 0
     seq_len: int = 256
-    # Background threads that read the next batches ahead of training (0: read in the training loop).
-    num_workers: int = 1
+    # Background threads that read batches ahead of training (0: read in the loop, fastest from page
+    # cache; threads pay off when shards sit on slow or remote storage).
+    num_workers: int = 0
     # Training data as a weighted mixture of prepared directories, "DIR:WEIGHT" each; empty: `dir` alone.
     # Validation and the tokenizer still come from `dir`; every directory must share its tokenizer.
     mixture: list[str] = field(default_factory=list)
@@ -113,19 +117,65 @@ class DataConfig:
         return out
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb")
+
+
 @dataclass
 class ParallelConfig:
-    # Ranks that shard parameters with FSDP2; -1 means all ranks.
+    # The device mesh is pp x dp_replicate x dp_shard x tp; its product must be the world size.
+    # dp_shard=-1 takes whatever the other three leave.
+    dp_replicate: int = 1
     dp_shard: int = -1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb"] = "1f1b"
+    # Pipeline stages held by each pp rank; interleaved schedules need 2 or more.
+    pp_stages_per_rank: int = 0  # 0: 1 for gpipe/1f1b, 2 for interleaved schedules
+    # Activation checkpointing: none, full (recompute each block), selective (keep matmul outputs).
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # torch.compile each transformer block.
+    compile: bool = False
 
     def validate(self) -> None:
         if self.dp_shard == 0 or self.dp_shard < -1:
-            raise ConfigError(f"parallel.dp_shard must be -1 (all ranks) or >= 1, got {self.dp_shard}")
+            raise ConfigError(f"parallel.dp_shard must be -1 (the rest) or >= 1, got {self.dp_shard}")
+        _positive(self, "parallel", "dp_replicate", "tp", "pp")
+        if self.pp_stages_per_rank < 0:
+            raise ConfigError(f"parallel.pp_stages_per_rank must be >= 0, got {self.pp_stages_per_rank}")
+        if self.interleaved and self.pp_stages_per_rank == 1:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule} needs parallel.pp_stages_per_rank >= 2")
+        if not self.interleaved and self.pp_stages_per_rank > 1:
+            raise ConfigError(f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank; "
+                              f"parallel.pp_stages_per_rank={self.pp_stages_per_rank} needs an interleaved schedule")
 
-    def check_world(self, world_size: int) -> None:
-        if self.dp_shard != -1 and self.dp_shard != world_size:
+    @property
+    def interleaved(self) -> bool:
+        return self.pp_schedule.startswith("interleaved")
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.pp_stages_per_rank or (2 if self.interleaved else 1)
+
+    def resolve(self, world_size: int) -> "ParallelConfig":
+        """The layout for `world_size` ranks with dp_shard filled in; refuses a product that differs."""
+        others = self.dp_replicate * self.tp * self.pp
+        dp_shard = self.dp_shard
+        if dp_shard == -1:
+            if world_size % others:
+                raise ConfigError(
+                    f"world size {world_size} is not divisible by parallel.dp_replicate={self.dp_replicate} x "
+                    f"parallel.tp={self.tp} x parallel.pp={self.pp}")
+            dp_shard = world_size // others
+        if others * dp_shard != world_size:
             raise ConfigError(
-                f"parallel.dp_shard={self.dp_shard} does not match the world size {world_size}")
+                f"parallel.pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard={dp_shard} x tp={self.tp} "
+                f"= {others * dp_shard}, but the world size is {world_size}")
+        return dataclasses.replace(self, dp_shard=dp_shard)
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks (replicas x shards): the loader's slices. Valid after resolve()."""
+        return self.dp_replicate * self.dp_shard
 
 
 @dataclass
@@ -170,6 +220,9 @@ class TrainConfig:
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = 100
     eval_batches: int = 8
+    # Peak TFLOP/s per rank for MFU; 0 measures a matmul at start (right on CPU; on GPUs give the
+    # datasheet figure, e.g. 989 for H100 SXM bf16 dense).
+    peak_tflops: float = 0.0
 
     def validate(self) -> None:
         _positive(self, "train", "steps", "global_batch_size", "micro_batch_size", "eval_every", "eval_batches")
@@ -225,9 +278,32 @@ class Config:
         return self
 
     def check_world(self, world_size: int) -> int:
-        """Check the layout against a world size; return gradient accumulation steps."""
-        self.parallel.check_world(world_size)
-        return self.train.check_world(world_size)
+        """Check the layout against a world size (before any process starts); return the micro-batches
+        per optimizer step on each data-parallel rank (accumulation steps, or pipeline micro-batches)."""
+        par = self.parallel.resolve(world_size)
+        m = self.model
+        if m.n_heads % par.tp or m.n_kv_heads % par.tp:
+            raise ConfigError(f"parallel.tp={par.tp} must divide model.n_heads={m.n_heads} and "
+                              f"model.n_kv_heads={m.n_kv_heads}")
+        if self.data.seq_len % par.tp:
+            raise ConfigError(f"parallel.tp={par.tp} must divide data.seq_len={self.data.seq_len} "
+                              f"(sequence parallelism splits the sequence)")
+        stages = par.pp * par.stages_per_rank
+        if par.pp > 1 and stages > m.n_layers:
+            raise ConfigError(f"parallel.pp={par.pp} x {par.stages_per_rank} stage(s) per rank = {stages} pipeline "
+                              f"stages, more than model.n_layers={m.n_layers}")
+        micro = self.train.check_world(par.dp_size)
+        if par.pp > 1 and par.interleaved and micro < par.pp:
+            raise ConfigError(
+                f"parallel.pp_schedule={par.pp_schedule} needs at least parallel.pp={par.pp} micro-batches per step; "
+                f"train.global_batch_size={self.train.global_batch_size} / (micro_batch_size="
+                f"{self.train.micro_batch_size} x {par.dp_size} dp ranks) gives {micro}")
+        if m.tie_embeddings and (par.pp > 1 or par.tp > 1):
+            raise ConfigError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1 (the embedding and the "
+                              "output head are placed differently)")
+        if par.pp > 1 and self.model.document_masking:
+            raise ConfigError("model.document_masking is not supported with parallel.pp > 1 yet")
+        return micro
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +28,10 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenize
     with torch.device(device):
         model = Llama(cfg.model)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    with warnings.catch_warnings():
+        # A deliberate single-process load; DCP warns about that even when told so.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     model.load_state_dict(state["model"])
     return model.eval(), tokenizer, cfg, ckpt
 

@@ -57,3 +57,20 @@ def test_flops_per_token_matches_flop_counter(cfg):
         model(tokens).float().sum().backward()
     measured = counter.get_total_flops() / tokens.numel()
     assert flops_per_token(cfg, seq) == pytest.approx(measured, rel=0.05)
+
+
+def test_document_masking_makes_packed_documents_independent():
+    torch.manual_seed(0)
+    model = Llama(tiny(document_masking=True))
+    eos = 2
+    first, second = torch.randint(3, 100, (1, 7)), torch.randint(3, 100, (1, 9))
+    packed = torch.cat([first, torch.tensor([[eos]]), second], dim=1)
+    from data_pipeline.loader import document_position_ids
+    positions = torch.from_numpy(document_position_ids(packed.numpy(), eos))
+    assert positions[0, 8].item() == 0  # the second document starts after EOS
+    alone = model(second, torch.arange(9)[None])
+    assert torch.allclose(model(packed, positions)[:, 8:], alone, atol=1e-5)
+    # Without masking the second document sees the first.
+    plain = Llama(tiny())
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain(packed, positions)[:, 8:], alone, atol=1e-5)

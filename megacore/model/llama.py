@@ -2,8 +2,10 @@
 
 Plain PyTorch with no knowledge of parallelism: `megacore.parallel` shards it from the outside.
 Attention reshapes with `view(b, t, -1, head_dim)` so that a tensor-parallel plan, which leaves each
-rank a slice of the heads, needs no change here. RoPE uses the rotate-half layout of Hugging Face's
-`LlamaForCausalLM`, so weights export without permutation.
+rank a slice of the heads, needs no change here, and slices the rotary tables to its own sequence
+length. A pipeline stage is this model with some layers removed and `tok_embeddings`, `norm` or
+`output` set to None. RoPE uses the rotate-half layout of Hugging Face's `LlamaForCausalLM`, so
+weights export without permutation.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (batch or 1, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    """x: (batch, seq, heads, head_dim); cos/sin: (batch or 1, >= seq, head_dim)."""
+    t = x.shape[1]
+    cos, sin = cos[:, :t].unsqueeze(2).to(x.dtype), sin[:, :t].unsqueeze(2).to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -62,7 +65,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
@@ -70,7 +74,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (b, heads, t, head_dim); SDPA repeats the key/value heads for grouped-query attention.
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -94,8 +102,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -135,16 +144,32 @@ class Llama(nn.Module):
             nn.init.normal_(self.output.weight, std=std)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens: (batch, seq) -> logits (batch, seq, vocab). position_ids default to 0..seq-1."""
-        t = tokens.shape[1]
+        """tokens (batch, seq) -> logits (batch, seq, vocab); a pipeline stage without embeddings takes
+        and a stage without the output head returns hidden states (batch, seq, dim).
+
+        position_ids (batch, seq) default to 0..seq-1; with model.document_masking they also confine
+        attention to each document (a position 0 starts a new one).
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if position_ids is None:
-            cos, sin = self.rope_cos[None, :t], self.rope_sin[None, :t]
+            cos, sin = self.rope_cos[None], self.rope_sin[None]
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        h = self.tok_embeddings(tokens)
+        mask = None
+        if self.cfg.document_masking and position_ids is not None:
+            mask = document_causal_mask(position_ids)
         for block in self.layers.values():
-            h = block(h, cos, sin)
-        return self.output(self.norm(h))
+            h = block(h, cos, sin, mask)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) boolean mask: causal, and only within the document of each query."""
+    doc = (position_ids == 0).cumsum(-1)
+    t = position_ids.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

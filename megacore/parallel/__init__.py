@@ -1,3 +1,3 @@
-from megacore.parallel.parallelize import build_mesh, parallelize
+from megacore.parallel.parallelize import ParallelModel, build_mesh, parallelize
 
-__all__ = ["build_mesh", "parallelize"]
+__all__ = ["ParallelModel", "build_mesh", "parallelize"]

@@ -1,35 +1,140 @@
-"""Applying parallelism to a model from the outside: FSDP2 (`fully_shard`) data parallelism.
+"""Applying parallelism to a model from the outside, on one device mesh pp x dp_replicate x dp_shard x tp.
 
-The model is built whole on every rank with the same seed, so all layouts start from identical
-weights; `fully_shard` then keeps each rank's shard of every parameter.
+Order (as in torchtitan): pipeline split -> tensor parallel -> activation checkpointing -> compile ->
+FSDP/HSDP. The model is built whole on every rank with the same seed first, so every layout starts
+from identical weights.
+
+`ParallelModel` is what the training loop sees: the local model parts, and forward/backward and
+evaluation over a rank's micro-batches, through the pipeline schedule when pp > 1.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule
 
-from megacore.config import Config
+from megacore.config import Config, ParallelConfig
 from megacore.distributed import DistEnv
+from megacore.loss import loss_sum
 from megacore.model.llama import Llama
+from megacore.parallel.activation_checkpoint import apply_activation_checkpointing
+from megacore.parallel.fsdp import apply_fsdp
+from megacore.parallel.pipeline import build_schedule, split_into_stages
+from megacore.parallel.tensor_parallel import apply_tensor_parallel
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
-def build_mesh(cfg: Config, env: DistEnv) -> DeviceMesh:
-    cfg.parallel.check_world(env.world_size)
-    return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("dp_shard",))
+def build_mesh(layout: ParallelConfig, env: DistEnv) -> DeviceMesh:
+    shape = tuple(getattr(layout, d) for d in MESH_DIMS)
+    return init_device_mesh(env.device.type, shape, mesh_dim_names=MESH_DIMS)
 
 
-def parallelize(model: Llama, cfg: Config, mesh: DeviceMesh) -> Llama:
-    if mesh.size() == 1:
-        # One rank: nothing to shard; mixed precision comes from autocast in the train step.
-        return model
-    mp = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if cfg.train.mixed_precision == "bf16" else None,
-        reduce_dtype=torch.float32,
-    )
-    # Shard each block on its own so only one block's full weights are materialised at a time.
-    for block in model.layers.values():
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
+class ParallelModel:
+    def __init__(self, parts: list[nn.Module], mesh: DeviceMesh, layout: ParallelConfig, schedule=None,
+                 document_masking: bool = False):
+        self.parts, self.mesh, self.layout, self.schedule = parts, mesh, layout, schedule
+        self.document_masking = document_masking
+        self.tp_rank = mesh["tp"].get_local_rank()
+        self.pp_rank = mesh["pp"].get_local_rank()
+        self.dp_rank = mesh["dp_replicate"].get_local_rank() * layout.dp_shard + mesh["dp_shard"].get_local_rank()
+        self.dp_size = layout.dp_size
+        self.has_first = any(p.tok_embeddings is not None for p in parts)
+        self.has_last = any(p.output is not None for p in parts)
+        self._scale = 1.0  # the pipeline loss function's gradient scale for the current step
+
+    @property
+    def reports_loss(self) -> bool:
+        """One rank per data-parallel slice contributes the loss to the global sum."""
+        return self.has_last and self.tp_rank == 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.pp_rank == 0 and self.tp_rank == 0
+
+    def train(self, mode: bool = True) -> None:
+        for p in self.parts:
+            p.train(mode)
+
+    def parameters(self):
+        for p in self.parts:
+            yield from p.parameters()
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return loss_sum(output, target) * self._scale
+
+    def _run_pipeline(self, run, inputs, labels, amp) -> float:
+        """One schedule step/eval; returns this rank's unscaled loss sum (0 off the last stage)."""
+        losses: list[torch.Tensor] = []
+        target = labels if self.has_last else None
+        with amp:
+            if self.has_first:
+                run(inputs, target=target, losses=losses)
+            else:
+                run(target=target, losses=losses)
+        return float(sum(l.detach().float() for l in losses)) / self._scale if losses else 0.0
+
+    def forward_backward(self, batch: dict, n_micro: int, scale: float, device, amp) -> float:
+        """Backward of sum(token losses) * scale over this rank's batch; returns its unscaled loss sum."""
+        inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        self._scale = scale
+        if self.schedule is not None:
+            return self._run_pipeline(self.schedule.step, inputs, labels, amp)
+        total = torch.zeros((), device=device)
+        model = self.parts[0]
+        positions = batch["position_ids"].to(device) if self.document_masking else None
+        chunks = zip(inputs.chunk(n_micro), labels.chunk(n_micro),
+                     positions.chunk(n_micro) if positions is not None else [None] * n_micro)
+        for i, (x, y, pos) in enumerate(chunks):
+            if isinstance(model, FSDPModule):
+                # Reduce-scatter gradients once, on the last micro-batch.
+                model.set_requires_gradient_sync(i == n_micro - 1)
+            with amp:
+                logits = model(x, pos)
+            micro_loss = loss_sum(logits, y)
+            (micro_loss * scale).backward()
+            total += micro_loss.detach()
+        return float(total)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict, n_micro: int, device, amp) -> float:
+        inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        self._scale = 1.0
+        if self.schedule is not None:
+            return self._run_pipeline(self.schedule.eval, inputs, labels, amp)
+        positions = batch["position_ids"].to(device) if self.document_masking else None
+        total = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(zip(inputs.chunk(n_micro), labels.chunk(n_micro))):
+            with amp:
+                logits = self.parts[0](x, positions.chunk(n_micro)[i] if positions is not None else None)
+            total += loss_sum(logits, y)
+        return float(total)
+
+
+def parallelize(model: Llama, cfg: Config, layout: ParallelConfig, mesh: DeviceMesh, n_micro: int,
+                device: torch.device) -> ParallelModel:
+    schedule = None
+    if layout.pp > 1:
+        n_stages = layout.pp * layout.stages_per_rank
+        stages = split_into_stages(model, mesh["pp"].get_local_rank(), layout.pp, layout.stages_per_rank)
+        parts = [module for _, module in stages]
+    else:
+        parts = [model]
+    for part in parts:
+        if layout.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"])
+        apply_activation_checkpointing(part, layout.activation_checkpointing)
+        if layout.compile:
+            for block in part.layers.values():
+                block.compile()
+        if layout.dp_size > 1:
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
+            # Pipelining runs several micro-batch forwards before their backwards: keep weights gathered.
+            apply_fsdp(part, dp_mesh, cfg.train.mixed_precision == "bf16", reshard_after_forward=layout.pp == 1)
+    pm = ParallelModel(parts, mesh, layout, document_masking=cfg.model.document_masking)
+    if layout.pp > 1:
+        pm.schedule = build_schedule(list(zip([i for i, _ in stages], parts)), n_stages, layout.pp_schedule,
+                                     n_micro, mesh["pp"], device, pm._pipeline_loss)
+    return pm

@@ -1,23 +1,44 @@
-"""AdamW with a weight-decay mask, and the warmup + cosine learning-rate schedule."""
+"""AdamW with a weight-decay mask, the warmup + cosine learning-rate schedule, gradient clipping."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from megacore.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # No decay on norms (1-D weights); decay on matrices and embeddings.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+class Optimizers:
+    """One AdamW per model part (pipeline stages on this rank), stepped together.
+
+    No weight decay on norms (1-D weights); decay on matrices and embeddings.
+    """
+
+    def __init__(self, parts: list[nn.Module], cfg: OptimConfig):
+        self.optimizers = []
+        for part in parts:
+            params = [p for p in part.parameters() if p.requires_grad]
+            groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+            self.optimizers.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                                     foreach=True))
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -30,19 +51,19 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Global gradient norm over all ranks' shards; clips in place when max_norm > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
+def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> float:
+    """Global gradient norm over every rank's shards and stages; clips in place when max_norm > 0."""
+    params = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     if isinstance(total, DTensor):
-        # Sharded gradients: the norm is a partial DTensor; reduce it over the mesh.
+        # Sharded gradients (FSDP, TP): the norm is a partial DTensor; reduce it over its mesh.
         total = total.full_tensor()
+    if pp_group is not None:
+        # Each pipeline rank holds other layers: add the squares across the pp dimension.
+        total = total ** 2
+        dist.all_reduce(total, group=pp_group)
+        total = total.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return float(total)

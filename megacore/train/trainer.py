@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import torch
-from torch.distributed.fsdp import FSDPModule
 
 from data_pipeline.loader import PackedLoader, TokenStore
 from data_pipeline.shards import read_manifest
@@ -22,9 +22,10 @@ from megacore.evaluate import evaluate
 from megacore.loss import IGNORE_INDEX, loss_sum
 from megacore.metrics import MetricsLogger
 from megacore.model import Llama, flops_per_token, num_params
-from megacore.parallel import build_mesh, parallelize
+from megacore.parallel import ParallelModel, build_mesh, parallelize
 from megacore.run_dir import resolve_vocab_size, write_run_dir
-from megacore.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from megacore.throughput import measure_matmul_tflops, write_memory_report
+from megacore.train.optim import Optimizers, clip_grad_norm, lr_at
 
 
 def train(cfg: Config, resume: str = "none") -> dict:
@@ -36,7 +37,8 @@ def train(cfg: Config, resume: str = "none") -> dict:
 
 
 def _train(cfg: Config, resume: str, env) -> dict:
-    accum_steps = cfg.check_world(env.world_size)
+    n_micro = cfg.check_world(env.world_size)
+    layout = cfg.parallel.resolve(env.world_size)
     resolve_vocab_size(cfg)
     run_dir = cfg.train.run_dir
     if env.is_main:
@@ -46,67 +48,75 @@ def _train(cfg: Config, resume: str, env) -> dict:
     torch.manual_seed(cfg.train.seed)
     with torch.device(env.device):
         model = Llama(cfg.model)
-    mesh = build_mesh(cfg, env)
-    model = parallelize(model, cfg, mesh)
-    optimizer = build_optimizer(model, cfg.optim)
-    dp_rank, dp_size = mesh.get_local_rank(), mesh.size()
+    n_params = num_params(model)
+    mesh = build_mesh(layout, env)
+    pm = parallelize(model, cfg, layout, mesh, n_micro, env.device)
+    optimizers = Optimizers(pm.parts, cfg.optim)
+    pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
 
     seq_len, gbs = cfg.data.seq_len, cfg.train.global_batch_size
     stores, weights = train_stores(cfg)
-    train_loader = PackedLoader(stores, seq_len, gbs, dp_rank, dp_size, cfg.train.seed, weights=weights,
-                                num_workers=cfg.data.num_workers)
+    train_loader = PackedLoader(stores, seq_len, gbs, pm.dp_rank, pm.dp_size, cfg.train.seed, weights=weights,
+                                num_workers=cfg.data.num_workers, document_positions=cfg.model.document_masking)
     val_store = TokenStore(cfg.data.dir, "val")
 
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, env.is_main)
     step = 0
     ckpt = checkpoint_to_resume(run_dir, resume)
     if ckpt is not None:
-        meta = checkpointer.load(ckpt, model, optimizer)
+        meta = checkpointer.load(ckpt, pm.parts, optimizers)
         train_loader.load_state_dict(meta["loader"])
         step = meta["step"]
         if env.is_main:
             print(f"resumed from {ckpt} at step {step}", flush=True)
 
+    # With FSDP the mixed-precision policy casts; otherwise autocast does.
     amp = (torch.autocast(env.device.type, dtype=torch.bfloat16)
-           if cfg.train.mixed_precision == "bf16" and dp_size == 1 else contextlib.nullcontext())
+           if cfg.train.mixed_precision == "bf16" and layout.dp_size == 1 else contextlib.nullcontext())
     metrics = MetricsLogger(run_dir, env.is_main, cfg.train.steps)
     flops_token = flops_per_token(cfg.model, seq_len)
+    peak_tflops = cfg.train.peak_tflops or measure_matmul_tflops(
+        env.device, torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32)
     if env.is_main and step == 0:
-        print(f"model: {num_params(model) / 1e6:.2f}M parameters, {flops_token / 1e6:.1f} MFLOP/token; "
-              f"{env.world_size} rank(s), global batch {gbs} x {seq_len} tokens, "
-              f"{accum_steps} accumulation step(s)", flush=True)
-
-    last_stop = cfg.train.stop_after or cfg.train.steps
+        print(f"model: {n_params / 1e6:.2f}M parameters, {flops_token / 1e6:.1f} MFLOP/token; {env.world_size} "
+              f"rank(s) as pp {layout.pp} x dp_replicate {layout.dp_replicate} x dp_shard {layout.dp_shard} x "
+              f"tp {layout.tp}; global batch {gbs} x {seq_len} tokens in {n_micro} micro-batch(es) per dp rank; "
+              f"MFU against {peak_tflops:.3f} TFLOP/s per rank", flush=True)
+    last_stop, start_step = cfg.train.stop_after or cfg.train.steps, step
     result: dict = {}
     window_start, window_tokens = time.perf_counter(), 0
-    model.train()
+    pm.train()
     while step < last_stop:
         step += 1
         lr = lr_at(step, cfg.optim, cfg.train.steps)
-        set_lr(optimizer, lr)
-        loss, tokens = _train_step(model, train_loader.next_batch(), accum_steps, dp_size, env.device, amp)
-        grad_norm = clip_grad_norm(model, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizers.set_lr(lr)
+        loss, tokens = _train_step(pm, train_loader.next_batch(), n_micro, env.device, amp)
+        grad_norm = clip_grad_norm(pm.parameters(), cfg.optim.grad_clip, pp_group)
+        optimizers.step()
+        if step == start_step + 1:
+            write_memory_report(Path(run_dir) / "memory.json", pm.parts, optimizers, env.is_main)
+        optimizers.zero_grad()
         window_tokens += tokens
 
         if step % cfg.logging.log_every == 0 or step == last_stop:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed
+            tflops = tps * flops_token / 1e12
             result = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                      "tflops": tps * flops_token / 1e12, "epoch": train_loader.epoch}
+                      "tokens_per_s_per_rank": tps / env.world_size, "tflops": tflops,
+                      "mfu": tflops / (peak_tflops * env.world_size), "epoch": train_loader.epoch}
             metrics.log(step, result)
             window_start, window_tokens = time.perf_counter(), 0
 
         if step % cfg.train.eval_every == 0 or step == last_stop:
-            val_loader = PackedLoader(val_store, seq_len, gbs, dp_rank, dp_size, shuffle=False)
-            result["val"] = evaluate(model, val_loader, cfg.train.eval_batches, env.device, amp,
-                                     cfg.train.micro_batch_size)
+            val_loader = PackedLoader(val_store, seq_len, gbs, pm.dp_rank, pm.dp_size, shuffle=False,
+                                      document_positions=cfg.model.document_masking)
+            result["val"] = evaluate(pm, val_loader, cfg.train.eval_batches, n_micro, env.device, amp)
             metrics.log(step, result["val"], kind="val")
 
         if step % cfg.checkpoint.every == 0 or step == last_stop:
             meta = {"loader": train_loader.state_dict(), "config": cfg.to_dict(), "world_size": env.world_size}
-            path = checkpointer.save(step, model, optimizer, meta)
+            path = checkpointer.save(step, pm.parts, optimizers, meta)
             if env.is_main:
                 print(f"saved checkpoint {path}", flush=True)
             window_start = time.perf_counter()  # keep checkpoint time out of throughput
@@ -140,22 +150,11 @@ def checkpoint_to_resume(run_dir: str, resume: str):
     return resolve_checkpoint(resume)
 
 
-def _train_step(model, batch, accum_steps: int, dp_size: int, device, amp) -> tuple[float, int]:
+def _train_step(pm: ParallelModel, batch, n_micro: int, device, amp) -> tuple[float, int]:
     """Forward/backward over this rank's micro-batches; returns (global mean loss, global target tokens)."""
-    inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-    local_tokens = int((labels != IGNORE_INDEX).sum())
+    local_tokens = int((batch["labels"] != IGNORE_INDEX).sum()) if pm.counts_tokens else 0
     global_tokens = int(all_reduce_sum([local_tokens], device)[0])
     # FSDP averages gradients over dp ranks; scaling by dp_size makes the result sum / global_tokens.
-    scale = dp_size / global_tokens
-    total = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(zip(inputs.chunk(accum_steps), labels.chunk(accum_steps))):
-        if isinstance(model, FSDPModule):
-            # Reduce-scatter gradients once, on the last micro-batch.
-            model.set_requires_gradient_sync(i == accum_steps - 1)
-        with amp:
-            logits = model(x)
-        micro_loss = loss_sum(logits, y)
-        (micro_loss * scale).backward()
-        total += micro_loss.detach()
-    loss = all_reduce_sum([float(total)], device)[0] / global_tokens
+    local_loss = pm.forward_backward(batch, n_micro, pm.dp_size / global_tokens, device, amp)
+    loss = all_reduce_sum([local_loss if pm.reports_loss else 0.0], device)[0] / global_tokens
     return loss, global_tokens

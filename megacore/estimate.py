@@ -1,0 +1,137 @@
+"""`megacore estimate`: parameters, FLOPs per token and per-rank memory for a layout, without starting
+a distributed run.
+
+Parameter, gradient and optimizer bytes are computed by placing every parameter of the model (built on
+the meta device, so no memory is used) the way the parallel code does: pipeline stages keep their
+layers, tensor parallelism splits the dims of its plan, FSDP splits dim 0 of what TP left, in
+torch.chunk pieces (ceil-sized, the last rank possibly smaller). They match the real local tensors
+exactly; the test suite checks that against a run's `memory.json`. Activations are an approximation
+(Korthikanti et al., 2022, adapted to SwiGLU/GQA and our precision), not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megacore.config import Config, ParallelConfig
+from megacore.model.llama import Llama, ffn_hidden_dim, flops_per_token, num_params
+from megacore.parallel.pipeline import stage_layers
+
+# Parameter names (suffixes) -> dim that tensor parallelism splits; norms are replicated.
+_TP_DIM = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0, "attention.wo.weight": 1,
+           "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "feed_forward.w2.weight": 1,
+           "tok_embeddings.weight": 0, "output.weight": 0}
+
+
+def chunk_size(n: int, parts: int, index: int) -> int:
+    """Length of piece `index` when torch.chunk / DTensor Shard splits n into `parts`."""
+    size = math.ceil(n / parts)
+    return max(0, min(size, n - index * size))
+
+
+def _tp_dim(name: str) -> int | None:
+    for suffix, dim in _TP_DIM.items():
+        if name.endswith(suffix):
+            return dim
+    return None
+
+
+def rank_coordinates(layout: ParallelConfig, rank: int) -> dict[str, int]:
+    """Rank -> (pp, dp_replicate, dp_shard, tp) coordinates of the row-major device mesh."""
+    coords = {}
+    for dim in reversed(("pp", "dp_replicate", "dp_shard", "tp")):
+        size = getattr(layout, dim)
+        coords[dim] = rank % size
+        rank //= size
+    return coords
+
+
+def local_param_numels(cfg: Config, layout: ParallelConfig, rank: int) -> dict[str, int]:
+    """Elements of each parameter held by `rank` (names of the whole model; absent = not on this rank)."""
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    c = rank_coordinates(layout, rank)
+    n_stages = layout.pp * layout.stages_per_rank
+    if layout.pp > 1:
+        layers = stage_layers(cfg.model.n_layers, n_stages)
+        mine = set(range(c["pp"], n_stages, layout.pp))
+        keep_layers = {l for s in mine for l in layers[s]}
+        first, last = 0 in mine, n_stages - 1 in mine
+    else:
+        keep_layers, first, last = set(range(cfg.model.n_layers)), True, True
+    out = {}
+    for name, p in model.named_parameters():
+        if name.startswith("layers.") and int(name.split(".")[1]) not in keep_layers:
+            continue
+        if (name.startswith("tok_embeddings") and not first) or \
+                (name.startswith(("norm.", "output.")) and not last):
+            continue
+        shape = list(p.shape)
+        dim = _tp_dim(name)
+        if layout.tp > 1 and dim is not None:
+            shape[dim] = chunk_size(shape[dim], layout.tp, c["tp"])
+        if layout.dp_size > 1:
+            shape[0] = chunk_size(shape[0], layout.dp_shard, c["dp_shard"])
+        out[name] = math.prod(shape)
+    return out
+
+
+def memory_per_rank(cfg: Config, layout: ParallelConfig, rank: int) -> dict[str, float]:
+    """Bytes on `rank`: fp32 parameters and gradients, AdamW state (two moments and a step count per
+    parameter tensor), and approximate peak activations of one micro-batch."""
+    numels = local_param_numels(cfg, layout, rank)
+    elements = sum(numels.values())
+    m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len
+    act_bytes = 2 if cfg.train.mixed_precision == "bf16" else 4
+    layers_here = len({n.split(".")[1] for n in numels if n.startswith("layers.")})
+    hidden, kv = ffn_hidden_dim(m), m.dim * m.n_kv_heads // m.n_heads
+    # Per layer and token: norms, q/k/v, attention output, MLP (w1, w3, silu, product), residuals.
+    per_token = (4 * m.dim + m.dim + 2 * kv + m.dim + 4 * hidden) / layout.tp
+    if layout.activation_checkpointing == "full":
+        per_token = m.dim / layout.tp  # only the block input survives
+    elif layout.activation_checkpointing == "selective":
+        per_token = (m.dim + 2 * kv + m.dim + 2 * hidden) / layout.tp  # matmul outputs only
+    in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B holds up to pp micro-batches per stage
+    activations = b * t * per_token * layers_here * act_bytes * in_flight
+    if any(n.startswith("output.") for n in numels):
+        activations += b * t * m.vocab_size * 4 * 2  # fp32 logits and their gradient
+    grad_elements = elements
+    if layout.tp > 1 and layout.dp_size == 1 and "tok_embeddings.weight" in numels:
+        # The row-parallel embedding's backward yields a replicated (full-vocabulary) gradient; with
+        # FSDP the reduce-scatter shards it again.
+        grad_elements += m.vocab_size * m.dim - numels["tok_embeddings.weight"]
+    return {"parameters": 4 * elements, "gradients": 4 * grad_elements,
+            "optimizer": 8 * elements + 4 * len(numels), "activations_approx": activations}
+
+
+def estimate(cfg: Config, world_size: int) -> dict:
+    cfg.check_world(world_size)
+    layout = cfg.parallel.resolve(world_size)
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    ranks = [dict(rank=r, **memory_per_rank(cfg, layout, r)) for r in range(world_size)]
+    return {
+        "parameters": num_params(model),
+        "parameters_without_embeddings": num_params(model, exclude_embeddings=True),
+        "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
+        "layout": {d: getattr(layout, d) for d in ("pp", "dp_replicate", "dp_shard", "tp")},
+        "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
+        "ranks": ranks,
+    }
+
+
+def format_estimate(est: dict) -> str:
+    gib = 2**30
+    lay = est["layout"]
+    lines = [f"parameters: {est['parameters'] / 1e6:,.2f}M ({est['parameters_without_embeddings'] / 1e6:,.2f}M "
+             f"without embeddings); {est['flops_per_token'] / 1e9:.3f} GFLOP per token (training)",
+             f"layout: pp {lay['pp']} x dp_replicate {lay['dp_replicate']} x dp_shard {lay['dp_shard']} x tp {lay['tp']}"
+             + (f", schedule {est['pp_schedule']}" if est["pp_schedule"] else ""),
+             f"{'rank':>5} {'params GiB':>11} {'grads GiB':>10} {'optim GiB':>10} {'activ. GiB (approx)':>20} {'total':>8}"]
+    for r in est["ranks"]:
+        total = r["parameters"] + r["gradients"] + r["optimizer"] + r["activations_approx"]
+        lines.append(f"{r['rank']:>5} {r['parameters'] / gib:>11.3f} {r['gradients'] / gib:>10.3f} "
+                     f"{r['optimizer'] / gib:>10.3f} {r['activations_approx'] / gib:>20.3f} {total / gib:>8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""Activation checkpointing of transformer blocks.
+
+full: keep only each block's input; recompute the block in the backward pass.
+selective: keep the outputs of matmuls and attention, recompute the cheap elementwise ops (norms,
+RoPE, SiLU, residual adds) that hold most of the activation memory per FLOP.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from megacore.model.llama import Llama
+
+_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+         torch.ops.aten._scaled_dot_product_flash_attention.default,
+         torch.ops.aten._scaled_dot_product_efficient_attention.default,
+         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: Llama, mode: str) -> None:
+    if mode == "none":
+        return
+    kwargs = {"preserve_rng_state": False}
+    if mode == "selective":
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _policy)
+    for name, block in list(model.layers.items()):
+        # The wrapper's state-dict hooks keep parameter names unchanged (no _checkpoint_wrapped_module).
+        model.layers[name] = checkpoint_wrapper(block, **kwargs)
