@@ -105,3 +105,12 @@ def test_compiled_blocks_train_like_eager(baseline, tiny_args, tmp_path):
     for step in range(1, 11):
         # Fused kernels round differently; the trajectory stays the same to 1e-4.
         assert train[step]["loss"] == pytest.approx(baseline[0][step]["loss"], rel=1e-4), step
+
+
+def test_bf16_mixed_precision_tracks_fp32(baseline, tiny_args, tmp_path):
+    # bf16 compute with fp32 master weights and fp32 gradient reduction (FSDP's policy on 2 ranks).
+    megacore("train", *tiny_args("bf16", *STEPS, "train.mixed_precision=bf16"), "--nproc", "2", timeout=600)
+    train = read_metrics(tmp_path / "bf16")
+    for step in range(1, 11):
+        assert train[step]["loss"] == pytest.approx(baseline[0][step]["loss"], rel=2e-2), step
+    assert train[10]["loss"] < train[1]["loss"]
