@@ -6,12 +6,15 @@ import subprocess
 import sys
 
 
-def torchrun_argv(nproc: int, cli_args: list[str]) -> list[str]:
-    """torchrun with a private rendezvous on a free local port (--standalone), running `megacore CLI_ARGS`."""
+def torchrun_argv(nproc: int, cli_args: list[str], max_restarts: int = 0) -> list[str]:
+    """torchrun with a private rendezvous on a free local port (--standalone), running `megacore CLI_ARGS`.
+
+    With max_restarts > 0, a failed rank (a crash, a kill -9) makes torchrun restart the whole group,
+    which then resumes from the newest good checkpoint."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "megacore.cli", *cli_args]
+            f"--max-restarts={max_restarts}", "-m", "megacore.cli", *cli_args]
 
 
-def run_local(nproc: int, cli_args: list[str]) -> int:
-    """Run and wait; returns torchrun's exit status (non-zero if any rank failed)."""
-    return subprocess.call(torchrun_argv(nproc, cli_args))
+def run_local(nproc: int, cli_args: list[str], max_restarts: int = 0) -> int:
+    """Run and wait; returns torchrun's exit status (non-zero if any rank failed for good)."""
+    return subprocess.call(torchrun_argv(nproc, cli_args, max_restarts))

@@ -1,19 +1,31 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): atomic, verifiable, any layout.
 
-Layout: RUN_DIR/checkpoints/step_00000100/ holds DCP's files (model and optimizer, each rank writing
-its own shards) and meta.json (step, data-loader state, resolved config). A checkpoint is written as
-`step_XXXXXXXX.tmp` and renamed only once every rank has finished and meta.json is on disk, so a
-directory with a final name is complete; `--resume auto` takes the newest of those.
+Layout of RUN_DIR/checkpoints/:
+    step_00000200/          DCP's files (model and optimizer, each rank writing its own shards),
+                            meta.json (step, data-loader state, resolved config, layout),
+                            rng/rank_00000.json ... (every RNG stream of every rank),
+                            manifest.json (size and sha256 of every other file; written last)
+    latest                  the name of the newest complete checkpoint
+
+Commit protocol: everything is written under `step_XXXXXXXX.tmp`; once all ranks are done, rank 0
+hashes the files, fsyncs manifest.json, renames the directory and then moves `latest`. A directory
+with a final name and a manifest is complete; a crash at any point leaves the previous checkpoint
+as the newest. Loading verifies the manifest, and `--resume auto` falls back to the newest good
+checkpoint, saying which one was skipped and why. Nothing is unpickled: DCP tensors and JSON.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -21,28 +33,71 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from data_pipeline.shards import file_sha256
 from megacore.config import CheckpointConfig
 
-META = "meta.json"
+META, MANIFEST, LATEST = "meta.json", "manifest.json", "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Flattened optimizer state is keyed by parameter name, like the model's: stages merge without clashes
+# and a checkpoint loads into any layout.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or altered; the message names the file."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Committed checkpoints of a run (final name and a manifest), oldest first; not yet verified."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=step_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (an incomplete checkpoint)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable ({e})") from None
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']} (truncated?)")
+        if file_sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: sha256 mismatch (altered)")
+
+
+def newest_good_checkpoint(run_dir: str | Path, log=print) -> Path | None:
+    """The newest checkpoint that verifies; each skipped one is reported with its reason."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint {path.name}: {e}")
+    return None
 
 
 def read_meta(path: str | Path) -> dict:
@@ -53,46 +108,51 @@ def read_meta(path: str | Path) -> dict:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a checkpoint directory or a run directory (meaning its newest checkpoint)."""
+    """Accept a checkpoint directory or a run directory (meaning its newest good checkpoint)."""
     path = Path(path)
     if (path / META).is_file():
+        verify_checkpoint(path)
         return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    found = newest_good_checkpoint(path)
+    if found is None:
         raise FileNotFoundError(f"no complete checkpoint in {path}")
-    return latest
+    return found
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, is_main: bool):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int):
         self.root = Path(run_dir) / "checkpoints"
-        self.cfg, self.is_main = cfg, is_main
+        self.cfg, self.rank = cfg, rank
 
     def save(self, step: int, parts: list[nn.Module], optimizers, meta: dict) -> Path:
         final = self.root / step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
-        if self.is_main:
+        if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             # A leftover from a save that crashed is never loaded; clear it before writing again.
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         dcp.save(_state(parts, optimizers)[0], checkpoint_id=str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        _write_json_durable(tmp / "rng" / f"rank_{self.rank:05d}.json", rng_state())
         dist.barrier()
-        if self.is_main:
-            _write_json_durable(tmp / META, {"step": step, **meta})
+        if self.rank == 0:
+            _write_json_durable(tmp / META, {"step": step, "time": time.time(), **meta})
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            _write_json_durable(tmp / MANIFEST, {"files": {
+                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            _write_latest(self.root, final.name)
             self._prune()
         dist.barrier()
         return final
 
     def load(self, path: str | Path, parts: list[nn.Module], optimizers=None) -> dict:
-        """Load weights (and optimizer state, when given) into the already-parallelized model parts.
-
-        Keys are parameter names of the whole model, so any layout loads any other layout's checkpoint.
-        """
+        """Load weights (and optimizer state and this rank's RNG streams, when given) into the
+        already-parallelized model parts. Any layout loads any other layout's checkpoint."""
         path = Path(path)
         meta = read_meta(path)
         state, keys = _state(parts, optimizers)
@@ -103,17 +163,41 @@ class Checkpointer:
             if optimizers is not None:
                 set_optimizer_state_dict(part, optimizers.optimizers[i], {k: state["optim"][k] for k in optim_keys},
                                          options=_OPTIONS)
+        rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
+        if optimizers is not None and meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
+            # Same world size: every rank continues its own random streams. Otherwise they restart
+            # from the seed (nothing in training draws from them yet; dropout would).
+            set_rng_state(json.loads(rng_file.read_text()))
         return meta
 
     def _prune(self) -> None:
+        """Keep the newest keep_last checkpoints, and every keep_every-th step for good."""
         if self.cfg.keep_last <= 0:
             return
         for old in list_checkpoints(self.root.parent)[:-self.cfg.keep_last]:
-            shutil.rmtree(old)
+            if not (self.cfg.keep_every and step_of(old) % self.cfg.keep_every == 0):
+                shutil.rmtree(old)
 
 
-# Flattened optimizer state is keyed by parameter name, like the model's: stages merge without clashes.
-_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+def rng_state() -> dict:
+    """Every random stream of this process, as JSON (no pickle)."""
+    np_state = np.random.get_state()
+    state = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _state(parts: list[nn.Module], optimizers) -> tuple[dict, list[tuple[list[str], list[str]]]]:
@@ -126,6 +210,12 @@ def _state(parts: list[nn.Module], optimizers) -> tuple[dict, list[tuple[list[st
         optim.update(osd)
         keys.append((list(sd), list(osd)))
     return ({"model": model, "optim": optim} if optimizers is not None else {"model": model}), keys
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
 
 
 def _write_json_durable(path: Path, obj: dict) -> None:

@@ -4,6 +4,8 @@
     megacore data inspect|verify DIR
     megacore data order DIR --dp-size W --dp-rank R --global-batch B --steps N [--start-step S] [--json]
     megacore train CONFIG [key=value ...] [--nproc N] [--resume none|auto|CKPT]
+    megacore checkpoints list|verify RUN_DIR
+    megacore export-hf RUN_DIR|CKPT OUT
     megacore estimate CONFIG [key=value ...] [--world-size N] [--json]
     megacore eval RUN_DIR|CKPT [--split val] [--batches N]
     megacore generate RUN_DIR|CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
@@ -21,6 +23,7 @@ import os
 import sys
 
 from megacore.config import ConfigError, load_config
+from megacore.checkpoint import CheckpointError
 from megacore.data_commands import DataError
 
 USAGE_ERROR = 2
@@ -68,12 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default="none",
                        help="'none' (refuse if the run has checkpoints), 'auto' (newest checkpoint if any), "
                             "or a checkpoint directory")
+    train.add_argument("--max-restarts", type=int, default=0,
+                       help="with --nproc: restart the ranks up to N times after a failure, resuming each time")
     train.add_argument("--dry-run", action="store_true", help="validate the config and print it; train nothing")
 
     est = sub.add_parser("estimate", help="parameters, FLOPs per token and per-rank memory of a layout")
     _add_config_args(est)
     est.add_argument("--world-size", type=int, default=1)
     est.add_argument("--json", action="store_true")
+
+    ck = sub.add_parser("checkpoints", help="list or verify a run's checkpoints")
+    ck.add_argument("action", choices=["list", "verify"])
+    ck.add_argument("run_dir")
+
+    hf = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM directory")
+    hf.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    hf.add_argument("out")
 
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a data split")
     ev.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
@@ -114,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(data_commands, args.data_command)(args)
         if args.command == "train":
             return cmd_train(args, argv)
+        if args.command == "checkpoints":
+            return cmd_checkpoints(args)
+        if args.command == "export-hf":
+            from megacore.generate import load_trained
+            from megacore.hf import export_hf
+
+            model, tokenizer, _, ckpt = load_trained(args.checkpoint)
+            print(f"exported {ckpt} to {export_hf(model, tokenizer, args.out)}")
+            return 0
         if args.command == "estimate":
             return cmd_estimate(args)
         if args.command == "eval":
@@ -126,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except (FileNotFoundError, FileExistsError) as e:
         return _fail(str(e))
-    except DataError as e:
+    except (DataError, CheckpointError) as e:
         return _fail(str(e))
     return USAGE_ERROR
 
@@ -155,23 +177,48 @@ def cmd_train(args, argv: list[str]) -> int:
     if args.nproc and not under_torchrun:
         from launcher.torchrun import run_local
 
-        return run_local(args.nproc, _without_nproc(argv))
+        return run_local(args.nproc, _without_launch_args(argv), args.max_restarts)
     from megacore.train.trainer import train
 
     train(cfg, args.resume)
     return 0
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
+def _without_launch_args(argv: list[str]) -> list[str]:
+    """The command line each rank runs: without the options that only the launcher reads."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in ("--nproc", "--max-restarts"):
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(("--nproc=", "--max-restarts=")):
             out.append(a)
     return out
+
+
+def cmd_checkpoints(args) -> int:
+    from megacore.checkpoint import list_checkpoints, read_meta, verify_checkpoint
+
+    found = list_checkpoints(args.run_dir)
+    if not found:
+        raise FileNotFoundError(f"no committed checkpoints in {args.run_dir}")
+    bad = 0
+    for path in found:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        status = "unchecked"
+        if args.action == "verify":
+            try:
+                verify_checkpoint(path)
+                status = "ok"
+            except CheckpointError as e:
+                status, bad = f"CORRUPT: {e}", bad + 1
+        meta = read_meta(path)
+        print(f"{path.name}  step {meta['step']:>8}  world {meta.get('world_size', '?'):>3}  "
+              f"{size / 2**20:9.1f} MiB  {status}")
+    if bad:
+        return _fail(f"{bad} corrupt checkpoint(s) in {args.run_dir}")
+    return 0
 
 
 def cmd_estimate(args) -> int:

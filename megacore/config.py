@@ -220,6 +220,9 @@ class TrainConfig:
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = 100
     eval_batches: int = 8
+    # Initial weights for a fresh run: a Hugging Face Llama directory or a megacore run/checkpoint
+    # directory (weights only; optimizer and schedule start fresh). Ignored when resuming.
+    init_from: str = ""
     # Peak TFLOP/s per rank for MFU; 0 measures a matmul at start (right on CPU; on GPUs give the
     # datasheet figure, e.g. 989 for H100 SXM bf16 dense).
     peak_tflops: float = 0.0
@@ -242,13 +245,15 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 100
-    # Keep the newest `keep_last` checkpoints; 0 keeps all.
+    # Keep the newest `keep_last` checkpoints (0 keeps all), and also every step divisible by keep_every.
     keep_last: int = 2
+    keep_every: int = 0
 
     def validate(self) -> None:
         _positive(self, "checkpoint", "every")
-        if self.keep_last < 0:
-            raise ConfigError(f"checkpoint.keep_last must be >= 0, got {self.keep_last}")
+        for name in ("keep_last", "keep_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -8,17 +8,20 @@ so any data-parallel size and any gradient-accumulation split give the same grad
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 from data_pipeline.loader import PackedLoader, TokenStore
 from data_pipeline.shards import read_manifest
-from megacore.checkpoint import Checkpointer, latest_checkpoint, resolve_checkpoint
+from megacore.checkpoint import Checkpointer, latest_checkpoint, newest_good_checkpoint, resolve_checkpoint
 from megacore.config import Config, ConfigError
 from megacore.distributed import all_reduce_sum, init_distributed, shutdown
 from megacore.evaluate import evaluate
+from megacore.hf import load_hf_into
 from megacore.loss import IGNORE_INDEX, loss_sum
 from megacore.metrics import MetricsLogger
 from megacore.model import Llama, flops_per_token, num_params
@@ -45,9 +48,20 @@ def _train(cfg: Config, resume: str, env) -> dict:
         write_run_dir(cfg)
     torch.distributed.barrier()
 
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        resume = "auto"  # torchrun restarted the group after a failure: continue where it stopped
+    # Rank 0 verifies and chooses the checkpoint to resume; every rank loads the same one.
+    choice = [checkpoint_to_resume(run_dir, resume) if env.is_main else None]
+    torch.distributed.broadcast_object_list(choice, src=0)
+    ckpt = choice[0]
+
     torch.manual_seed(cfg.train.seed)
     with torch.device(env.device):
         model = Llama(cfg.model)
+    if ckpt is None and cfg.train.init_from:
+        init_weights_from(model, cfg.train.init_from)
+        if env.is_main:
+            print(f"initialised weights from {cfg.train.init_from}", flush=True)
     n_params = num_params(model)
     mesh = build_mesh(layout, env)
     pm = parallelize(model, cfg, layout, mesh, n_micro, env.device)
@@ -60,9 +74,8 @@ def _train(cfg: Config, resume: str, env) -> dict:
                                 num_workers=cfg.data.num_workers, document_positions=cfg.model.document_masking)
     val_store = TokenStore(cfg.data.dir, "val")
 
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint, env.is_main)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, env.rank)
     step = 0
-    ckpt = checkpoint_to_resume(run_dir, resume)
     if ckpt is not None:
         meta = checkpointer.load(ckpt, pm.parts, optimizers)
         train_loader.load_state_dict(meta["loader"])
@@ -125,6 +138,16 @@ def _train(cfg: Config, resume: str, env) -> dict:
     return {"step": step, **result}
 
 
+def init_weights_from(model: Llama, source: str) -> None:
+    """Whole-model weights from a Hugging Face directory or a megacore checkpoint (any layout)."""
+    if (Path(source) / "config.json").is_file():
+        load_hf_into(model, source)
+        return
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(resolve_checkpoint(source)))
+    model.load_state_dict(state["model"])
+
+
 def train_stores(cfg: Config) -> tuple[list[TokenStore], list[float]]:
     """The training split of `data.dir`, or of each `data.mixture` directory with its weight."""
     mixture = cfg.data.mixture_weights() or [(cfg.data.dir, 1.0)]
@@ -146,7 +169,7 @@ def checkpoint_to_resume(run_dir: str, resume: str):
                                   f"--resume auto to continue it, or choose another train.run_dir")
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return newest_good_checkpoint(run_dir)
     return resolve_checkpoint(resume)
 
 

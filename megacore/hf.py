@@ -1,0 +1,125 @@
+"""Hugging Face format: export a checkpoint as a `LlamaForCausalLM` directory, and read one back.
+
+The directory holds model.safetensors, config.json (LlamaConfig), and the sentencepiece tokenizer
+(tokenizer.model with tokenizer_config.json and special_tokens_map.json). Our RoPE already uses the
+rotate-half layout of `transformers`, so weights map by name with no permutation. Loading reads
+safetensors and JSON only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_pipeline.tokenizer import Tokenizer
+from megacore.config import ConfigError, ModelConfig
+from megacore.model.llama import Llama, ffn_hidden_dim
+
+_LAYER = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}
+
+
+def to_hf_name(name: str) -> str:
+    if name in _TOP:
+        return _TOP[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+
+
+def from_hf_name(name: str) -> str | None:
+    for ours, theirs in _TOP.items():
+        if name == theirs:
+            return ours
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m:
+        for ours, theirs in _LAYER.items():
+            if m.group(2) == theirs:
+                return f"layers.{m.group(1)}.{ours}"
+    return None
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": cfg.dim, "intermediate_size": ffn_hidden_dim(cfg), "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.dim // cfg.n_heads, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+    }
+
+
+def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {to_hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+    shutil.copyfile(tokenizer.path, out / "tokenizer.model")
+    sp = tokenizer.sp
+    special = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id),
+               "unk_token": sp.id_to_piece(sp.unk_id()), "pad_token": sp.id_to_piece(tokenizer.pad_id)}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        # Our sentencepiece model adds the dummy "▁" prefix; add_prefix_space makes transformers'
+        # tokenizer encode and decode exactly as we do.
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
+        "add_prefix_space": True, "model_max_length": model.cfg.max_seq_len, **special}, indent=2))
+    return out
+
+
+def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json, our-named state dict) of a Hugging Face Llama directory."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
+    config = json.loads(config_path.read_text())
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    state = {}
+    for f in files:
+        for name, tensor in load_file(str(f)).items():
+            ours = from_hf_name(name)
+            if ours is None:
+                raise ValueError(f"{f}: unexpected tensor {name!r} for a Llama model")
+            state[ours] = tensor
+    if config.get("tie_word_embeddings") and "output.weight" not in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return config, state
+
+
+def load_hf_into(model: Llama, path: str | Path) -> None:
+    """Initialise `model` from a Hugging Face directory; shapes must match model.* of the config."""
+    config, state = read_hf(path)
+    expected = hf_config(model.cfg)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size"):
+        if config.get(key) != expected[key]:
+            raise ConfigError(f"train.init_from={path}: config.json has {key}={config.get(key)}, "
+                              f"this run's model has {expected[key]}")
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"{path}: missing weights {sorted(missing)[:5]}")
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)

@@ -1,0 +1,187 @@
+"""Checkpoints: verifiable and atomic, falling back past a corrupt one, resuming exactly (bitwise) and
+onto other layouts and world sizes with the losses of an unchanged run."""
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from megacore.checkpoint import list_checkpoints, rng_state, set_rng_state
+from megacore.generate import load_trained
+from tests.conftest import REPO, megacore, read_metrics
+
+COMMON = ["train.steps=8", "checkpoint.every=4", "train.eval_every=100", "checkpoint.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """An uninterrupted 8-step run on 2 FSDP ranks, and one stopped at step 4 (its checkpoint)."""
+    from tests.conftest import TINY
+    root = tmp_path_factory.mktemp("ckpt")
+
+    def args(name, *extra):
+        return ["configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={root / name}", *COMMON, *extra]
+
+    megacore("train", *args("straight"), "--nproc", "2")
+    megacore("train", *args("half", "train.stop_after=4"), "--nproc", "2")
+    return root, args
+
+
+def _params(ckpt):
+    model = load_trained(ckpt)[0]
+    return model.state_dict()
+
+
+def test_resume_is_bitwise_exact(runs):
+    root, args = runs
+    shutil.copytree(root / "half", root / "same")
+    megacore("train", *args("same"), "--resume", "auto", "--nproc", "2")
+    a, b = _params(root / "straight"), _params(root / "same")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "parameters after stop + resume equal the uninterrupted run"
+
+
+@pytest.mark.parametrize("name, nproc, layout", [
+    ("to_one_rank", 1, []),
+    ("to_tp2", 2, ["parallel.tp=2"]),
+    ("to_four_ranks", 4, ["parallel.tp=2", "parallel.dp_shard=2"]),
+    ("to_pp2", 2, ["parallel.pp=2"]),
+])
+def test_resume_on_another_layout_continues_the_same_losses(runs, name, nproc, layout):
+    root, args = runs
+    shutil.copytree(root / "half", root / name)
+    megacore("train", *args(name, *layout), "--resume", "auto", "--nproc", str(nproc))
+    straight, resumed = read_metrics(root / "straight"), read_metrics(root / name)
+    for step in range(5, 9):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), (name, step)
+
+
+def test_corrupt_newest_checkpoint_is_skipped_saying_so(runs):
+    root, args = runs
+    shutil.copytree(root / "straight", root / "corrupt")
+    newest = list_checkpoints(root / "corrupt")[-1]
+    shard = sorted(newest.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = megacore("checkpoints", "verify", root / "corrupt", check=False)
+    assert proc.returncode == 2 and shard.name in proc.stdout + proc.stderr
+    explicit = megacore("eval", newest, check=False)
+    assert explicit.returncode == 2 and "sha256" in explicit.stderr
+    # Resume falls back to step 4 and trains steps 5-8 again, as in the uninterrupted run.
+    proc = megacore("train", *args("corrupt"), "--resume", "auto", "--nproc", "2")
+    assert f"skipping checkpoint {newest.name}" in proc.stdout + proc.stderr
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    assert read_metrics(root / "corrupt")[8]["loss"] == read_metrics(root / "straight")[8]["loss"]
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_newest(runs):
+    root, args = runs
+    shutil.copytree(root / "half", root / "crashed")
+    ckpts = root / "crashed" / "checkpoints"
+    # What a crash can leave: a temporary directory, and a renamed one whose manifest never landed.
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000008.tmp")
+    shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000006")
+    (ckpts / "step_00000006" / "manifest.json").unlink()
+    assert [p.name for p in list_checkpoints(root / "crashed")] == ["step_00000004"]
+    proc = megacore("train", *args("crashed"), "--resume", "auto", "--nproc", "2")
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    assert not (ckpts / "step_00000008.tmp").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_00000008"
+    assert megacore("checkpoints", "verify", root / "crashed").returncode == 0
+
+
+def test_checkpoint_holds_manifest_rng_and_meta(runs):
+    root, _ = runs
+    ckpt = list_checkpoints(root / "straight")[-1]
+    manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"meta.json", "rng/rank_00000.json", "rng/rank_00001.json"} <= set(manifest)
+    assert any(name.endswith(".distcp") for name in manifest)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["world_size"] == 2 and "loader" in meta and "config" in meta
+    out = megacore("checkpoints", "list", root / "straight").stdout
+    assert "step_00000004" in out and "step_00000008" in out
+
+
+def test_retention_keeps_last_k_and_every_mth(tiny_args, tmp_path):
+    megacore("train", *tiny_args("keep", "train.steps=10", "checkpoint.every=1", "checkpoint.keep_last=2",
+                                 "checkpoint.keep_every=4", "train.eval_every=100"))
+    assert [p.name for p in list_checkpoints(tmp_path / "keep")] == [
+        "step_00000004", "step_00000008", "step_00000009", "step_00000010"]
+
+
+def test_rng_streams_round_trip_through_json():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = json.loads(json.dumps(rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_hf_export_gives_our_logits_in_transformers_and_imports_back(runs, tmp_path, tiny_args, data_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from megacore.hf import load_hf_into
+    from megacore.model import Llama
+
+    root, _ = runs
+    out = tmp_path / "hf"
+    megacore("export-hf", root / "straight", out)
+    ours, tokenizer, cfg, _ = load_trained(root / "straight")
+    theirs = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode("ROMEO.\nBut soft, what light through yonder window breaks?")])
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, ours(ids), atol=1e-4)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = "KING.\n  What, ho!  床前明月光"
+    assert hf_tok(text, add_special_tokens=False).input_ids == tokenizer.encode(text)
+    assert hf_tok.decode(tokenizer.encode(text)) == text
+
+    # And back: a model initialised from the directory is the same model, bit for bit.
+    again = Llama(cfg.model)
+    load_hf_into(again, out)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+    proc = megacore("train", *tiny_args("from_hf", "train.steps=2", "train.eval_every=1", f"train.init_from={out}"))
+    assert "initialised weights from" in proc.stdout
+    first_eval = read_metrics(tmp_path / "from_hf", "val")[1]["loss"]
+    fresh = megacore("train", *tiny_args("fresh", "train.steps=2", "train.eval_every=1"))
+    assert first_eval < read_metrics(tmp_path / "fresh", "val")[1]["loss"], "starts from the trained weights"
+
+
+def test_kill_9_of_one_rank_restarts_the_group_which_resumes_exactly(runs, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    root, args = runs
+    extra = ["train.steps=40", "checkpoint.every=10", "checkpoint.keep_last=2"]
+    megacore("train", *args("long_straight", *extra), "--nproc", "2")
+    run = root / "long_killed"
+    cmd = [sys.executable, "-m", "megacore", "train", *args("long_killed", *extra), "--nproc", "2",
+           "--max-restarts", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        steps = read_metrics(run) if (run / "metrics.jsonl").exists() else {}
+        if max(steps, default=0) >= 15:
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "megacore.cli" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+            if len(workers) == 2:
+                victim = workers[1]
+                victim.kill()  # SIGKILL, mid-run
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=600)
+    assert victim is not None, "the run ended before a rank could be killed"
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    a, b = _params(root / "long_straight"), _params(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), "after the restart the run ends where an undisturbed one does"
+    assert json.loads((list_checkpoints(run)[-1] / "meta.json").read_text())["loader"] == \
+        json.loads((list_checkpoints(root / "long_straight")[-1] / "meta.json").read_text())["loader"]
