@@ -54,6 +54,7 @@ bench: $(VENV)/.installed $(SHAKESPEARE)
 	$(PY) -m pip install -q 'datasets>=3'
 	cd bench && ../$(PY) data_prepare.py
 	cd bench && ../$(PY) data_loader.py
+	cd bench && ../$(PY) checkpoint.py
 
 clean:
 	rm -rf $(VENV) .cache runs data *.egg-info

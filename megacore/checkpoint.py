@@ -8,7 +8,9 @@ Layout of RUN_DIR/checkpoints/:
     latest                  the name of the newest complete checkpoint
 
 Commit protocol: everything is written under `step_XXXXXXXX.tmp`; once all ranks are done, rank 0
-hashes the files, fsyncs manifest.json, renames the directory and then moves `latest`. A directory
+hashes the files, fsyncs manifest.json, renames the directory and then moves `latest`. With
+checkpoint.async_save the state is staged in memory and written by a background thread while training
+goes on; the commit follows when every rank's write has finished. A directory
 with a final name and a manifest is complete; a crash at any point leaves the previous checkpoint
 as the newest. Loading verifies the manifest, and `--resume auto` falls back to the newest good
 checkpoint, saying which one was skipped and why. Nothing is unpickled: DCP tensors and JSON.
@@ -123,8 +125,14 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int):
         self.root = Path(run_dir) / "checkpoints"
         self.cfg, self.rank = cfg, rank
+        self._pending = None  # an async save whose files are still being written
+        # Async saves run their collectives in a background thread: give them their own group.
+        self._async_group = dist.new_group(backend="gloo") if cfg.async_save else None
 
-    def save(self, step: int, parts: list[nn.Module], optimizers, meta: dict) -> Path:
+    def save(self, step: int, parts: list[nn.Module], optimizers, meta: dict) -> Path | None:
+        """Write a checkpoint of this step. Synchronous: returns its committed path. Async: returns None
+        as soon as the state is staged in memory; `poll` commits it once every rank has written."""
+        self.poll(block=True)  # one async save in flight at most
         final = self.root / step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
         if self.rank == 0:
@@ -132,12 +140,35 @@ class Checkpointer:
             # A leftover from a save that crashed is never loaded; clear it before writing again.
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        dcp.save(_state(parts, optimizers)[0], checkpoint_id=str(tmp))
-        (tmp / "rng").mkdir(exist_ok=True)
-        _write_json_durable(tmp / "rng" / f"rank_{self.rank:05d}.json", rng_state())
+        state = _state(parts, optimizers)[0]
+        # Captured now: the streams and loader position of this step, whenever the commit happens.
+        pending = (step, tmp, final, {"step": step, "time": time.time(), **meta}, rng_state())
+        if self.cfg.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+            self._pending = (*pending, future)
+            return None
+        dcp.save(state, checkpoint_id=str(tmp))
+        return self._commit(*pending)
+
+    def poll(self, block: bool = False) -> Path | None:
+        """Commit the async save in flight once every rank's files are written (all ranks call this)."""
+        if self._pending is None:
+            return None
+        *pending, future = self._pending
+        done = torch.tensor([1 if block or future.done() else 0])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if not done.item():
+            return None
+        future.result()
+        self._pending = None
+        return self._commit(*pending)
+
+    def _commit(self, step: int, tmp: Path, final: Path, meta: dict, rng: dict) -> Path:
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        _write_json_durable(tmp / "rng" / f"rank_{self.rank:05d}.json", rng)
         dist.barrier()
         if self.rank == 0:
-            _write_json_durable(tmp / META, {"step": step, "time": time.time(), **meta})
+            _write_json_durable(tmp / META, meta)
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             _write_json_durable(tmp / MANIFEST, {"files": {
                 str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}})

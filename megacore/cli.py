@@ -3,7 +3,7 @@
     megacore data prepare CONFIG [key=value ...]
     megacore data inspect|verify DIR
     megacore data order DIR --dp-size W --dp-rank R --global-batch B --steps N [--start-step S] [--json]
-    megacore train CONFIG [key=value ...] [--nproc N] [--resume none|auto|CKPT]
+    megacore train CONFIG [key=value ...] [--nproc N] [--max-restarts N] [--resume none|auto|CKPT]
     megacore checkpoints list|verify RUN_DIR
     megacore export-hf RUN_DIR|CKPT OUT
     megacore estimate CONFIG [key=value ...] [--world-size N] [--json]

@@ -248,6 +248,8 @@ class CheckpointConfig:
     # Keep the newest `keep_last` checkpoints (0 keeps all), and also every step divisible by keep_every.
     keep_last: int = 2
     keep_every: int = 0
+    # Write checkpoints in the background (staged in memory first) while training continues.
+    async_save: bool = False
 
     def validate(self) -> None:
         _positive(self, "checkpoint", "every")

@@ -185,3 +185,18 @@ def test_kill_9_of_one_rank_restarts_the_group_which_resumes_exactly(runs, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a), "after the restart the run ends where an undisturbed one does"
     assert json.loads((list_checkpoints(run)[-1] / "meta.json").read_text())["loader"] == \
         json.loads((list_checkpoints(root / "long_straight")[-1] / "meta.json").read_text())["loader"]
+
+
+def test_async_save_commits_the_same_checkpoints(runs):
+    root, args = runs
+    megacore("train", *args("async", "checkpoint.async_save=true"), "--nproc", "2")
+    assert [p.name for p in list_checkpoints(root / "async")] == ["step_00000004", "step_00000008"]
+    assert megacore("checkpoints", "verify", root / "async").returncode == 0
+    a, b = _params(root / "straight"), _params(root / "async")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Resuming from the background-written step-4 checkpoint continues exactly.
+    shutil.copytree(root / "async", root / "async_resume")
+    shutil.rmtree(root / "async_resume" / "checkpoints" / "step_00000008")
+    megacore("train", *args("async_resume"), "--resume", "auto", "--nproc", "2")
+    c = _params(root / "async_resume")
+    assert all(torch.equal(a[k], c[k]) for k in a)

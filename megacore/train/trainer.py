@@ -110,6 +110,9 @@ def _train(cfg: Config, resume: str, env) -> dict:
             write_memory_report(Path(run_dir) / "memory.json", pm.parts, optimizers, env.is_main)
         optimizers.zero_grad()
         window_tokens += tokens
+        committed = checkpointer.poll()
+        if committed is not None and env.is_main:
+            print(f"saved checkpoint {committed} (written in the background)", flush=True)
 
         if step % cfg.logging.log_every == 0 or step == last_stop:
             elapsed = time.perf_counter() - window_start
@@ -130,9 +133,12 @@ def _train(cfg: Config, resume: str, env) -> dict:
         if step % cfg.checkpoint.every == 0 or step == last_stop:
             meta = {"loader": train_loader.state_dict(), "config": cfg.to_dict(), "world_size": env.world_size}
             path = checkpointer.save(step, pm.parts, optimizers, meta)
-            if env.is_main:
+            if env.is_main and path is not None:
                 print(f"saved checkpoint {path}", flush=True)
             window_start = time.perf_counter()  # keep checkpoint time out of throughput
+    last = checkpointer.poll(block=True)
+    if last is not None and env.is_main:
+        print(f"saved checkpoint {last} (written in the background)", flush=True)
     metrics.close()
     train_loader.close()
     return {"step": step, **result}
