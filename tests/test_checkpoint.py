@@ -1,6 +1,7 @@
 """Checkpoints: verifiable and atomic, falling back past a corrupt one, resuming exactly (bitwise) and
 onto other layouts and world sizes with the losses of an unchanged run."""
 
+import hashlib
 import json
 import random
 import shutil
@@ -102,6 +103,7 @@ def test_checkpoint_holds_manifest_rng_and_meta(runs):
     assert any(name.endswith(".distcp") for name in manifest)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == 8 and meta["world_size"] == 2 and "loader" in meta and "config" in meta
+    assert meta["tokenizer_sha256"] == hashlib.sha256((root / "straight" / "tokenizer.model").read_bytes()).hexdigest()
     out = megacore("checkpoints", "list", root / "straight").stdout
     assert "step_00000004" in out and "step_00000008" in out
 

@@ -131,7 +131,8 @@ def _train(cfg: Config, resume: str, env) -> dict:
             metrics.log(step, result["val"], kind="val")
 
         if step % cfg.checkpoint.every == 0 or step == last_stop:
-            meta = {"loader": train_loader.state_dict(), "config": cfg.to_dict(), "world_size": env.world_size}
+            meta = {"loader": train_loader.state_dict(), "config": cfg.to_dict(), "world_size": env.world_size,
+                    "tokenizer_sha256": val_store.manifest["tokenizer"]["sha256"]}
             path = checkpointer.save(step, pm.parts, optimizers, meta)
             if env.is_main and path is not None:
                 print(f"saved checkpoint {path}", flush=True)
