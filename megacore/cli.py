@@ -162,11 +162,11 @@ def cmd_train(args, argv: list[str]) -> int:
     if not under_torchrun:
         # Refuse bad layouts, missing data and run-directory conflicts before starting any process.
         from megacore.run_dir import resolve_vocab_size
-        from megacore.train.trainer import checkpoint_to_resume
+        from megacore.train.trainer import refuse_lost_work
 
         cfg.check_world(world_size)
         resolve_vocab_size(cfg)
-        checkpoint_to_resume(cfg.train.run_dir, args.resume)
+        refuse_lost_work(cfg.train.run_dir, args.resume)
     if args.dry_run:
         from megacore.estimate import estimate, format_estimate
 

@@ -65,8 +65,9 @@ class ParallelModel:
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return loss_sum(output, target) * self._scale
 
-    def _run_pipeline(self, run, inputs, labels, amp) -> float:
+    def _run_pipeline(self, run, batch: dict, device, amp) -> float:
         """One schedule step/eval; returns this rank's unscaled loss sum (0 off the last stage)."""
+        inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         losses: list[torch.Tensor] = []
         target = labels if self.has_last else None
         with amp:
@@ -76,40 +77,39 @@ class ParallelModel:
                 run(target=target, losses=losses)
         return float(sum(l.detach().float() for l in losses)) / self._scale if losses else 0.0
 
+    def _micro_batches(self, batch: dict, n_micro: int, device):
+        """(inputs, labels, position_ids or None) of each micro-batch, on the device."""
+        inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        positions = (batch["position_ids"].to(device).chunk(n_micro) if self.document_masking
+                     else [None] * n_micro)
+        return list(zip(inputs.chunk(n_micro), labels.chunk(n_micro), positions))
+
     def forward_backward(self, batch: dict, n_micro: int, scale: float, device, amp) -> float:
         """Backward of sum(token losses) * scale over this rank's batch; returns its unscaled loss sum."""
-        inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         self._scale = scale
         if self.schedule is not None:
-            return self._run_pipeline(self.schedule.step, inputs, labels, amp)
-        total = torch.zeros((), device=device)
-        model = self.parts[0]
-        positions = batch["position_ids"].to(device) if self.document_masking else None
-        chunks = zip(inputs.chunk(n_micro), labels.chunk(n_micro),
-                     positions.chunk(n_micro) if positions is not None else [None] * n_micro)
-        for i, (x, y, pos) in enumerate(chunks):
+            return self._run_pipeline(self.schedule.step, batch, device, amp)
+        model, total = self.parts[0], torch.zeros((), device=device)
+        for i, (x, y, pos) in enumerate(self._micro_batches(batch, n_micro, device)):
             if isinstance(model, FSDPModule):
                 # Reduce-scatter gradients once, on the last micro-batch.
                 model.set_requires_gradient_sync(i == n_micro - 1)
             with amp:
-                logits = model(x, pos)
-            micro_loss = loss_sum(logits, y)
+                micro_loss = loss_sum(model(x, pos), y)
             (micro_loss * scale).backward()
             total += micro_loss.detach()
         return float(total)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict, n_micro: int, device, amp) -> float:
-        inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        """This rank's summed token loss over its batch, without gradients."""
         self._scale = 1.0
         if self.schedule is not None:
-            return self._run_pipeline(self.schedule.eval, inputs, labels, amp)
-        positions = batch["position_ids"].to(device) if self.document_masking else None
+            return self._run_pipeline(self.schedule.eval, batch, device, amp)
         total = torch.zeros((), device=device)
-        for i, (x, y) in enumerate(zip(inputs.chunk(n_micro), labels.chunk(n_micro))):
+        for x, y, pos in self._micro_batches(batch, n_micro, device):
             with amp:
-                logits = self.parts[0](x, positions.chunk(n_micro)[i] if positions is not None else None)
-            total += loss_sum(logits, y)
+                total += loss_sum(self.parts[0](x, pos), y)
         return float(total)
 
 

@@ -17,7 +17,8 @@ import torch.distributed.checkpoint as dcp
 
 from data_pipeline.loader import PackedLoader, TokenStore
 from data_pipeline.shards import read_manifest
-from megacore.checkpoint import Checkpointer, latest_checkpoint, newest_good_checkpoint, resolve_checkpoint
+from megacore.checkpoint import (Checkpointer, latest_checkpoint, newest_good_checkpoint, read_meta,
+                                 resolve_checkpoint)
 from megacore.config import Config, ConfigError
 from megacore.distributed import all_reduce_sum, init_distributed, shutdown
 from megacore.evaluate import evaluate
@@ -165,6 +166,15 @@ def train_stores(cfg: Config) -> tuple[list[TokenStore], list[float]]:
             raise ConfigError(f"data.mixture: {store.data_dir} was tokenized with another tokenizer than "
                               f"data.dir={cfg.data.dir}")
     return stores, [w for _, w in mixture]
+
+
+def refuse_lost_work(run_dir: str, resume: str) -> None:
+    """Before any process starts: refuse to overwrite a run's checkpoints, or to resume from a path that
+    is no checkpoint. Cheap (no hashing); rank 0 verifies the chosen checkpoint when training starts."""
+    if resume == "none":
+        checkpoint_to_resume(run_dir, resume)
+    elif resume != "auto":
+        read_meta(resume)
 
 
 def checkpoint_to_resume(run_dir: str, resume: str):
