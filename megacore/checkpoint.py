@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from data_pipeline.shards import file_sha256
-from megacore.config import CheckpointConfig
+from data_pipeline.shards import TOKENIZER, file_sha256
+from megacore.config import CheckpointConfig, save_config
+from megacore.model import Llama
+from megacore.run_dir import CONFIG, load_run_config
 
 META, MANIFEST, LATEST = "meta.json", "manifest.json", "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -122,6 +125,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 class Checkpointer:
+    backend = "torch"
+
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int):
         self.root = Path(run_dir) / "checkpoints"
         self.cfg, self.rank = cfg, rank
@@ -140,15 +145,30 @@ class Checkpointer:
             # A leftover from a save that crashed is never loaded; clear it before writing again.
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
-        state = _state(parts, optimizers)[0]
         # Captured now: the streams and loader position of this step, whenever the commit happens.
         pending = (step, tmp, final, {"step": step, "time": time.time(), **meta}, rng_state())
         if self.cfg.async_save:
+            state = _state(parts, optimizers)[0]
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = (*pending, future)
             return None
-        dcp.save(state, checkpoint_id=str(tmp))
+        self._write_state(tmp, parts, optimizers)
         return self._commit(*pending)
+
+    def _write_state(self, tmp: Path, parts: list[nn.Module], optimizers) -> None:
+        """Model and optimizer state of every rank into `tmp` (DCP: each rank writes its shards)."""
+        dcp.save(_state(parts, optimizers)[0], checkpoint_id=str(tmp))
+
+    def _read_state(self, path: Path, meta: dict, parts: list[nn.Module], optimizers) -> None:
+        """Load model (and optimizer) state into the parallelized parts; DCP reshards to this layout."""
+        state, keys = _state(parts, optimizers)
+        dcp.load(state, checkpoint_id=str(path))
+        for i, part in enumerate(parts):
+            model_keys, optim_keys = keys[i]
+            set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
+            if optimizers is not None:
+                set_optimizer_state_dict(part, optimizers.optimizers[i], {k: state["optim"][k] for k in optim_keys},
+                                         options=_OPTIONS)
 
     def poll(self, block: bool = False) -> Path | None:
         """Commit the async save in flight once every rank's files are written (all ranks call this)."""
@@ -168,15 +188,7 @@ class Checkpointer:
         _write_json_durable(tmp / "rng" / f"rank_{self.rank:05d}.json", rng)
         dist.barrier()
         if self.rank == 0:
-            _write_json_durable(tmp / META, meta)
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            _write_json_durable(tmp / MANIFEST, {"files": {
-                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            _write_latest(self.root, final.name)
+            commit_directory(tmp, final, meta)
             self._prune()
         dist.barrier()
         return final
@@ -186,14 +198,13 @@ class Checkpointer:
         already-parallelized model parts. Any layout loads any other layout's checkpoint."""
         path = Path(path)
         meta = read_meta(path)
-        state, keys = _state(parts, optimizers)
-        dcp.load(state, checkpoint_id=str(path))
-        for i, part in enumerate(parts):
-            model_keys, optim_keys = keys[i]
-            set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
-            if optimizers is not None:
-                set_optimizer_state_dict(part, optimizers.optimizers[i], {k: state["optim"][k] for k in optim_keys},
-                                         options=_OPTIONS)
+        if backend_of(meta) != self.backend:
+            raise CheckpointError(f"{path}: written by parallel.backend={backend_of(meta)}, this run uses "
+                                  f"{self.backend}; start a new run with train.init_from={path} (weights only)")
+        if optimizers is not None and meta.get("weights_only"):
+            raise CheckpointError(f"{path}: holds weights only (no optimizer state); start a new run with "
+                                  f"train.init_from={path}")
+        self._read_state(path, meta, parts, optimizers)
         rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
         if optimizers is not None and meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
             # Same world size: every rank continues its own random streams. Otherwise they restart
@@ -208,6 +219,41 @@ class Checkpointer:
         for old in list_checkpoints(self.root.parent)[:-self.cfg.keep_last]:
             if not (self.cfg.keep_every and step_of(old) % self.cfg.keep_every == 0):
                 shutil.rmtree(old)
+
+
+def commit_directory(tmp: Path, final: Path, meta: dict) -> None:
+    """Once every file of `tmp` is written: meta.json, then the manifest (fsynced), the rename, `latest`."""
+    _write_json_durable(tmp / META, meta)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    _write_json_durable(tmp / MANIFEST, {"files": {
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    _write_latest(final.parent, final.name)
+
+
+def backend_of(meta: dict) -> str:
+    return meta.get("config", {}).get("parallel", {}).get("backend", "torch")
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> Path:
+    """Whole-model fp32 weights from a run or checkpoint directory (either backend, any layout) into an
+    unparallelized model, on one process; returns the checkpoint used."""
+    ckpt = resolve_checkpoint(path)
+    if backend_of(read_meta(ckpt)) == "deepspeed":
+        from megacore.parallel.deepspeed import consolidated_state_dict
+
+        model.load_state_dict(consolidated_state_dict(ckpt))
+        return ckpt
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        # A deliberate single-process load; DCP warns about that even when told so.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
+    model.load_state_dict(state["model"])
+    return ckpt
 
 
 def rng_state() -> dict:
@@ -262,3 +308,30 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def consolidate(source: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint of either backend as a weights-only, single-file-set DCP checkpoint in a new run
+    directory OUT (config with backend=torch, tokenizer): eval, generate, export-hf and train.init_from
+    read it like any torch-backend run. Returns the new checkpoint directory."""
+    ckpt = resolve_checkpoint(source)
+    run_dir, out = ckpt.parent.parent, Path(out)
+    if list_checkpoints(out):
+        raise FileExistsError(f"{out} already has checkpoints; choose a new directory")
+    cfg = load_run_config(run_dir)
+    model = Llama(cfg.model)
+    load_model_weights(model, ckpt)
+    cfg.parallel = type(cfg.parallel)()  # a plain torch-backend layout; any layout can load it
+    meta = {**read_meta(ckpt), "weights_only": True, "consolidated_from": str(ckpt.resolve()),
+            "config": cfg.to_dict()}
+    final = out / "checkpoints" / ckpt.name
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_config(cfg, out / CONFIG)
+    shutil.copyfile(run_dir / TOKENIZER, out / TOKENIZER)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=True)
+    commit_directory(tmp, final, meta)
+    return final

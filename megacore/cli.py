@@ -5,6 +5,7 @@
     megacore data order DIR --dp-size W --dp-rank R --global-batch B --steps N [--start-step S] [--json]
     megacore train CONFIG [key=value ...] [--nproc N] [--max-restarts N] [--resume none|auto|CKPT]
     megacore checkpoints list|verify RUN_DIR
+    megacore checkpoints consolidate RUN_DIR|CKPT OUT
     megacore export-hf RUN_DIR|CKPT OUT
     megacore estimate CONFIG [key=value ...] [--world-size N] [--json]
     megacore eval RUN_DIR|CKPT [--split val] [--batches N]
@@ -80,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--world-size", type=int, default=1)
     est.add_argument("--json", action="store_true")
 
-    ck = sub.add_parser("checkpoints", help="list or verify a run's checkpoints")
-    ck.add_argument("action", choices=["list", "verify"])
-    ck.add_argument("run_dir")
+    ck = sub.add_parser("checkpoints", help="list or verify a run's checkpoints, or consolidate one")
+    ck.add_argument("action", choices=["list", "verify", "consolidate"])
+    ck.add_argument("run_dir", help="run directory (consolidate: or a checkpoint directory)")
+    ck.add_argument("out", nargs="?", help="consolidate: the new run directory to write")
 
     hf = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM directory")
     hf.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
@@ -166,7 +168,7 @@ def cmd_train(args, argv: list[str]) -> int:
 
         cfg.check_world(world_size)
         resolve_vocab_size(cfg)
-        refuse_lost_work(cfg.train.run_dir, args.resume)
+        refuse_lost_work(cfg, args.resume, world_size)
     if args.dry_run:
         from megacore.estimate import estimate, format_estimate
 
@@ -198,8 +200,13 @@ def _without_launch_args(argv: list[str]) -> list[str]:
 
 
 def cmd_checkpoints(args) -> int:
-    from megacore.checkpoint import list_checkpoints, read_meta, verify_checkpoint
+    from megacore.checkpoint import consolidate, list_checkpoints, read_meta, verify_checkpoint
 
+    if args.action == "consolidate":
+        if not args.out:
+            return _fail("checkpoints consolidate needs OUT, the new run directory to write")
+        print(f"consolidated weights in {consolidate(args.run_dir, args.out)}")
+        return 0
     found = list_checkpoints(args.run_dir)
     if not found:
         raise FileNotFoundError(f"no committed checkpoints in {args.run_dir}")

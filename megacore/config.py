@@ -122,6 +122,14 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb")
 
 @dataclass
 class ParallelConfig:
+    # torch: torch.distributed's FSDP2/HSDP, tensor and pipeline parallelism on one device mesh.
+    # deepspeed: DeepSpeed ZeRO data parallelism over all ranks (same model, data, loop, checkpoints).
+    backend: Literal["torch", "deepspeed"] = "torch"
+    # DeepSpeed only: ZeRO stage (1 optimizer state, 2 + gradients, 3 + parameters partitioned), and
+    # CPU offload of the optimizer (DeepSpeedCPUAdam) and, with stage 3, of the parameters.
+    zero_stage: Literal[1, 2, 3] = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
     # The device mesh is pp x dp_replicate x dp_shard x tp; its product must be the world size.
     # dp_shard=-1 takes whatever the other three leave.
     dp_replicate: int = 1
@@ -147,6 +155,20 @@ class ParallelConfig:
         if not self.interleaved and self.pp_stages_per_rank > 1:
             raise ConfigError(f"parallel.pp_schedule={self.pp_schedule} runs one stage per rank; "
                               f"parallel.pp_stages_per_rank={self.pp_stages_per_rank} needs an interleaved schedule")
+        if self.backend == "deepspeed":
+            # What DeepSpeed cannot do here, refused in our terms (README: support matrix).
+            for name, why in (("tp", "DeepSpeed AutoTP needs an accelerator; use backend=torch for tensor parallel"),
+                              ("pp", "DeepSpeed's pipeline engine needs a PipelineModule; use backend=torch"),
+                              ("dp_replicate", "ZeRO shards over all ranks; use backend=torch for HSDP")):
+                if getattr(self, name) != 1:
+                    raise ConfigError(f"parallel.{name}={getattr(self, name)} with parallel.backend=deepspeed: {why}")
+            if self.compile or self.activation_checkpointing != "none":
+                raise ConfigError("parallel.compile and parallel.activation_checkpointing are backend=torch features "
+                                  "(not wired into DeepSpeed's engine)")
+        elif self.offload_optimizer or self.offload_params:
+            raise ConfigError("parallel.offload_optimizer / offload_params need parallel.backend=deepspeed")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError(f"parallel.offload_params needs parallel.zero_stage=3, got {self.zero_stage}")
 
     @property
     def interleaved(self) -> bool:
@@ -308,6 +330,8 @@ class Config:
         if m.tie_embeddings and (par.pp > 1 or par.tp > 1):
             raise ConfigError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1 (the embedding and the "
                               "output head are placed differently)")
+        if par.backend == "deepspeed" and self.checkpoint.async_save:
+            raise ConfigError("checkpoint.async_save is not supported with parallel.backend=deepspeed")
         if par.pp > 1 and self.model.document_masking:
             raise ConfigError("model.document_masking is not supported with parallel.pp > 1 yet")
         return micro

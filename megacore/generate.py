@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from data_pipeline.shards import TOKENIZER
 from data_pipeline.tokenizer import Tokenizer
-from megacore.checkpoint import resolve_checkpoint
+from megacore.checkpoint import load_model_weights, resolve_checkpoint
 from megacore.config import Config
 from megacore.model import Llama
 from megacore.run_dir import load_run_config
@@ -27,12 +25,7 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenize
     tokenizer = Tokenizer(run_dir / TOKENIZER)
     with torch.device(device):
         model = Llama(cfg.model)
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():
-        # A deliberate single-process load; DCP warns about that even when told so.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
-    model.load_state_dict(state["model"])
+    load_model_weights(model, ckpt)
     return model.eval(), tokenizer, cfg, ckpt
 
 

@@ -33,7 +33,10 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float
 
 
 def _local_numel(t: torch.Tensor) -> int:
-    return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
+    if isinstance(t, DTensor):
+        return t.to_local().numel()
+    # A ZeRO-3 parameter keeps only its partition (ds_tensor) between uses.
+    return t.ds_tensor.numel() if hasattr(t, "ds_tensor") else t.numel()
 
 
 def local_memory(parts, optimizers) -> dict[str, int]:

@@ -1,5 +1,7 @@
 """Configs: YAML + dotted overrides, typed, and refused with the key named before anything starts."""
 
+import re
+
 import pytest
 
 from megacore.config import Config, ConfigError, load_config
@@ -34,6 +36,8 @@ def test_overrides_are_typed():
     ("train.stop_after=100000", "train.stop_after"),
     ("data.seq_len=4096", "data.seq_len"),
     ("data.val_fraction=1.5", "data.val_fraction"),
+    ("parallel.zero_stage=4", "parallel.zero_stage"),
+    ("parallel.offload_optimizer=true", "parallel.offload_optimizer"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -63,3 +67,25 @@ def test_cli_refuses_layout_that_does_not_divide_the_batch():
 def test_cli_names_missing_config_file(tmp_path):
     proc = megacore("train", str(tmp_path / "absent.yaml"), check=False)
     assert proc.returncode == 2 and "absent.yaml" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["parallel.tp=2"], "parallel.tp=2 with parallel.backend=deepspeed"),
+    (["parallel.pp=2"], "parallel.pp=2 with parallel.backend=deepspeed"),
+    (["parallel.dp_replicate=2"], "parallel.dp_replicate=2 with parallel.backend=deepspeed"),
+    (["parallel.compile=true"], "parallel.compile"),
+    (["parallel.activation_checkpointing=full"], "parallel.activation_checkpointing"),
+    (["parallel.zero_stage=2", "parallel.offload_params=true"], "parallel.offload_params needs parallel.zero_stage=3"),
+    (["checkpoint.async_save=true"], "checkpoint.async_save"),
+])
+def test_deepspeed_refuses_what_it_cannot_do(overrides, named):
+    """The support matrix's "refused" cells, named in our terms."""
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(REPO / "configs/tiny.yaml", ["parallel.backend=deepspeed", *overrides]).check_world(2)
+
+
+def test_deepspeed_refusal_comes_before_any_process_starts():
+    proc = megacore("train", "configs/tiny.yaml", "parallel.backend=deepspeed", "parallel.tp=2", "--nproc", "2",
+                    check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "parallel.tp=2 with parallel.backend=deepspeed" in proc.stderr

@@ -32,6 +32,13 @@ def build_mesh(layout: ParallelConfig, env: DistEnv) -> DeviceMesh:
     return init_device_mesh(env.device.type, shape, mesh_dim_names=MESH_DIMS)
 
 
+def micro_batches(batch: dict, n_micro: int, device, document_masking: bool) -> list[tuple]:
+    """(inputs, labels, position_ids or None) of each micro-batch, on the device."""
+    inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    positions = batch["position_ids"].to(device).chunk(n_micro) if document_masking else [None] * n_micro
+    return list(zip(inputs.chunk(n_micro), labels.chunk(n_micro), positions))
+
+
 class ParallelModel:
     def __init__(self, parts: list[nn.Module], mesh: DeviceMesh, layout: ParallelConfig, schedule=None,
                  document_masking: bool = False):
@@ -77,20 +84,13 @@ class ParallelModel:
                 run(target=target, losses=losses)
         return float(sum(l.detach().float() for l in losses)) / self._scale if losses else 0.0
 
-    def _micro_batches(self, batch: dict, n_micro: int, device):
-        """(inputs, labels, position_ids or None) of each micro-batch, on the device."""
-        inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        positions = (batch["position_ids"].to(device).chunk(n_micro) if self.document_masking
-                     else [None] * n_micro)
-        return list(zip(inputs.chunk(n_micro), labels.chunk(n_micro), positions))
-
     def forward_backward(self, batch: dict, n_micro: int, scale: float, device, amp) -> float:
         """Backward of sum(token losses) * scale over this rank's batch; returns its unscaled loss sum."""
         self._scale = scale
         if self.schedule is not None:
             return self._run_pipeline(self.schedule.step, batch, device, amp)
         model, total = self.parts[0], torch.zeros((), device=device)
-        for i, (x, y, pos) in enumerate(self._micro_batches(batch, n_micro, device)):
+        for i, (x, y, pos) in enumerate(micro_batches(batch, n_micro, device, self.document_masking)):
             if isinstance(model, FSDPModule):
                 # Reduce-scatter gradients once, on the last micro-batch.
                 model.set_requires_gradient_sync(i == n_micro - 1)
@@ -107,7 +107,7 @@ class ParallelModel:
         if self.schedule is not None:
             return self._run_pipeline(self.schedule.eval, batch, device, amp)
         total = torch.zeros((), device=device)
-        for x, y, pos in self._micro_batches(batch, n_micro, device):
+        for x, y, pos in micro_batches(batch, n_micro, device, self.document_masking):
             with amp:
                 total += loss_sum(self.parts[0](x, pos), y)
         return float(total)

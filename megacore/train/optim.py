@@ -12,29 +12,33 @@ from torch.distributed.tensor import DTensor
 from megacore.config import OptimConfig
 
 
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms (1-D weights); decay on matrices and embeddings."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 class Optimizers:
-    """One AdamW per model part (pipeline stages on this rank), stepped together.
+    """One AdamW per model part (pipeline stages on this rank), clipped and stepped together."""
 
-    No weight decay on norms (1-D weights); decay on matrices and embeddings.
-    """
-
-    def __init__(self, parts: list[nn.Module], cfg: OptimConfig):
-        self.optimizers = []
-        for part in parts:
-            params = [p for p in part.parameters() if p.requires_grad]
-            groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-            self.optimizers.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                                     foreach=True))
+    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, pp_group=None):
+        self.parts, self.grad_clip, self.pp_group = parts, cfg.grad_clip, pp_group
+        self.optimizers = [torch.optim.AdamW(param_groups(part, cfg.weight_decay), lr=cfg.lr,
+                                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+                           for part in parts]
 
     def set_lr(self, lr: float) -> None:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def step(self) -> None:
+    def step(self) -> float:
+        """Clip the global gradient norm (when optim.grad_clip > 0) and step; returns the norm before clipping."""
+        norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.grad_clip, self.pp_group)
         for opt in self.optimizers:
             opt.step()
+        return norm
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:

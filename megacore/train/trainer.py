@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from data_pipeline.loader import PackedLoader, TokenStore
 from data_pipeline.shards import read_manifest
-from megacore.checkpoint import (Checkpointer, latest_checkpoint, newest_good_checkpoint, read_meta,
-                                 resolve_checkpoint)
+from megacore.checkpoint import (Checkpointer, backend_of, latest_checkpoint, load_model_weights, newest_good_checkpoint,
+                                 read_meta, resolve_checkpoint)
 from megacore.config import Config, ConfigError
 from megacore.distributed import all_reduce_sum, init_distributed, shutdown
 from megacore.evaluate import evaluate
@@ -29,7 +28,7 @@ from megacore.model import Llama, flops_per_token, num_params
 from megacore.parallel import ParallelModel, build_mesh, parallelize
 from megacore.run_dir import resolve_vocab_size, write_run_dir
 from megacore.throughput import measure_matmul_tflops, write_memory_report
-from megacore.train.optim import Optimizers, clip_grad_norm, lr_at
+from megacore.train.optim import Optimizers, lr_at
 
 
 def train(cfg: Config, resume: str = "none") -> dict:
@@ -64,10 +63,15 @@ def _train(cfg: Config, resume: str, env) -> dict:
         if env.is_main:
             print(f"initialised weights from {cfg.train.init_from}", flush=True)
     n_params = num_params(model)
-    mesh = build_mesh(layout, env)
-    pm = parallelize(model, cfg, layout, mesh, n_micro, env.device)
-    optimizers = Optimizers(pm.parts, cfg.optim)
-    pp_group = mesh["pp"].get_group() if layout.pp > 1 else None
+    if layout.backend == "deepspeed":
+        from megacore.parallel.deepspeed import init_deepspeed
+
+        pm, optimizers, checkpointer = init_deepspeed(model, cfg, n_micro, env.device)
+    else:
+        mesh = build_mesh(layout, env)
+        pm = parallelize(model, cfg, layout, mesh, n_micro, env.device)
+        optimizers = Optimizers(pm.parts, cfg.optim, mesh["pp"].get_group() if layout.pp > 1 else None)
+        checkpointer = Checkpointer(run_dir, cfg.checkpoint, env.rank)
 
     seq_len, gbs = cfg.data.seq_len, cfg.train.global_batch_size
     stores, weights = train_stores(cfg)
@@ -75,7 +79,6 @@ def _train(cfg: Config, resume: str, env) -> dict:
                                 num_workers=cfg.data.num_workers, document_positions=cfg.model.document_masking)
     val_store = TokenStore(cfg.data.dir, "val")
 
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint, env.rank)
     step = 0
     if ckpt is not None:
         meta = checkpointer.load(ckpt, pm.parts, optimizers)
@@ -84,9 +87,10 @@ def _train(cfg: Config, resume: str, env) -> dict:
         if env.is_main:
             print(f"resumed from {ckpt} at step {step}", flush=True)
 
-    # With FSDP the mixed-precision policy casts; otherwise autocast does.
+    # FSDP's mixed-precision policy or DeepSpeed's bf16 engine casts; otherwise autocast does.
     amp = (torch.autocast(env.device.type, dtype=torch.bfloat16)
-           if cfg.train.mixed_precision == "bf16" and layout.dp_size == 1 else contextlib.nullcontext())
+           if cfg.train.mixed_precision == "bf16" and layout.dp_size == 1 and layout.backend == "torch"
+           else contextlib.nullcontext())
     metrics = MetricsLogger(run_dir, env.is_main, cfg.train.steps)
     flops_token = flops_per_token(cfg.model, seq_len)
     peak_tflops = cfg.train.peak_tflops or measure_matmul_tflops(
@@ -105,8 +109,7 @@ def _train(cfg: Config, resume: str, env) -> dict:
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         optimizers.set_lr(lr)
         loss, tokens = _train_step(pm, train_loader.next_batch(), n_micro, env.device, amp)
-        grad_norm = clip_grad_norm(pm.parameters(), cfg.optim.grad_clip, pp_group)
-        optimizers.step()
+        grad_norm = optimizers.step()
         if step == start_step + 1:
             write_memory_report(Path(run_dir) / "memory.json", pm.parts, optimizers, env.is_main)
         optimizers.zero_grad()
@@ -147,13 +150,11 @@ def _train(cfg: Config, resume: str, env) -> dict:
 
 
 def init_weights_from(model: Llama, source: str) -> None:
-    """Whole-model weights from a Hugging Face directory or a megacore checkpoint (any layout)."""
+    """Whole-model weights from a Hugging Face directory or a megacore run/checkpoint (any backend and layout)."""
     if (Path(source) / "config.json").is_file():
         load_hf_into(model, source)
-        return
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(resolve_checkpoint(source)))
-    model.load_state_dict(state["model"])
+    else:
+        load_model_weights(model, source)
 
 
 def train_stores(cfg: Config) -> tuple[list[TokenStore], list[float]]:
@@ -168,13 +169,25 @@ def train_stores(cfg: Config) -> tuple[list[TokenStore], list[float]]:
     return stores, [w for _, w in mixture]
 
 
-def refuse_lost_work(run_dir: str, resume: str) -> None:
-    """Before any process starts: refuse to overwrite a run's checkpoints, or to resume from a path that
-    is no checkpoint. Cheap (no hashing); rank 0 verifies the chosen checkpoint when training starts."""
+def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
+    """Before any process starts: refuse to overwrite a run's checkpoints, to resume from a path that is no
+    checkpoint, or from one this run cannot load (another backend; DeepSpeed on another world size).
+    Cheap (no hashing); rank 0 verifies the chosen checkpoint when training starts."""
     if resume == "none":
-        checkpoint_to_resume(run_dir, resume)
-    elif resume != "auto":
-        read_meta(resume)
+        checkpoint_to_resume(cfg.train.run_dir, resume)
+        return
+    ckpt = latest_checkpoint(cfg.train.run_dir) if resume == "auto" else Path(resume)
+    if ckpt is None:
+        return
+    meta = read_meta(ckpt)
+    backend = backend_of(meta)
+    if backend != cfg.parallel.backend:
+        raise ConfigError(f"{ckpt} was written with parallel.backend={backend}, this run has "
+                          f"parallel.backend={cfg.parallel.backend}; use train.init_from={ckpt} (weights only)")
+    if backend == "deepspeed" and meta.get("world_size") != world_size:
+        raise ConfigError(f"{ckpt}: a DeepSpeed checkpoint written by {meta.get('world_size')} ranks resumes only "
+                          f"on that many (this launch has {world_size}); use train.init_from={ckpt} (weights "
+                          f"only) or parallel.backend=torch, whose checkpoints reshard")
 
 
 def checkpoint_to_resume(run_dir: str, resume: str):

@@ -1,0 +1,163 @@
+"""DeepSpeed ZeRO, the alternative to the torch backend: the same Llama, loader, loop and checkpoints.
+
+`init_deepspeed` returns what the training loop uses with either backend: a model with
+forward_backward / eval_loss (as ParallelModel), an optimizer with set_lr / step / zero_grad (as
+Optimizers) and a Checkpointer. ZeRO stage, offload, bf16, gradient accumulation and clipping come from
+our config; DeepSpeed's own JSON config is derived, never written by hand.
+
+Checkpoints are DeepSpeed's own files (`save_checkpoint` / `load_checkpoint`) inside our commit
+protocol: the same `step_XXXXXXXX` directory, meta.json (loader state, config), RNG streams, sha256
+manifest and `latest` pointer as the torch backend. DeepSpeed's files are torch pickles: they are
+only read after the manifest has verified every byte.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megacore.checkpoint import Checkpointer
+from megacore.config import Config, ConfigError
+from megacore.loss import loss_sum
+from megacore.parallel.parallelize import micro_batches
+from megacore.train.optim import param_groups
+
+
+def deepspeed_config(cfg: Config, n_micro: int) -> dict:
+    """DeepSpeed's config from ours (the batch arithmetic was checked by Config.check_world)."""
+    par = cfg.parallel
+    pin = torch.cuda.is_available()
+    zero: dict = {"stage": par.zero_stage}
+    if par.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if par.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": n_micro,
+        "gradient_clipping": cfg.optim.grad_clip,  # 0 disables, as ours
+        "bf16": {"enabled": cfg.train.mixed_precision == "bf16"},
+        "zero_optimization": zero,
+        # Our AdamW (with the weight-decay mask) is the client optimizer.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # our metrics logger reports
+    }
+
+
+def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if cfg.parallel.offload_optimizer:
+        # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (a C++ op, built on first use).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+def init_deepspeed(model: nn.Module, cfg: Config, n_micro: int, device: torch.device):
+    """(model, optimizer, checkpointer) for the training loop, with `model` wrapped by a ZeRO engine."""
+    import deepspeed
+
+    # DeepSpeed's shared-memory CPU allreduce is a C++ op that costs a minute of compiling on every
+    # fresh machine; the gloo group that megacore.distributed created does the collectives instead.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # ZeRO calls torch's older collective names on every step; the deprecation notice is not ours to act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter|all_gather)_", category=FutureWarning)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
+                                           config=deepspeed_config(cfg, n_micro), dist_init_required=False)
+    return (DeepSpeedModel(engine, cfg.model.document_masking), DeepSpeedOptimizer(engine),
+            DeepSpeedCheckpointer(cfg.train.run_dir, cfg.checkpoint, dist.get_rank(), engine))
+
+
+class DeepSpeedModel:
+    """The engine behind ParallelModel's interface; every rank is a data-parallel rank."""
+
+    reports_loss = counts_tokens = True
+
+    def __init__(self, engine, document_masking: bool):
+        self.engine, self.document_masking = engine, document_masking
+        self.parts = [engine.module]
+        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def forward_backward(self, batch: dict, n_micro: int, scale: float, device, amp) -> float:
+        """Backward of sum(token losses) * scale, as the torch backend; DeepSpeed averages over ranks
+        like FSDP, and its own 1/accumulation scaling is turned off because `scale` already normalises."""
+        total = torch.zeros((), device=device)
+        for i, (x, y, pos) in enumerate(micro_batches(batch, n_micro, device, self.document_masking)):
+            micro_loss = loss_sum(self.engine(x, pos), y)
+            self.engine.backward(micro_loss * scale, scale_wrt_gas=False)
+            if i < n_micro - 1:
+                self.engine.step()  # an accumulation micro-step: DeepSpeed steps only at the boundary
+            total += micro_loss.detach()
+        return float(total)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict, n_micro: int, device, amp) -> float:
+        total = torch.zeros((), device=device)
+        for x, y, pos in micro_batches(batch, n_micro, device, self.document_masking):
+            total += loss_sum(self.engine(x, pos), y)
+        return float(total)
+
+
+class DeepSpeedOptimizer:
+    """set_lr / step / zero_grad over the engine; clipping happens inside engine.step (gradient_clipping)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        # The wrapped optimizer, whose state holds this rank's partition (for the memory report).
+        self.optimizers = [engine.optimizer.optimizer]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> float:
+        """The boundary step of the accumulation; returns the global gradient norm before clipping."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def zero_grad(self) -> None:
+        pass  # engine.step clears the gradients at the boundary
+
+
+class DeepSpeedCheckpointer(Checkpointer):
+    """Our commit protocol around DeepSpeed's save_checkpoint / load_checkpoint."""
+
+    backend = "deepspeed"
+
+    def __init__(self, run_dir, cfg, rank: int, engine):
+        super().__init__(run_dir, cfg, rank)
+        self.engine = engine
+
+    def _write_state(self, tmp: Path, parts, optimizers) -> None:
+        # DeepSpeed writes SAVE_DIR/TAG: the temporary directory of the commit protocol.
+        self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+
+    def _read_state(self, path: Path, meta: dict, parts, optimizers) -> None:
+        saved = meta.get("world_size")
+        if saved != dist.get_world_size():
+            raise ConfigError(f"{path}: a DeepSpeed checkpoint written by {saved} ranks resumes only on {saved} "
+                              f"ranks (this run has {dist.get_world_size()}); to continue elsewhere, start a run "
+                              f"with train.init_from={path} (weights only) or use backend=torch, whose checkpoints "
+                              f"reshard")
+        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=optimizers is not None,
+                                    load_lr_scheduler_states=False, load_module_strict=True)
+
+
+def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a (verified) DeepSpeed checkpoint, on one process, no process group."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return {k: v.float().contiguous() for k, v in state.items()}
