@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from data_pipeline.shards import TOKENIZER, file_sha256
-from megacore.config import CheckpointConfig, save_config
+from megacore.config import CheckpointConfig, CheckpointError, save_config
 from megacore.model import Llama
 from megacore.run_dir import CONFIG, load_run_config
 
@@ -46,10 +46,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Flattened optimizer state is keyed by parameter name, like the model's: stages merge without clashes
 # and a checkpoint loads into any layout.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete or altered; the message names the file."""
 
 
 def step_dir_name(step: int) -> str:

@@ -11,6 +11,7 @@
     megacore eval RUN_DIR|CKPT [--split val] [--batches N]
     megacore generate RUN_DIR|CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     megacore plot RUN_DIR [--out FILE]
+    megacore launch render|submit|status|cancel|logs|local JOB.yaml
 
 Configuration errors, missing files and bad arguments exit with status 2 and a message naming the key
 or path, before any training process is started.
@@ -23,8 +24,7 @@ import json
 import os
 import sys
 
-from megacore.config import ConfigError, load_config
-from megacore.checkpoint import CheckpointError
+from megacore.config import CheckpointError, ConfigError, load_config
 from megacore.data_commands import DataError
 
 USAGE_ERROR = 2
@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
 
+    launch = sub.add_parser("launch", help="Slurm jobs (render, submit, status, cancel, logs) or torchrun here (local)")
+    launch.add_argument("action", choices=["render", "submit", "status", "cancel", "logs", "local"])
+    launch.add_argument("job", help="job spec YAML (names a profile in slurm/clusters/)")
+    launch.add_argument("--lines", type=int, default=40, help="logs: lines to show")
+
     plot = sub.add_parser("plot", help="PNG charts of a run's metrics")
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None)
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "plot":
             return cmd_plot(args)
+        if args.command == "launch":
+            return cmd_launch(args)
     except ConfigError as e:
         return _fail(str(e))
     except (FileNotFoundError, FileExistsError) as e:
@@ -280,6 +287,37 @@ def cmd_generate(args) -> int:
     new = sample(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                  eos_id=None, generator=generator)
     print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from launcher import slurm
+    from launcher.render import render_sbatch, run_dir_of
+    from launcher.spec import load_job
+    from launcher.torchrun import run_local
+
+    job, profile = load_job(args.job)
+    profile_file = job.cluster
+    try:
+        if args.action == "render":
+            print(render_sbatch(job, profile, args.job, profile_file), end="")
+        elif args.action == "submit":
+            print(f"submitted job {slurm.submit(job, profile, args.job, profile_file)} ({job.name}); "
+                  f"run directory {run_dir_of(job)}")
+        elif args.action == "status":
+            print("\n".join(slurm.status(job)))
+        elif args.action == "cancel":
+            print(f"cancelled {' '.join(slurm.cancel(job))}")
+        elif args.action == "logs":
+            print(slurm.logs(job, args.lines))
+        else:  # local: torchrun on this machine, each sweep entry in turn
+            for extra in job.sweep or [[]]:
+                cli = ["train", job.config, *job.overrides, *extra, "--resume", "auto"]
+                status = run_local(profile.procs_per_node, cli, job.max_restarts)
+                if status:
+                    return status
+    except slurm.SlurmError as e:
+        return _fail(str(e))
     return 0
 
 

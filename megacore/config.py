@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key or file."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or altered; the message names the file."""
+
+
 @dataclass
 class ModelConfig:
     dim: int = 256
@@ -368,6 +372,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return _build(Config, raw, "").validate()
 
 
+def load_dataclass(cls: type, path: str | Path, section: str = "") -> Any:
+    """Any dataclass from a YAML mapping, with the same typing and key-naming errors as Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    try:
+        return _build(cls, raw, section)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
@@ -437,6 +456,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")

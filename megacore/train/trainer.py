@@ -29,6 +29,7 @@ from megacore.parallel import ParallelModel, build_mesh, parallelize
 from megacore.run_dir import resolve_vocab_size, write_run_dir
 from megacore.throughput import measure_matmul_tflops, write_memory_report
 from megacore.train.optim import Optimizers, lr_at
+from megacore.train.preemption import StopRequest
 
 
 def train(cfg: Config, resume: str = "none") -> dict:
@@ -101,6 +102,7 @@ def _train(cfg: Config, resume: str, env) -> dict:
               f"tp {layout.tp}; global batch {gbs} x {seq_len} tokens in {n_micro} micro-batch(es) per dp rank; "
               f"MFU against {peak_tflops:.3f} TFLOP/s per rank", flush=True)
     last_stop, start_step = cfg.train.stop_after or cfg.train.steps, step
+    stop_request, preempted = StopRequest(run_dir, env.is_main), False
     result: dict = {}
     window_start, window_tokens = time.perf_counter(), 0
     pm.train()
@@ -134,16 +136,24 @@ def _train(cfg: Config, resume: str, env) -> dict:
             result["val"] = evaluate(pm, val_loader, cfg.train.eval_batches, n_micro, env.device, amp)
             metrics.log(step, result["val"], kind="val")
 
-        if step % cfg.checkpoint.every == 0 or step == last_stop:
+        preempted = stop_request.agreed() and step < last_stop
+        if step % cfg.checkpoint.every == 0 or step == last_stop or preempted:
             meta = {"loader": train_loader.state_dict(), "config": cfg.to_dict(), "world_size": env.world_size,
                     "tokenizer_sha256": val_store.manifest["tokenizer"]["sha256"]}
             path = checkpointer.save(step, pm.parts, optimizers, meta)
             if env.is_main and path is not None:
                 print(f"saved checkpoint {path}", flush=True)
             window_start = time.perf_counter()  # keep checkpoint time out of throughput
+        if preempted:
+            break
     last = checkpointer.poll(block=True)
     if last is not None and env.is_main:
         print(f"saved checkpoint {last} (written in the background)", flush=True)
+    if preempted:
+        stop_request.mark_stopped(step)  # after the commit: the batch script requeues on this
+        if env.is_main:
+            print(f"stopped at step {step} on request (preemption or time limit); continue with --resume auto",
+                  flush=True)
     metrics.close()
     train_loader.close()
     return {"step": step, **result}
