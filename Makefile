@@ -10,7 +10,7 @@ DEMO_RUN := runs/demo
 # DeepSpeed compiles C++ ops on first use; keep its cache inside the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean slurm
 
 install: $(VENV)/.installed
 
@@ -45,7 +45,16 @@ demo: $(VENV)/.installed $(SHAKESPEARE)
 	$(MEGACORE) generate $(DEMO_RUN) --prompt "ROMEO." --max-new-tokens 120
 	$(MEGACORE) plot $(DEMO_RUN)
 
-test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE)
+# The launcher tests start a real Slurm on this machine (slurm/local-cluster/): Debian's packages, as
+# root (or through sudo). Without them those tests are skipped, saying why.
+slurm:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then exit 0; fi; \
+	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends \
+	  slurmctld slurmd slurm-client munge iproute2 util-linux \
+	  || echo "warning: could not install Slurm; the tests that need it will be skipped"
+
+test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) slurm
 	$(PY) -m pytest -q tests
 
 # Benchmarks print ratios against a reference run in the same script; figures go in BENCHMARKS.md.

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+# torchrun's workers share a key-value store that its agent hosts and that outlives a restart; torch
+# gives them no per-restart prefix, so a restarted group read the dead group's gloo addresses
+# ("connectFullMesh ... Connection refused") or its finished barriers (a hang). With this variable the
+# agents give every rendezvous round a fresh store. `train --nproc` and the sbatch template set it.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def torchrun_argv(nproc: int, cli_args: list[str], max_restarts: int = 0) -> list[str]:
@@ -17,4 +24,4 @@ def torchrun_argv(nproc: int, cli_args: list[str], max_restarts: int = 0) -> lis
 
 def run_local(nproc: int, cli_args: list[str], max_restarts: int = 0) -> int:
     """Run and wait; returns torchrun's exit status (non-zero if any rank failed for good)."""
-    return subprocess.call(torchrun_argv(nproc, cli_args, max_restarts))
+    return subprocess.call(torchrun_argv(nproc, cli_args, max_restarts), env={**os.environ, **TORCHRUN_ENV})

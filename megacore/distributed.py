@@ -7,11 +7,16 @@ collectives and for sharded checkpoints.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.constants import default_pg_timeout
+
+
+# See launcher/torchrun.py (TORCHRUN_ENV): without it, a torchrun restart can reuse stale store keys.
+RESTART_WARNING = ("warning: torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a restarted group "
+                   "may fail to connect (stale keys in the shared store); megacore's launchers set it")
 
 
 @dataclass
@@ -41,28 +46,15 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            dist.init_process_group(backend, store=_attempt_store(world_size), rank=rank, world_size=world_size)
-        elif "MASTER_ADDR" in os.environ:
+        if "MASTER_ADDR" in os.environ:
+            if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                    and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and rank == 0):
+                print(RESTART_WARNING, file=sys.stderr, flush=True)
             dist.init_process_group(backend, rank=rank, world_size=world_size)
         else:
             # Not under torchrun: a private one-process group, no network port needed.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(rank, local_rank, world_size, device)
-
-
-def _attempt_store(world_size: int) -> dist.Store:
-    """torchrun's agent store, with keys private to this restart of the worker group.
-
-    Workers share the store that the torchrun agent hosts, and it outlives a restart (after a
-    crash or a kill -9 with --max-restarts). torch adds no per-attempt prefix there, so a restarted
-    group read the dead group's gloo addresses ("connectFullMesh ... Connection refused") or its
-    finished barrier counters (a hang). The restart count, the same on every agent of a restart,
-    keeps each attempt's keys apart."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=False, timeout=default_pg_timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"megacore/attempt_{attempt}/world_{world_size}", store)
 
 
 def shutdown() -> None:

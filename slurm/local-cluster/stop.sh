@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Stop the local Slurm cluster of STATE_DIR: cancel jobs, stop the daemons, then kill any job step
-# left behind by PID (a leftover slurmstepd drains the next cluster's node).
+# Stop the local Slurm cluster of STATE_DIR: cancel jobs, stop the daemons, kill any job step left
+# behind (a leftover slurmstepd drains the next cluster's node), and delete its network namespaces.
 set -uo pipefail
 state=${1:?usage: stop.sh STATE_DIR}
 [ -f "$state/slurm.conf" ] || exit 0
 export SLURM_CONF="$state/slurm.conf"
-scancel --quiet --user=root 2>/dev/null
+prefix=""
+[ -f "$state/netns-prefix" ] && prefix=$(cat "$state/netns-prefix")
+client=""
+[ -n "$prefix" ] && client="nsenter --net=/run/netns/${prefix}n1"
+$client scancel --quiet --user=root 2>/dev/null
 for _ in $(seq 1 20); do
-  [ -z "$(squeue -h -t running,completing 2>/dev/null)" ] && break
+  [ -z "$($client squeue -h -t running,completing 2>/dev/null)" ] && break
   sleep 0.5
 done
 for pidfile in "$state"/run/slurmd-*.pid "$state/run/slurmctld.pid" "$state/munge/munged.pid"; do
@@ -24,4 +28,8 @@ for pidfile in "$state"/run/slurmd-*.pid "$state/run/slurmctld.pid" "$state/mung
   [ -f "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null
   rm -f "$pidfile"
 done
+if [ -n "$prefix" ]; then
+  for ns in $(ip netns list | awk '{print $1}' | grep "^${prefix}"); do ip netns delete "$ns"; done
+  rm -f "$state/netns-prefix"
+fi
 exit 0
