@@ -171,6 +171,11 @@ class PackedLoader:
     def epoch(self) -> int:
         return int(self.positions[0] // self.streams[0].num_samples)
 
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs of the first (or only) dataset consumed so far, fractional."""
+        return float(self.positions[0] / self.streams[0].num_samples)
+
     # -- planning: which samples make up the next global batch (cheap, sequential) --
 
     def _plan(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -287,6 +287,14 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = 10
+    # Weights & Biases from rank 0. auto: online when an API key is set and the server answers, offline
+    # otherwise (sync later with the printed `wandb sync` command); disabled: metrics.jsonl only.
+    wandb_mode: Literal["disabled", "auto", "online", "offline"] = "disabled"
+    wandb_project: str = "megacore"
+    wandb_entity: str = ""
+    # Run name (default: the run directory's name); one W&B run per run directory, across resumes.
+    wandb_name: str = ""
+    wandb_tags: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _positive(self, "logging", "log_every")

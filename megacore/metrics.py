@@ -1,4 +1,5 @@
-"""Metrics out of the training loop: one JSON line per logged step, and a console line with ETA."""
+"""Metrics out of the training loop: one JSON line per logged step or event (RUN_DIR/metrics.jsonl), a
+console line with ETA, and the same records to W&B when it is on (megacore/wandb_run.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Rank 0 writes RUN_DIR/metrics.jsonl (appending across resumes) and prints progress."""
+    """Rank 0 writes RUN_DIR/metrics.jsonl (appending across resumes) and prints progress. Kinds: train,
+    val, checkpoint (an event: step, seconds, path)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int):
-        self.enabled, self.total_steps = enabled, total_steps
+    def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, wandb=None):
+        self.enabled, self.total_steps, self.wandb = enabled, total_steps, wandb
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a") if enabled else None
         self._start_time, self._start_step = time.time(), None
@@ -29,7 +31,10 @@ class MetricsLogger:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        print(self._console_line(step, metrics, kind), flush=True)
+        if kind in ("train", "val"):
+            print(self._console_line(step, metrics, kind), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(step, metrics, kind)
 
     def _console_line(self, step: int, metrics: dict, kind: str) -> str:
         parts = [f"step {step:>5}/{self.total_steps}", kind]
@@ -48,3 +53,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self._file:
             self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -23,7 +23,14 @@ def series(records: list[dict], kind: str, key: str) -> tuple[list[int], list[fl
     return [r["step"] for r in rows], [r[key] for r in rows]
 
 
+CHARTS = [("loss (nats/token)", [("train", "loss", "train loss"), ("val", "loss", "val loss")]),
+          ("learning rate", [("train", "lr", "lr")]),
+          ("tokens/s", [("train", "tokens_per_s", "tokens/s")])]
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the charts; the PNG also carries the plotted points (read back from the drawn lines) as
+    JSON in its `megacore:series` text chunk, so what was drawn can be checked against metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,20 +38,19 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     records = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "loss.png"
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(*series(records, "train", "loss"), label="train loss")
-    axes[0].plot(*series(records, "val", "loss"), "o-", label="val loss")
-    axes[0].set_ylabel("loss (nats/token)")
-    axes[0].legend()
-    axes[1].plot(*series(records, "train", "lr"))
-    axes[1].set_ylabel("learning rate")
-    axes[2].plot(*series(records, "train", "tokens_per_s"))
-    axes[2].set_ylabel("tokens/s")
-    for ax in axes:
+    fig, axes = plt.subplots(1, len(CHARTS), figsize=(15, 4))
+    for ax, (ylabel, lines) in zip(axes, CHARTS):
+        for kind, key, label in lines:
+            ax.plot(*series(records, kind, key), "o-" if kind == "val" else "-", label=label)
+        ax.set_ylabel(ylabel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if len(lines) > 1:
+            ax.legend()
+    drawn = {line.get_label(): [[float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]]
+             for ax in axes for line in ax.get_lines()}
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, metadata={"megacore:series": json.dumps(drawn)})
     plt.close(fig)
     return out

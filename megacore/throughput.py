@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -59,3 +60,10 @@ def write_memory_report(path: Path, parts, optimizers, is_main: bool) -> None:
     dist.all_gather_object(everyone, mine)
     if is_main:
         path.write_text(json.dumps({"ranks": [dict(rank=r, **m) for r, m in enumerate(everyone)]}, indent=2))
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

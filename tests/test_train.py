@@ -40,6 +40,14 @@ def test_two_rank_run_writes_run_dir_and_val_loss_falls(tiny_args, tmp_path):
     assert out.startswith("KING.") and len(out) > len("KING.")
     png = megacore("plot", run).stdout.strip()
     assert png.endswith(".png")
+    # The drawn curves (stored in the PNG by megacore plot, read from the lines it drew) are the JSONL's.
+    from PIL import Image
+
+    drawn = json.loads(Image.open(png).text["megacore:series"])
+    assert drawn["train loss"] == [list(train), [train[s]["loss"] for s in train]]
+    assert drawn["val loss"] == [[10, 20, 30], [val[s]["loss"] for s in (10, 20, 30)]]
+    assert drawn["lr"][1] == [train[s]["lr"] for s in train]
+    assert drawn["tokens/s"][1] == [train[s]["tokens_per_s"] for s in train]
 
 
 def test_stop_and_resume_matches_uninterrupted_run(tiny_args, tmp_path):

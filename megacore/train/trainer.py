@@ -27,9 +27,10 @@ from megacore.metrics import MetricsLogger
 from megacore.model import Llama, flops_per_token, num_params
 from megacore.parallel import ParallelModel, build_mesh, parallelize
 from megacore.run_dir import resolve_vocab_size, write_run_dir
-from megacore.throughput import measure_matmul_tflops, write_memory_report
+from megacore.throughput import measure_matmul_tflops, peak_memory_gib, write_memory_report
 from megacore.train.optim import Optimizers, lr_at
 from megacore.train.preemption import StopRequest
+from megacore.wandb_run import WandbRun
 
 
 def train(cfg: Config, resume: str = "none") -> dict:
@@ -80,7 +81,7 @@ def _train(cfg: Config, resume: str, env) -> dict:
                                 num_workers=cfg.data.num_workers, document_positions=cfg.model.document_masking)
     val_store = TokenStore(cfg.data.dir, "val")
 
-    step = 0
+    step, meta = 0, {}
     if ckpt is not None:
         meta = checkpointer.load(ckpt, pm.parts, optimizers)
         train_loader.load_state_dict(meta["loader"])
@@ -92,7 +93,8 @@ def _train(cfg: Config, resume: str, env) -> dict:
     amp = (torch.autocast(env.device.type, dtype=torch.bfloat16)
            if cfg.train.mixed_precision == "bf16" and layout.dp_size == 1 and layout.backend == "torch"
            else contextlib.nullcontext())
-    metrics = MetricsLogger(run_dir, env.is_main, cfg.train.steps)
+    wandb = WandbRun(cfg, run_dir, meta.get("wandb_run_id") if ckpt is not None else None) if env.is_main else None
+    metrics = MetricsLogger(run_dir, env.is_main, cfg.train.steps, wandb)
     flops_token = flops_per_token(cfg.model, seq_len)
     peak_tflops = cfg.train.peak_tflops or measure_matmul_tflops(
         env.device, torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32)
@@ -126,7 +128,8 @@ def _train(cfg: Config, resume: str, env) -> dict:
             tflops = tps * flops_token / 1e12
             result = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
                       "tokens_per_s_per_rank": tps / env.world_size, "tflops": tflops,
-                      "mfu": tflops / (peak_tflops * env.world_size), "epoch": train_loader.epoch}
+                      "mfu": tflops / (peak_tflops * env.world_size), "epoch": train_loader.epoch,
+                      "epoch_progress": train_loader.epoch_progress, "peak_memory_gib": peak_memory_gib(env.device)}
             metrics.log(step, result)
             window_start, window_tokens = time.perf_counter(), 0
 
@@ -139,8 +142,11 @@ def _train(cfg: Config, resume: str, env) -> dict:
         preempted = stop_request.agreed() and step < last_stop
         if step % cfg.checkpoint.every == 0 or step == last_stop or preempted:
             meta = {"loader": train_loader.state_dict(), "config": cfg.to_dict(), "world_size": env.world_size,
-                    "tokenizer_sha256": val_store.manifest["tokenizer"]["sha256"]}
+                    "tokenizer_sha256": val_store.manifest["tokenizer"]["sha256"],
+                    "wandb_run_id": wandb.id if wandb is not None else None}
+            save_start = time.perf_counter()
             path = checkpointer.save(step, pm.parts, optimizers, meta)
+            metrics.log(step, {"seconds": time.perf_counter() - save_start, "async": path is None}, kind="checkpoint")
             if env.is_main and path is not None:
                 print(f"saved checkpoint {path}", flush=True)
             window_start = time.perf_counter()  # keep checkpoint time out of throughput
