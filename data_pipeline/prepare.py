@@ -17,6 +17,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.chat import contents, render
 from data_pipeline.cleaning import Cleaner
 from data_pipeline.shards import (MANIFEST, MANIFEST_VERSION, TOKENIZER, file_sha256, fingerprint, read_manifest,
                                   token_dtype, write_json_atomic, write_shard)
@@ -32,8 +34,9 @@ from data_pipeline.sources import SourceStats, iter_documents, source_listing
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 
 TOKENIZER_SIDECAR = "tokenizer.json"
-SETTINGS = ("sources", "text_unit", "text_field", "normalize", "min_doc_chars", "max_doc_chars", "dedup",
-            "strict_utf8", "tokenizer_type", "vocab_size", "tokenizer_sample_mb", "val_fraction", "shard_mb")
+SETTINGS = ("sources", "text_unit", "text_field", "format", "tokenizer_from", "normalize", "min_doc_chars",
+            "max_doc_chars", "dedup", "strict_utf8", "tokenizer_type", "vocab_size", "tokenizer_sample_mb",
+            "val_fraction", "shard_mb")
 
 
 def split_of(digest: bytes, val_fraction: float) -> str:
@@ -81,12 +84,13 @@ def prepare(data_cfg, log=print) -> dict:
             if len(jobs) >= 2 * workers:
                 jobs[-2 * workers].result()  # bound the documents held in flight
             name = f"{split}-{shard_index[split]:05d}.arrow"
-            jobs.append(pool.submit(_write_shard_job, str(out / name), buffers[split], dtype.name, tokenizer.sha256))
+            jobs.append(pool.submit(_write_shard_job, str(out / name), buffers[split], dtype.name, tokenizer.sha256,
+                                    data_cfg.format == "chat"))
             shard_index[split] += 1
             buffers[split], buffer_bytes[split] = [], 0
 
         for text in iter_documents(data_cfg.sources, data_cfg.text_unit, data_cfg.text_field, stats,
-                                   data_cfg.strict_utf8):
+                                   data_cfg.strict_utf8, chat=data_cfg.format == "chat"):
             cleaned = cleaner.clean(text)
             if cleaned is None:
                 continue
@@ -152,6 +156,15 @@ def _cleaner(data_cfg) -> Cleaner:
 def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
     """Reuse the tokenizer of an earlier run over the same inputs and settings, or train one on the
     first tokenizer_sample_mb of cleaned training text."""
+    if data_cfg.tokenizer_from:
+        source = Path(data_cfg.tokenizer_from)
+        source = source / TOKENIZER if source.is_dir() else source
+        if not source.is_file():
+            raise FileNotFoundError(f"data.tokenizer_from={data_cfg.tokenizer_from}: no tokenizer model there")
+        if source.resolve() != (out / TOKENIZER).resolve():
+            shutil.copyfile(source, out / TOKENIZER)
+        log(f"using the tokenizer of {data_cfg.tokenizer_from}")
+        return Tokenizer(out / TOKENIZER)
     key = {"settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
            "sources": source_listing(data_cfg.sources)}
     sidecar = out / TOKENIZER_SIDECAR
@@ -160,13 +173,14 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
         return Tokenizer(out / TOKENIZER)
     limit = int(data_cfg.tokenizer_sample_mb * 2**20)
     sample, size, cleaner = [], 0, _cleaner(data_cfg)
+    chat = data_cfg.format == "chat"
     for text in iter_documents(data_cfg.sources, data_cfg.text_unit, data_cfg.text_field, SourceStats(),
-                               data_cfg.strict_utf8):
+                               data_cfg.strict_utf8, chat=chat):
         cleaned = cleaner.clean(text)
         if cleaned is None or split_of(cleaned[1], data_cfg.val_fraction) != "train":
             continue
-        sample.append(cleaned[0])
-        size += len(cleaned[0].encode("utf-8"))
+        sample.append(contents(cleaned[0]) if chat else cleaned[0])
+        size += len(sample[-1].encode("utf-8"))
         if size >= limit:
             break
     if not sample:
@@ -201,20 +215,26 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
-def _write_shard_job(path: str, texts: list[str], dtype: str, tokenizer_sha256: str) -> dict:
+def _write_shard_job(path: str, texts: list[str], dtype: str, tokenizer_sha256: str, chat: bool = False) -> dict:
     path = Path(path)
     sidecar = path.with_name(path.name + ".json")
-    key = {"tokenizer_sha256": tokenizer_sha256,
+    key = {"tokenizer_sha256": tokenizer_sha256, "chat": chat,
            "text_sha256": hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()}
     if path.is_file() and sidecar.is_file():
         record = json.loads(sidecar.read_text())
         if record.get("key") == key and file_sha256(path) == record["shard"]["sha256"]:
             return {**record["shard"], "reused": True}
     sidecar.unlink(missing_ok=True)
-    # One thread per worker: the workers are the parallelism.
-    encoded = _worker_tokenizer.sp.encode(texts, add_eos=True, num_threads=1)
+    mask = None
+    if chat:
+        rendered = [render(_worker_tokenizer.sp, json.loads(text)) for text in texts]
+        encoded = [ids for ids, _ in rendered]
+        mask = np.fromiter(itertools.chain.from_iterable(m for _, m in rendered), dtype=np.uint8)
+    else:
+        # One thread per worker: the workers are the parallelism.
+        encoded = _worker_tokenizer.sp.encode(texts, add_eos=True, num_threads=1)
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.dtype(dtype), count=int(lengths.sum()))
-    shard = write_shard(path, values, lengths)
+    shard = write_shard(path, values, lengths, mask)
     write_json_atomic(sidecar, {"key": key, "shard": shard})
     return {**shard, "reused": False}

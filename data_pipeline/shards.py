@@ -1,7 +1,7 @@
 """Arrow token shards and the manifest that describes them.
 
 A shard is an Arrow IPC file with one column `tokens` (list<uint16|uint32>), one row per document,
-each ending in EOS. Its flat values are the packed token stream; its offsets are document boundaries.
+each ending in EOS; chat data adds `loss_mask` (list<uint8>, 1 where the token is a training target). Its flat values are the packed token stream; its offsets are document boundaries.
 Shards and the manifest are written under a temporary name, fsynced, then renamed, so a file that
 has its final name is complete.
 """
@@ -33,13 +33,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_shard(path: Path, values: np.ndarray, lengths: np.ndarray) -> dict:
-    """Write one shard atomically from the flat token values and per-document lengths; return its
-    manifest record."""
+def write_shard(path: Path, values: np.ndarray, lengths: np.ndarray, loss_mask: np.ndarray | None = None) -> dict:
+    """Write one shard atomically from the flat token values and per-document lengths (and, for chat
+    data, a 0/1 loss weight per token); return its manifest record."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-    table = pa.table({"tokens": column})
+    columns = {"tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))}
+    if loss_mask is not None:
+        columns["loss_mask"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(loss_mask.astype(np.uint8)))
+    table = pa.table(columns)
     tmp = path.with_name(path.name + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, table.schema) as writer:
@@ -50,16 +52,20 @@ def write_shard(path: Path, values: np.ndarray, lengths: np.ndarray) -> dict:
     return {"file": path.name, "tokens": int(offsets[-1]), "documents": len(lengths), "sha256": file_sha256(path)}
 
 
-def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map a shard: (flat token values, document offsets), both zero-copy views."""
+def read_shard(path: Path, loss_mask: bool = False):
+    """Memory-map a shard: (flat token values, document offsets), zero-copy views; with loss_mask, also
+    the flat 0/1 loss weights (None when the shard has none: every token is trained)."""
     try:
         table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
         column = table.column("tokens").combine_chunks()
+        mask = table.column("loss_mask").combine_chunks() if "loss_mask" in table.column_names else None
     except (pa.ArrowInvalid, KeyError, OSError) as e:
         raise ValueError(f"corrupt or unreadable token shard {path}: {e}") from None
     values = column.values.to_numpy(zero_copy_only=True)
     offsets = column.offsets.to_numpy(zero_copy_only=True)
-    return values, offsets
+    if not loss_mask:
+        return values, offsets
+    return values, offsets, None if mask is None else mask.values.to_numpy(zero_copy_only=True)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

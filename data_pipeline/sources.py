@@ -19,6 +19,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.chat import ChatFormatError, conversation
+
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
@@ -74,8 +76,9 @@ def source_format(path: str) -> str:
 
 
 def iter_documents(urls: list[str], text_unit: str = "paragraph", text_field: str = "text",
-                   stats: SourceStats | None = None, strict_utf8: bool = False) -> Iterator[str]:
-    """Yield document texts in a fixed order: sources as given, files by `_read_order`, records in order."""
+                   stats: SourceStats | None = None, strict_utf8: bool = False, chat: bool = False) -> Iterator[str]:
+    """Yield document texts in a fixed order: sources as given, files by `_read_order`, records in order.
+    With chat, JSONL records are conversations, yielded as canonical JSON (data_pipeline/chat.py)."""
     stats = stats if stats is not None else SourceStats()
     for of in open_source_files(urls):
         name, fmt = of.path, source_format(of.path)
@@ -89,6 +92,8 @@ def iter_documents(urls: list[str], text_unit: str = "paragraph", text_field: st
         if not raw.strip():
             stats.empty_files.append(name)
             continue
+        if chat and fmt != "jsonl":
+            raise SourceError(f"{name}: data.format=chat reads JSONL records, not {fmt}")
         if fmt in ("parquet", "arrow"):
             texts = _columnar_texts(raw, fmt, text_field, name)
         else:
@@ -98,7 +103,7 @@ def iter_documents(urls: list[str], text_unit: str = "paragraph", text_field: st
                 continue
             text = _decode(raw, name, strict_utf8, stats).replace("\r\n", "\n")
             if fmt == "jsonl":
-                texts = _jsonl_texts(text, text_field, name)
+                texts = _jsonl_texts(text, text_field, name, chat)
             elif text_unit == "paragraph":
                 texts = _PARAGRAPH_BREAK.split(text)
             else:
@@ -121,7 +126,7 @@ def _decode(raw: bytes, name: str, strict: bool, stats: SourceStats) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _jsonl_texts(text: str, text_field: str, name: str) -> Iterator[str]:
+def _jsonl_texts(text: str, text_field: str, name: str, chat: bool = False) -> Iterator[str]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -129,6 +134,12 @@ def _jsonl_texts(text: str, text_field: str, name: str) -> Iterator[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise SourceError(f"{name}:{lineno}: invalid JSON: {e.msg}") from None
+        if chat:
+            try:
+                yield json.dumps(conversation(record, f"{name}:{lineno}"), ensure_ascii=False)
+            except ChatFormatError as e:
+                raise SourceError(str(e)) from None
+            continue
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise SourceError(f"{name}:{lineno}: record has no string field {text_field!r}")
         yield record[text_field]

@@ -9,7 +9,8 @@
     megacore export-hf RUN_DIR|CKPT OUT
     megacore estimate CONFIG [key=value ...] [--world-size N] [--json]
     megacore eval RUN_DIR|CKPT [--split val] [--batches N]
-    megacore generate RUN_DIR|CKPT [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    megacore generate RUN_DIR|CKPT [--prompt TEXT] [--chat] [--max-new-tokens N] [--temperature T] [--top-k K]
+                     [--top-p P] [--stop TEXT] [--no-cache]
     megacore plot RUN_DIR [--out FILE]
     megacore launch render|submit|status|cancel|logs|local JOB.yaml
 
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--top-p", type=float, default=0.95)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true", help="PROMPT is a user message; print the assistant's reply")
+    gen.add_argument("--stop", action="append", default=[], help="stop at this token, e.g. '<|end|>' (repeatable)")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole context per token (no KV cache)")
 
     launch = sub.add_parser("launch", help="Slurm jobs (render, submit, status, cancel, logs) or torchrun here (local)")
     launch.add_argument("action", choices=["render", "submit", "status", "cancel", "logs", "local"])
@@ -278,15 +282,26 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from data_pipeline import chat
     from megacore.generate import load_trained, sample
 
     model, tokenizer, _, _ = load_trained(args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
-    # Training documents are separated by EOS, so an empty prompt starts "at a document boundary".
-    prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
+    if args.chat:
+        # One user turn in the chat template; the reply ends at <|end|> (or EOS).
+        prompt_ids = chat.prompt(tokenizer.sp, [{"role": "user", "content": args.prompt}])
+        stop = {chat.special_id(tokenizer.sp, chat.END), tokenizer.eos_id}
+    else:
+        # Training documents are separated by EOS, so an empty prompt starts "at a document boundary".
+        prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
+        stop = {tokenizer.sp.piece_to_id(piece) for piece in args.stop}
+        if tokenizer.sp.unk_id() in stop:
+            return _fail(f"--stop {args.stop}: each must be one token of this tokenizer, e.g. '<|end|>'")
     new = sample(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                 eos_id=None, generator=generator)
-    print(args.prompt + tokenizer.decode(new))
+                 stop_ids=stop, generator=generator, use_cache=not args.no_cache)
+    if new and new[-1] in stop:
+        new = new[:-1]
+    print(tokenizer.decode(new) if args.chat else args.prompt + tokenizer.decode(new))
     return 0
 
 

@@ -70,6 +70,12 @@ class DataConfig:
     text_unit: Literal["paragraph", "file"] = "paragraph"
     # For .jsonl records and .parquet/.arrow tables: the field holding the text.
     text_field: str = "text"
+    # text: documents for pretraining. chat: JSONL of {prompt, response} or {messages: [{role, content}]},
+    # rendered with the chat template; only assistant tokens are trained (data_pipeline/chat.py).
+    format: Literal["text", "chat"] = "text"
+    # Use this tokenizer (a prepared data directory or a tokenizer.model) instead of training one: a
+    # fine-tuning set must share the pretrained model's tokenizer.
+    tokenizer_from: str = ""
     # Cleaning: Unicode normal form, length filters (characters), exact de-duplication, UTF-8 policy.
     normalize: Literal["NFC", "NFKC", "none"] = "NFC"
     min_doc_chars: int = 1

@@ -3,8 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-# Labels equal to this carry no loss (padding, or prompt tokens in fine-tuning).
-IGNORE_INDEX = -100
+# Labels equal to IGNORE_INDEX carry no loss (prompt tokens in fine-tuning); the loader sets them.
+from data_pipeline.loader import IGNORE_INDEX  # noqa: E402,F401
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

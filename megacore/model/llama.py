@@ -66,7 +66,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: "LayerCache | None" = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
@@ -74,6 +74,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (b, heads, t, head_dim); SDPA repeats the key/value heads for grouped-query attention.
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            k, v, attn_mask = cache.update(k, v)
         gqa = q.shape[1] != k.shape[1]
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -103,8 +105,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
+                attn_mask: torch.Tensor | None = None, cache: "LayerCache | None" = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -143,14 +145,25 @@ class Llama(nn.Module):
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: "KVCache | None" = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab); a pipeline stage without embeddings takes
         and a stage without the output head returns hidden states (batch, seq, dim).
 
         position_ids (batch, seq) default to 0..seq-1; with model.document_masking they also confine
-        attention to each document (a position 0 starts a new one).
+        attention to each document (a position 0 starts a new one). With a KVCache (generation), tokens
+        continue the cached sequence: their positions follow it and they attend to it.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if cache is not None:
+            start = cache.length
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            cos, sin = self.rope_cos[positions][None], self.rope_sin[positions][None]
+            for name, block in self.layers.items():
+                h = block(h, cos, sin, cache=cache.layer(name))
+            cache.length += tokens.shape[1]
+            h = self.norm(h) if self.norm is not None else h
+            return self.output(h) if self.output is not None else h
         if position_ids is None:
             cos, sin = self.rope_cos[None], self.rope_sin[None]
         else:
@@ -162,6 +175,37 @@ class Llama(nn.Module):
             h = block(h, cos, sin, mask)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+
+class LayerCache:
+    """One layer's keys and values (batch, kv_heads, max_len, head_dim), filled up to the cache's length."""
+
+    def __init__(self, owner: "KVCache", k: torch.Tensor, v: torch.Tensor):
+        self.owner, self.k, self.v = owner, k, v
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Store the new keys/values; return all of them so far and the mask for the new queries."""
+        start, t = self.owner.length, k.shape[2]
+        self.k[:, :, start:start + t], self.v[:, :, start:start + t] = k, v
+        keys = torch.arange(start + t, device=k.device)
+        # Query i (at position start + i) sees keys up to its own position. (Always explicit: SDPA's
+        # is_causal aligns to the top-left, wrong for queries that follow a cached prefix.)
+        mask = keys[None, :] <= (start + torch.arange(t, device=k.device))[:, None]
+        return self.k[:, :, :start + t], self.v[:, :, :start + t], mask
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, up to max_len positions."""
+
+    def __init__(self, model: "Llama", batch: int, max_len: int, device=None, dtype=torch.float32):
+        cfg = model.cfg
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.dim // cfg.n_heads)
+        self.max_len, self.length = max_len, 0
+        self._layers = {name: LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
+                                         torch.zeros(shape, device=device, dtype=dtype)) for name in model.layers}
+
+    def layer(self, name: str) -> LayerCache:
+        return self._layers[name]
 
 
 def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
