@@ -11,7 +11,7 @@ DEMO_RUN := runs/demo
 # DeepSpeed compiles C++ ops on first use; keep its cache inside the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test bench clean slurm
+.PHONY: install demo chat-demo test bench clean slurm
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,21 @@ slurm:
 	$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends \
 	  slurmctld slurmd slurm-client munge iproute2 util-linux \
 	  || echo "warning: could not install Slurm; the tests that need it will be skipped"
+
+# Stage 2 after `make demo`: fine-tune the Shakespeare model on real chats, then chat with it.
+chat-demo: $(VENV)/.installed $(CHITCHAT)
+	test -d $(DEMO_RUN)/checkpoints || { echo "run 'make demo' first (stage 1)"; exit 2; }
+	$(PY) -m data_pipeline.examples chitchat $(CHITCHAT) .cache/chitchat/pairs.jsonl --max-pairs 40000
+	$(MEGACORE) data prepare configs/sft.yaml
+	rm -rf runs/sft
+	@echo "== fine-tune on chats (only the assistant's tokens are trained)"
+	$(MEGACORE) train configs/sft.yaml --nproc 2
+	@echo "== response loss on held-out chats: before (stage 1) and after (stage 2)"
+	$(MEGACORE) eval $(DEMO_RUN) --data-dir data/chitchat
+	$(MEGACORE) eval runs/sft
+	@echo "== chat (KV-cached generation, stops at <|end|>)"
+	$(MEGACORE) generate runs/sft --chat --prompt "Hi! How was your weekend?" --temperature 0.7 --max-new-tokens 60
+	$(MEGACORE) generate runs/sft --chat --prompt "What kind of music do you like?" --temperature 0.7 --max-new-tokens 60
 
 test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) $(CHITCHAT) slurm
 	$(PY) -m pytest -q tests

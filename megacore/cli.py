@@ -8,7 +8,7 @@
     megacore checkpoints consolidate RUN_DIR|CKPT OUT
     megacore export-hf RUN_DIR|CKPT OUT
     megacore estimate CONFIG [key=value ...] [--world-size N] [--json]
-    megacore eval RUN_DIR|CKPT [--split val] [--batches N]
+    megacore eval RUN_DIR|CKPT [--split val | --data-dir DIR | --text FILE ...] [--batches N]
     megacore generate RUN_DIR|CKPT [--prompt TEXT] [--chat] [--max-new-tokens N] [--temperature T] [--top-k K]
                      [--top-p P] [--stop TEXT] [--no-cache]
     megacore plot RUN_DIR [--out FILE]
@@ -21,9 +21,11 @@ or path, before any training process is started.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import tempfile
 
 from megacore.config import CheckpointError, ConfigError, load_config
 from megacore.data_commands import DataError
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a data split")
     ev.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
     ev.add_argument("--split", default="val")
+    ev.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                    help="raw text files or URLs instead of a prepared split (tokenized with the run's tokenizer)")
     ev.add_argument("--data-dir", default=None, help="prepared data (default: the run's data.dir)")
     ev.add_argument("--batches", type=int, default=0, help="evaluate at most N batches (0: the whole split)")
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
@@ -255,28 +259,43 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from data_pipeline.loader import TokenStore
+    from megacore.generate import load_trained
+
+    model, tokenizer, cfg, ckpt = load_trained(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.text:
+            # Raw text: tokenized here with the run's tokenizer, the whole of it as one split.
+            from data_pipeline.prepare import prepare
+
+            prepare(dataclasses.replace(cfg.data, dir=tmp, sources=args.text, format="text", val_fraction=0.0,
+                                        tokenizer_from=str(tokenizer.path)), log=lambda *_: None)
+            store, split = TokenStore(tmp, "train"), ",".join(args.text)
+        else:
+            store, split = TokenStore(args.data_dir or cfg.data.dir, args.split), args.split
+        result = _evaluate_store(model, cfg, store, args.batch_size, args.batches)
+    print(json.dumps({"checkpoint": str(ckpt), "split": split, **result}))
+    return 0
+
+
+def _evaluate_store(model, cfg, store, batch_size: int, batches: int) -> dict:
     import torch
 
-    from data_pipeline.loader import PackedLoader, TokenStore
+    from data_pipeline.loader import PackedLoader
+    from megacore.config import ParallelConfig
     from megacore.distributed import init_distributed, shutdown
     from megacore.evaluate import evaluate
-    from megacore.config import ParallelConfig
-    from megacore.generate import load_trained
     from megacore.parallel import ParallelModel, build_mesh
 
-    model, _, cfg, ckpt = load_trained(args.checkpoint)
-    store = TokenStore(args.data_dir or cfg.data.dir, args.split)
-    loader = PackedLoader(store, cfg.data.seq_len, args.batch_size, shuffle=False)
+    loader = PackedLoader(store, cfg.data.seq_len, batch_size, shuffle=False)
     env = init_distributed("cpu")
     try:
         layout = ParallelConfig(dp_shard=1).resolve(1)
         pm = ParallelModel([model], build_mesh(layout, env), layout, document_masking=cfg.model.document_masking)
-        n_micro = max(1, args.batch_size // cfg.train.micro_batch_size)
-        result = evaluate(pm, loader, args.batches or loader.batches_per_epoch, n_micro, torch.device("cpu"))
+        n_micro = max(1, batch_size // cfg.train.micro_batch_size)
+        return evaluate(pm, loader, batches or loader.batches_per_epoch, n_micro, torch.device("cpu"))
     finally:
         shutdown()
-    print(json.dumps({"checkpoint": str(ckpt), "split": args.split, **result}))
-    return 0
 
 
 def cmd_generate(args) -> int:

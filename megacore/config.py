@@ -252,6 +252,11 @@ class TrainConfig:
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = 100
     eval_batches: int = 8
+    # More evaluation sets besides data.dir's val split, "NAME=DIR" (its val split) or "NAME=DIR:SPLIT",
+    # logged as kind val_NAME; they must share data.dir's tokenizer.
+    eval_sets: list[str] = field(default_factory=list)
+    # Stop (with a checkpoint) when the val loss has not improved for this many evaluations; 0: never.
+    early_stop_patience: int = 0
     # Initial weights for a fresh run: a Hugging Face Llama directory or a megacore run/checkpoint
     # directory (weights only; optimizer and schedule start fresh). Ignored when resuming.
     init_from: str = ""
@@ -263,6 +268,20 @@ class TrainConfig:
         _positive(self, "train", "steps", "global_batch_size", "micro_batch_size", "eval_every", "eval_batches")
         if self.stop_after is not None and not 0 < self.stop_after <= self.steps:
             raise ConfigError(f"train.stop_after must be in [1, train.steps={self.steps}], got {self.stop_after}")
+        if self.early_stop_patience < 0:
+            raise ConfigError(f"train.early_stop_patience must be >= 0, got {self.early_stop_patience}")
+        self.named_eval_sets()
+
+    def named_eval_sets(self) -> list[tuple[str, str, str]]:
+        """[(name, dir, split)] of train.eval_sets."""
+        out = []
+        for i, item in enumerate(self.eval_sets):
+            name, sep, where = item.partition("=")
+            if not sep or not name.isidentifier() or not where:
+                raise ConfigError(f"train.eval_sets[{i}]={item!r} is not of the form NAME=DIR or NAME=DIR:SPLIT")
+            directory, _, split = where.partition(":")
+            out.append((name, directory, split or "val"))
+        return out
 
     def check_world(self, dp_size: int) -> int:
         """Return the gradient accumulation steps for `dp_size` data-parallel ranks."""

@@ -1,4 +1,4 @@
-"""Evaluation: loss, perplexity and bits per byte on a prepared split."""
+"""Evaluation: loss, perplexity, bits per byte and next-token accuracy on a prepared split."""
 
 from __future__ import annotations
 
@@ -22,14 +22,16 @@ def evaluate(pm, loader: PackedLoader, max_batches: int, n_micro: int, device: t
     so it compares across tokenizers.
     """
     pm.train(False)
-    total, count = 0.0, 0
+    total, correct, count = 0.0, 0.0, 0
     for _ in range(min(max_batches, loader.batches_per_epoch)):
         batch = loader.next_batch()
-        loss = pm.eval_loss(batch, n_micro, device, amp or contextlib.nullcontext())
-        total += loss if pm.reports_loss else 0.0
+        loss, right = pm.eval_loss(batch, n_micro, device, amp or contextlib.nullcontext())
+        if pm.reports_loss:
+            total, correct = total + loss, correct + right
         count += int((batch["labels"] != IGNORE_INDEX).sum()) if pm.counts_tokens else 0
-    total, count = all_reduce_sum([total, count], device)
+    total, correct, count = all_reduce_sum([total, correct, count], device)
     pm.train(True)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bits_per_byte": loss / math.log(2) / loader.store.bytes_per_token, "tokens": int(count)}
+            "bits_per_byte": loss / math.log(2) / loader.store.bytes_per_token, "accuracy": correct / count,
+            "tokens": int(count)}

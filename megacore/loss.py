@@ -11,3 +11,8 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy over labels that are not IGNORE_INDEX, computed in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Targets (labels that are not IGNORE_INDEX) that the model ranks first: next-token accuracy's numerator."""
+    return ((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()

@@ -12,7 +12,7 @@ from data_pipeline.examples import main as examples
 from data_pipeline.loader import IGNORE_INDEX, PackedLoader, TokenStore
 from data_pipeline.tokenizer import Tokenizer
 from megacore.generate import load_trained
-from tests.conftest import REPO, TINY, megacore
+from tests.conftest import REPO, TINY, megacore, read_metrics
 
 CHITCHAT = REPO / ".cache" / "downloads" / "chitchat_dataset-0.9.0-py3-none-any.whl"
 
@@ -77,11 +77,16 @@ def test_fine_tuning_lowers_response_loss_on_held_out_chats(chat_dir, pretrained
         return json.loads(out.splitlines()[-1])["loss"]
 
     sft = tmp_path / "sft"
+    data_dir = json.loads((pretrained / "checkpoints").glob("*/meta.json").__next__().read_text())["config"]["data"]["dir"]
     megacore("train", "configs/tiny.yaml", *TINY, f"data.dir={chat_dir}", f"train.run_dir={sft}",
-             f"train.init_from={pretrained}", "train.steps=40", "optim.lr=3e-3", "train.eval_every=1000",
-             "checkpoint.every=1000")
+             f"train.init_from={pretrained}", "train.steps=40", "optim.lr=3e-3", "train.eval_every=20",
+             f"train.eval_sets=[shakespeare={data_dir}]", "checkpoint.every=1000")
     before, after = response_loss(pretrained), response_loss(sft)
     assert after < before - 0.3, (before, after)
+    # Periodic evaluation on the chat val split and on a second named set, with next-token accuracy.
+    val, other = read_metrics(sft, "val"), read_metrics(sft, "val_shakespeare")
+    assert sorted(val) == sorted(other) == [20, 40]
+    assert 0 < val[20]["accuracy"] < val[40]["accuracy"] < 1
 
 
 def test_two_stage_run_resumes_exactly_within_the_sft_stage(chat_dir, pretrained, tmp_path):
@@ -97,3 +102,23 @@ def test_two_stage_run_resumes_exactly_within_the_sft_stage(chat_dir, pretrained
     assert "resumed from" in resumed.stdout and "initialised weights" not in resumed.stdout
     a, b = load_trained(tmp_path / "straight")[0].state_dict(), load_trained(tmp_path / "split")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_on_a_raw_text_file_reports_loss_perplexity_bpb_and_accuracy(pretrained, tmp_path):
+    text = tmp_path / "speech.txt"
+    text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40)
+    result = json.loads(megacore("eval", pretrained, "--text", text, "--batch-size", "2").stdout.splitlines()[-1])
+    assert result["tokens"] > 500 and 0 < result["accuracy"] <= 1
+    assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-6) and result["bits_per_byte"] > 0
+
+
+def test_early_stop_ends_the_run_with_a_checkpoint_when_val_loss_stops_improving(data_dir, tmp_path):
+    # A learning rate far too high: the val loss gets worse after the first evaluation.
+    proc = megacore("train", "configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={tmp_path / 'run'}",
+                    "train.steps=40", "optim.lr=3.0", "optim.warmup_steps=0", "train.eval_every=2",
+                    "train.early_stop_patience=2", "checkpoint.every=1000")
+    assert "early stop at step" in proc.stdout
+    stopped = int(proc.stdout.split("early stop at step ")[1].split(":")[0])
+    assert stopped < 40 and sorted(read_metrics(tmp_path / "run"))[-1] == stopped
+    assert (tmp_path / "run" / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    assert not (tmp_path / "run" / "PREEMPTED").exists(), "an early stop is no preemption: nothing to requeue"

@@ -22,7 +22,7 @@ from torch import nn
 
 from megacore.checkpoint import Checkpointer
 from megacore.config import Config, ConfigError
-from megacore.loss import loss_sum
+from megacore.loss import correct_count, loss_sum
 from megacore.parallel.parallelize import micro_batches
 from megacore.train.optim import param_groups
 
@@ -102,11 +102,13 @@ class DeepSpeedModel:
         return float(total)
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict, n_micro: int, device, amp) -> float:
-        total = torch.zeros((), device=device)
+    def eval_loss(self, batch: dict, n_micro: int, device, amp) -> tuple[float, float]:
+        total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for x, y, pos in micro_batches(batch, n_micro, device, self.document_masking):
-            total += loss_sum(self.engine(x, pos), y)
-        return float(total)
+            logits = self.engine(x, pos)
+            total += loss_sum(logits, y)
+            correct += correct_count(logits, y)
+        return float(total), float(correct)
 
 
 class DeepSpeedOptimizer:

@@ -17,7 +17,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from megacore.config import Config, ParallelConfig
 from megacore.distributed import DistEnv
-from megacore.loss import loss_sum
+from megacore.loss import correct_count, loss_sum
 from megacore.model.llama import Llama
 from megacore.parallel.activation_checkpoint import apply_activation_checkpointing
 from megacore.parallel.fsdp import apply_fsdp
@@ -51,6 +51,7 @@ class ParallelModel:
         self.has_first = any(p.tok_embeddings is not None for p in parts)
         self.has_last = any(p.output is not None for p in parts)
         self._scale = 1.0  # the pipeline loss function's gradient scale for the current step
+        self._correct = 0.0  # correct next tokens counted by the pipeline loss function in evaluation
 
     @property
     def reports_loss(self) -> bool:
@@ -70,6 +71,8 @@ class ParallelModel:
             yield from p.parameters()
 
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # evaluation: also count the correct next tokens
+            self._correct += float(correct_count(output, target))
         return loss_sum(output, target) * self._scale
 
     def _run_pipeline(self, run, batch: dict, device, amp) -> float:
@@ -101,16 +104,18 @@ class ParallelModel:
         return float(total)
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict, n_micro: int, device, amp) -> float:
-        """This rank's summed token loss over its batch, without gradients."""
-        self._scale = 1.0
+    def eval_loss(self, batch: dict, n_micro: int, device, amp) -> tuple[float, float]:
+        """This rank's summed token loss and count of correctly predicted targets, without gradients."""
+        self._scale, self._correct = 1.0, 0.0
         if self.schedule is not None:
-            return self._run_pipeline(self.schedule.eval, batch, device, amp)
-        total = torch.zeros((), device=device)
+            return self._run_pipeline(self.schedule.eval, batch, device, amp), self._correct
+        total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for x, y, pos in micro_batches(batch, n_micro, device, self.document_masking):
             with amp:
-                total += loss_sum(self.parts[0](x, pos), y)
-        return float(total)
+                logits = self.parts[0](x, pos)
+                total += loss_sum(logits, y)
+                correct += correct_count(logits, y)
+        return float(total), float(correct)
 
 
 def parallelize(model: Llama, cfg: Config, layout: ParallelConfig, mesh: DeviceMesh, n_micro: int,

@@ -80,6 +80,10 @@ def _train(cfg: Config, resume: str, env) -> dict:
     train_loader = PackedLoader(stores, seq_len, gbs, pm.dp_rank, pm.dp_size, cfg.train.seed, weights=weights,
                                 num_workers=cfg.data.num_workers, document_positions=cfg.model.document_masking)
     val_store = TokenStore(cfg.data.dir, "val")
+    eval_sets = [("val", val_store)] + [(f"val_{name}", TokenStore(d, split))
+                                        for name, d, split in cfg.train.named_eval_sets()]
+    check_tokenizers([store for _, store in eval_sets[1:]], cfg.data.dir, "train.eval_sets")
+    best_val, evals_without_gain = float("inf"), 0
 
     step, meta = 0, {}
     if ckpt is not None:
@@ -104,7 +108,7 @@ def _train(cfg: Config, resume: str, env) -> dict:
               f"tp {layout.tp}; global batch {gbs} x {seq_len} tokens in {n_micro} micro-batch(es) per dp rank; "
               f"MFU against {peak_tflops:.3f} TFLOP/s per rank", flush=True)
     last_stop, start_step = cfg.train.stop_after or cfg.train.steps, step
-    stop_request, preempted = StopRequest(run_dir, env.is_main), False
+    stop_request, preempted, early_stop = StopRequest(run_dir, env.is_main), False, False
     result: dict = {}
     window_start, window_tokens = time.perf_counter(), 0
     pm.train()
@@ -134,12 +138,20 @@ def _train(cfg: Config, resume: str, env) -> dict:
             window_start, window_tokens = time.perf_counter(), 0
 
         if step % cfg.train.eval_every == 0 or step == last_stop:
-            val_loader = PackedLoader(val_store, seq_len, gbs, pm.dp_rank, pm.dp_size, shuffle=False,
+            for kind, store in eval_sets:
+                loader = PackedLoader(store, seq_len, gbs, pm.dp_rank, pm.dp_size, shuffle=False,
                                       document_positions=cfg.model.document_masking)
-            result["val"] = evaluate(pm, val_loader, cfg.train.eval_batches, n_micro, env.device, amp)
-            metrics.log(step, result["val"], kind="val")
+                result[kind] = evaluate(pm, loader, cfg.train.eval_batches, n_micro, env.device, amp)
+                metrics.log(step, result[kind], kind=kind)
+            # The val loss is all-reduced, so every rank takes the same early-stop decision.
+            best_val, evals_without_gain = ((result["val"]["loss"], 0) if result["val"]["loss"] < best_val
+                                            else (best_val, evals_without_gain + 1))
+            early_stop = 0 < cfg.train.early_stop_patience <= evals_without_gain and step < last_stop
+            if early_stop and env.is_main:
+                print(f"early stop at step {step}: val loss {best_val:.4f} has not improved for "
+                      f"{evals_without_gain} evaluations", flush=True)
 
-        preempted = stop_request.agreed() and step < last_stop
+        preempted = (stop_request.agreed() or early_stop) and step < last_stop
         if step % cfg.checkpoint.every == 0 or step == last_stop or preempted:
             meta = {"loader": train_loader.state_dict(), "config": cfg.to_dict(), "world_size": env.world_size,
                     "tokenizer_sha256": val_store.manifest["tokenizer"]["sha256"],
@@ -155,7 +167,7 @@ def _train(cfg: Config, resume: str, env) -> dict:
     last = checkpointer.poll(block=True)
     if last is not None and env.is_main:
         print(f"saved checkpoint {last} (written in the background)", flush=True)
-    if preempted:
+    if preempted and not early_stop:
         stop_request.mark_stopped(step)  # after the commit: the batch script requeues on this
         if env.is_main:
             print(f"stopped at step {step} on request (preemption or time limit); continue with --resume auto",
@@ -177,12 +189,15 @@ def train_stores(cfg: Config) -> tuple[list[TokenStore], list[float]]:
     """The training split of `data.dir`, or of each `data.mixture` directory with its weight."""
     mixture = cfg.data.mixture_weights() or [(cfg.data.dir, 1.0)]
     stores = [TokenStore(path, "train") for path, _ in mixture]
-    tokenizer = read_manifest(cfg.data.dir)["tokenizer"]["sha256"]
+    check_tokenizers(stores, cfg.data.dir, "data.mixture")
+    return stores, [w for _, w in mixture]
+
+
+def check_tokenizers(stores: list[TokenStore], data_dir: str, key: str) -> None:
+    tokenizer = read_manifest(data_dir)["tokenizer"]["sha256"]
     for store in stores:
         if store.manifest["tokenizer"]["sha256"] != tokenizer:
-            raise ConfigError(f"data.mixture: {store.data_dir} was tokenized with another tokenizer than "
-                              f"data.dir={cfg.data.dir}")
-    return stores, [w for _, w in mixture]
+            raise ConfigError(f"{key}: {store.data_dir} was tokenized with another tokenizer than data.dir={data_dir}")
 
 
 def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
