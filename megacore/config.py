@@ -388,18 +388,21 @@ def _positive(section: Any, prefix: str, *names: str) -> None:
 # Loading: YAML + overrides -> typed dataclasses
 
 
+def _read_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw = _read_mapping(path, "config file") if path is not None else {}
     for item in overrides:
         _apply_override(raw, item)
     return _build(Config, raw, "").validate()
@@ -407,13 +410,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def load_dataclass(cls: type, path: str | Path, section: str = "") -> Any:
     """Any dataclass from a YAML mapping, with the same typing and key-naming errors as Config."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    raw = _read_mapping(path, "file")
     try:
         return _build(cls, raw, section)
     except ConfigError as e:

@@ -11,14 +11,16 @@ from tests.conftest import megacore, read_metrics
 
 
 def test_two_rank_run_writes_run_dir_and_val_loss_falls(tiny_args, tmp_path):
+    # peak_tflops=0: MFU against a matmul peak measured on each rank at start.
     args = tiny_args("run", "train.steps=30", "train.eval_every=10", "checkpoint.every=10", "checkpoint.keep_last=2",
-                     "optim.lr=3e-3")
+                     "optim.lr=3e-3", "train.peak_tflops=0")
     proc = megacore("train", *args, "--nproc", "2")
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file() and (run / "tokenizer.model").is_file()
     train = read_metrics(run)
     assert sorted(train) == list(range(1, 31))
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(train[30])
+    assert 0 < train[30]["mfu"] < 1, "against the measured peak"
     val = read_metrics(run, "val")
     assert sorted(val) == [10, 20, 30]
     assert val[30]["loss"] < val[10]["loss"] < math.log(512)

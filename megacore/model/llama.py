@@ -106,7 +106,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, cache: "LayerCache | None" = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache)
+        # The cache goes by keyword: tensor-parallel plans match the positional inputs.
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache=cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
