@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -129,6 +130,12 @@ class Checkpointer:
         self._pending = None  # an async save whose files are still being written
         # Async saves run their collectives in a background thread: give them their own group.
         self._async_group = dist.new_group(backend="gloo") if cfg.async_save else None
+        # One stager for the whole run: it keeps its staging buffers, so after the first save the
+        # in-memory copy that blocks training reuses memory instead of allocating (page-faulting) it.
+        self._stager = (DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                     use_shared_memory=False, use_async_staging=False,
+                                                     use_non_blocking_copy=False))
+                        if cfg.async_save else None)
 
     def save(self, step: int, parts: list[nn.Module], optimizers, meta: dict) -> Path | None:
         """Write a checkpoint of this step. Synchronous: returns its committed path. Async: returns None
@@ -145,7 +152,8 @@ class Checkpointer:
         pending = (step, tmp, final, {"step": step, "time": time.time(), **meta}, rng_state())
         if self.cfg.async_save:
             state = _state(parts, optimizers)[0]
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
+                                    async_stager=self._stager)
             self._pending = (*pending, future)
             return None
         self._write_state(tmp, parts, optimizers)
@@ -178,6 +186,14 @@ class Checkpointer:
         future.result()
         self._pending = None
         return self._commit(*pending)
+
+    def close(self) -> None:
+        """After the last save: wait for it, and free the async stager's buffers."""
+        last = self.poll(block=True)
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        return last
 
     def _commit(self, step: int, tmp: Path, final: Path, meta: dict, rng: dict) -> Path:
         (tmp / "rng").mkdir(parents=True, exist_ok=True)

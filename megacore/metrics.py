@@ -31,7 +31,7 @@ class MetricsLogger:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if kind in ("train", "val"):
+        if kind == "train" or kind.startswith("val"):
             print(self._console_line(step, metrics, kind), flush=True)
         if self.wandb is not None:
             self.wandb.log(step, metrics, kind)

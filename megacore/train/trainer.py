@@ -164,7 +164,7 @@ def _train(cfg: Config, resume: str, env) -> dict:
             window_start = time.perf_counter()  # keep checkpoint time out of throughput
         if preempted:
             break
-    last = checkpointer.poll(block=True)
+    last = checkpointer.close()
     if last is not None and env.is_main:
         print(f"saved checkpoint {last} (written in the background)", flush=True)
     if preempted and not early_stop:
