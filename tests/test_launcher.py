@@ -45,7 +45,7 @@ def test_hostile_values_reach_the_trainer_verbatim_and_execute_nothing(tmp_path,
     bin_dir = _stubs(tmp_path)
     job = JobSpec(name="fuzz", config=str(config), env={"MEGACORE_FUZZ": value},
                   overrides=[f"data.dir={value}", f"train.run_dir={tmp_path / 'run'}"],
-                  sweep=[[f"data.tokenizer_type=bpe", f"data.dir={value}x"]] * 2)
+                  sweep=[["data.tokenizer_type=bpe", f"data.dir={value}x"]] * 2)
     profile = ClusterProfile(python=str(bin_dir / "python-stub"))
     validate(job, profile)
     script = render_sbatch(job, profile, workdir=tmp_path)

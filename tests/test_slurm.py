@@ -85,8 +85,8 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
     raise AssertionError(f"{run_dir} did not reach step {step}")
 
 
-RUN = ["train.steps=40", "checkpoint.every=5", "train.eval_every=1000", "checkpoint.keep_last=2"]
-DISTURB_AT, LAST = 12, 40
+RUN = ["train.steps=30", "checkpoint.every=5", "train.eval_every=1000", "checkpoint.keep_last=2"]
+DISTURB_AT, LAST = 10, 30
 LRS = ["1e-3", "2e-3", "4e-3"]
 
 

@@ -120,7 +120,6 @@ class ParallelModel:
 
 def parallelize(model: Llama, cfg: Config, layout: ParallelConfig, mesh: DeviceMesh, n_micro: int,
                 device: torch.device) -> ParallelModel:
-    schedule = None
     if layout.pp > 1:
         n_stages = layout.pp * layout.stages_per_rank
         stages = split_into_stages(model, mesh["pp"].get_local_rank(), layout.pp, layout.stages_per_rank)

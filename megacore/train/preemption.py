@@ -2,7 +2,7 @@
 
 A stop is asked for by SIGUSR1 to any rank, or by the file RUN_DIR/STOP (the Slurm batch script writes
 it when Slurm warns it before the time limit: the signal reaches the batch shell, not the ranks under
-torchrun). Every rank must stop at the same step, so the request is agreed with one all-reduce per step.
+torchrun). Every rank must stop at the same step: the votes travel in the step's loss all-reduce.
 After the checkpoint, rank 0 leaves RUN_DIR/PREEMPTED; the batch script turns that into
 `scontrol requeue` (torchrun does not pass the ranks' exit codes on, so a file carries the outcome).
 """
@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 STOP, PREEMPTED = "STOP", "PREEMPTED"
 
@@ -28,12 +25,10 @@ class StopRequest:
     def _on_signal(self, signum, frame) -> None:
         self._signalled = True
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank was signalled or rank 0 sees the STOP file."""
-        mine = self._signalled or (self.is_main and (self.run_dir / STOP).exists())
-        flag = torch.tensor([1 if mine else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def requested_here(self) -> bool:
+        """This rank's vote: it was signalled, or (rank 0) the STOP file exists. The trainer sums the
+        votes in the step's loss all-reduce, so every rank stops at the same step."""
+        return self._signalled or (self.is_main and (self.run_dir / STOP).exists())
 
     def mark_stopped(self, step: int) -> None:
         if self.is_main:

@@ -22,7 +22,7 @@ from megacore.config import Config, ConfigError
 from megacore.distributed import all_reduce_sum, init_distributed, shutdown
 from megacore.evaluate import evaluate
 from megacore.hf import load_hf_into
-from megacore.loss import IGNORE_INDEX, loss_sum
+from megacore.loss import IGNORE_INDEX
 from megacore.metrics import MetricsLogger
 from megacore.model import Llama, flops_per_token, num_params
 from megacore.parallel import ParallelModel, build_mesh, parallelize
@@ -116,7 +116,8 @@ def _train(cfg: Config, resume: str, env) -> dict:
         step += 1
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         optimizers.set_lr(lr)
-        loss, tokens = _train_step(pm, train_loader.next_batch(), n_micro, env.device, amp)
+        loss, tokens, stop_votes = _train_step(pm, train_loader.next_batch(), n_micro, env.device, amp,
+                                               stop_request.requested_here())
         grad_norm = optimizers.step()
         if step == start_step + 1:
             write_memory_report(Path(run_dir) / "memory.json", pm.parts, optimizers, env.is_main)
@@ -151,7 +152,7 @@ def _train(cfg: Config, resume: str, env) -> dict:
                 print(f"early stop at step {step}: val loss {best_val:.4f} has not improved for "
                       f"{evals_without_gain} evaluations", flush=True)
 
-        preempted = (stop_request.agreed() or early_stop) and step < last_stop
+        preempted = (stop_votes > 0 or early_stop) and step < last_stop
         if step % cfg.checkpoint.every == 0 or step == last_stop or preempted:
             meta = {"loader": train_loader.state_dict(), "config": cfg.to_dict(), "world_size": env.world_size,
                     "tokenizer_sha256": val_store.manifest["tokenizer"]["sha256"],
@@ -234,11 +235,12 @@ def checkpoint_to_resume(run_dir: str, resume: str):
     return resolve_checkpoint(resume)
 
 
-def _train_step(pm: ParallelModel, batch, n_micro: int, device, amp) -> tuple[float, int]:
-    """Forward/backward over this rank's micro-batches; returns (global mean loss, global target tokens)."""
+def _train_step(pm: ParallelModel, batch, n_micro: int, device, amp, stop_here: bool) -> tuple[float, int, int]:
+    """Forward/backward over this rank's micro-batches; returns (global mean loss, global target tokens,
+    ranks asking to stop). The stop request rides on the loss all-reduce: no extra collective per step."""
     local_tokens = int((batch["labels"] != IGNORE_INDEX).sum()) if pm.counts_tokens else 0
     global_tokens = int(all_reduce_sum([local_tokens], device)[0])
     # FSDP averages gradients over dp ranks; scaling by dp_size makes the result sum / global_tokens.
     local_loss = pm.forward_backward(batch, n_micro, pm.dp_size / global_tokens, device, amp)
-    loss = all_reduce_sum([local_loss if pm.reports_loss else 0.0], device)[0] / global_tokens
-    return loss, global_tokens
+    total, stop_votes = all_reduce_sum([local_loss if pm.reports_loss else 0.0, float(stop_here)], device)
+    return total / global_tokens, global_tokens, int(stop_votes)
