@@ -80,13 +80,19 @@ chat-demo: $(VENV)/.installed $(CHITCHAT)
 test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) $(CHITCHAT) slurm
 	$(PY) -m pytest -q tests
 
-# Benchmarks print ratios against a reference run in the same script; figures go in BENCHMARKS.md.
+# Benchmarks print ratios against a reference run in the same script, then one table of all of them
+# (bench/report.py); figures go in BENCHMARKS.md.
 # HF `datasets` is only the loader benchmark's reference, so it is installed here, not as a dependency.
-bench: $(VENV)/.installed $(SHAKESPEARE)
+bench: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE)
 	$(PY) -m pip install -q 'datasets>=3'
+	$(MEGACORE) data prepare configs/tiny.yaml
+	rm -f .cache/bench/results.jsonl
 	cd bench && ../$(PY) data_prepare.py
 	cd bench && ../$(PY) data_loader.py
 	cd bench && ../$(PY) checkpoint.py
+	cd bench && ../$(PY) train_step.py
+	cd bench && ../$(PY) scaling.py
+	cd bench && ../$(PY) report.py
 
 clean:
 	rm -rf $(VENV) .cache runs data *.egg-info

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from report import record
 
 from megacore.checkpoint import Checkpointer
 from megacore.config import CheckpointConfig, ModelConfig, OptimConfig, ParallelConfig
@@ -101,6 +102,13 @@ def main() -> None:
         for i, stall in enumerate(stalls):
             print(f"async save {i + 1}: blocks training {stall:.3f} s = {stall / step_s:.1%} of a {step_s:.2f} s step"
                   + (" (staging buffers allocated)" if i == 0 else " (staging buffers reused)"))
+        what = f"checkpoint, {gb:.2f} GB, 1 process"
+        record(what + ": save with commit", f"{gb / save_s:.3f} GB/s", f"plain write + fsync: {gb / write_s:.3f} GB/s",
+               f"{write_s / save_s:.2f}x", ">= 0.7x")
+        record(what + ": load", f"{gb / load_s:.3f} GB/s", f"plain read: {gb / read_s:.3f} GB/s",
+               f"{read_s / load_s:.2f}x", ">= 0.7x")
+        record(what + ": async save stall (reused buffers)", f"{statistics.median(stalls[1:]):.3f} s",
+               f"median step {step_s:.2f} s", f"{statistics.median(stalls[1:]) / step_s:.1%} of a step", "< 5%")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutdown()

@@ -22,6 +22,13 @@ def torchrun_argv(nproc: int, cli_args: list[str], max_restarts: int = 0) -> lis
             f"--max-restarts={max_restarts}", "-m", "megacore.cli", *cli_args]
 
 
+def threads_per_rank(nproc: int) -> int:
+    """This machine's usable cores shared out among the ranks (torchrun alone would give each rank 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // nproc)
+
+
 def run_local(nproc: int, cli_args: list[str], max_restarts: int = 0) -> int:
-    """Run and wait; returns torchrun's exit status (non-zero if any rank failed for good)."""
-    return subprocess.call(torchrun_argv(nproc, cli_args, max_restarts), env={**os.environ, **TORCHRUN_ENV})
+    """Run and wait; returns torchrun's exit status (non-zero if any rank failed for good). A user's
+    OMP_NUM_THREADS wins over the even share of the cores."""
+    env = {"OMP_NUM_THREADS": str(threads_per_rank(nproc)), **os.environ, **TORCHRUN_ENV}
+    return subprocess.call(torchrun_argv(nproc, cli_args, max_restarts), env=env)

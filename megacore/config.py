@@ -320,9 +320,15 @@ class LoggingConfig:
     # Run name (default: the run directory's name); one W&B run per run directory, across resumes.
     wandb_name: str = ""
     wandb_tags: list[str] = field(default_factory=list)
+    # torch.profiler over steps profile_start .. profile_start + profile_steps - 1 (0: off): a trace per
+    # rank and a summary with the communication share in RUN_DIR/profile/ (megacore/profiling.py).
+    profile_start: int = 0
+    profile_steps: int = 3
 
     def validate(self) -> None:
-        _positive(self, "logging", "log_every")
+        _positive(self, "logging", "log_every", "profile_steps")
+        if self.profile_start < 0:
+            raise ConfigError(f"logging.profile_start must be >= 0 (0: off), got {self.profile_start}")
 
 
 @dataclass

@@ -3,6 +3,7 @@ loss, layout-independent losses, eval, generate and plot. (Stop and resume: test
 
 import json
 import math
+import os
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.conftest import megacore, read_metrics
 def test_two_rank_run_writes_run_dir_and_val_loss_falls(tiny_args, tmp_path):
     # peak_tflops=0: MFU against a matmul peak measured on each rank at start.
     args = tiny_args("run", "train.steps=30", "train.eval_every=10", "checkpoint.every=10", "checkpoint.keep_last=2",
-                     "optim.lr=3e-3", "train.peak_tflops=0")
+                     "optim.lr=3e-3", "train.peak_tflops=0", "logging.profile_start=12", "logging.profile_steps=2")
     proc = megacore("train", *args, "--nproc", "2")
     run = tmp_path / "run"
     assert (run / "config.yaml").is_file() and (run / "tokenizer.model").is_file()
@@ -33,6 +34,19 @@ def test_two_rank_run_writes_run_dir_and_val_loss_falls(tiny_args, tmp_path):
     assert meta["loader"]["consumed_samples"] + meta["loader"]["epoch"] > 0
     assert not list((run / "checkpoints").glob("*.tmp"))
     assert "saved checkpoint" in proc.stdout
+    # --nproc shares the cores out: each rank gets cores / ranks threads, not torchrun's default of one.
+    assert f"({max(1, len(os.sched_getaffinity(0)) // 2)} CPU threads each)" in proc.stdout
+
+    # Steps 12-13 ran under torch.profiler: a Perfetto trace per rank, and how much time went to FSDP's
+    # collectives on each rank (never all of it, never none on 2 ranks).
+    assert "profiled steps [12, 13]: communication" in proc.stdout
+    summary = json.loads((run / "profile/summary.json").read_text())["ranks"]
+    assert [r["rank"] for r in summary] == [0, 1]
+    for r in summary:
+        assert r["steps"] == [12, 13] and 0 < r["communication_s"] < r["wall_s"]
+        assert 0 < r["communication_share"] < 1 and "aten::mm" in r["top_self_time_s"]
+        trace = json.loads((run / f"profile/rank{r['rank']}.trace.json").read_text())
+        assert any(e.get("name", "").startswith("gloo:") for e in trace["traceEvents"])
 
     # eval, generate and plot on the result, in one process (DCP reshards the 2-rank checkpoint).
     result = json.loads(megacore("eval", run, "--batches", "4").stdout.strip().splitlines()[-1])
@@ -59,3 +73,11 @@ def test_one_rank_and_two_rank_fsdp_give_the_same_losses(tiny_args, tmp_path):
     single, fsdp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "fsdp")
     for step in range(1, 7):
         assert fsdp[step]["loss"] == pytest.approx(single[step]["loss"], rel=1e-5), step
+
+
+def test_communication_time_counts_overlapping_collectives_once():
+    # Two collectives in flight together on one rank are one stretch of communication, not two.
+    from megacore.profiling import union_seconds
+
+    assert union_seconds([(0.0, 1.0), (0.5, 2.0), (3.0, 3.5), (3.1, 3.2)]) == pytest.approx(2.5)
+    assert union_seconds([]) == 0.0

