@@ -220,7 +220,7 @@ class Checkpointer:
         rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
         if optimizers is not None and meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
             # Same world size: every rank continues its own random streams. Otherwise they restart
-            # from the seed (nothing in training draws from them yet; dropout would).
+            # from the seed (only model.dropout draws from them in training).
             set_rng_state(json.loads(rng_file.read_text()))
         return meta
 

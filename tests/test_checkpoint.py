@@ -50,6 +50,21 @@ def test_resume_is_bitwise_exact(runs):
     assert [same[s]["loss"] for s in range(1, 9)] == [straight[s]["loss"] for s in range(1, 9)]
 
 
+def test_resume_with_dropout_is_bitwise_exact(tmp_path, data_dir):
+    from tests.conftest import TINY
+
+    # Dropout draws from torch's generator every step: the checkpoint's random streams carry it across.
+    def run(name, *extra):
+        return megacore("train", "configs/tiny.yaml", *TINY, *COMMON, f"data.dir={data_dir}", f"train.run_dir={tmp_path / name}",
+                        "model.dropout=0.1", "train.steps=6", "checkpoint.every=3", *extra)
+
+    run("straight")
+    run("resumed", "train.stop_after=3")
+    run("resumed", "--resume", "auto")
+    a, b = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("name, nproc, layout", [
     ("to_one_rank", 1, []),
     ("to_tp2", 2, ["parallel.tp=2"]),

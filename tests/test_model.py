@@ -74,3 +74,15 @@ def test_document_masking_makes_packed_documents_independent():
     plain = Llama(tiny())
     plain.load_state_dict(model.state_dict())
     assert not torch.allclose(plain(packed, positions)[:, 8:], alone, atol=1e-5)
+
+
+def test_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    plain = Llama(tiny())
+    dropped = Llama(tiny(dropout=0.2))
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 100, (2, 16))
+    dropped.train()
+    assert not torch.equal(dropped(x), dropped(x)), "a fresh mask per forward"
+    plain.eval(), dropped.eval()
+    assert torch.equal(dropped(x), plain(x)), "evaluation and generation never drop"
