@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from report import record
+from train_step import steady_tokens_per_s
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,12 +53,11 @@ def run(name: str, nproc: int, overrides: list[str], args, workdir: Path) -> dic
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{name}: megacore train failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    tps = steady_tokens_per_s(run_dir / "metrics.jsonl", warmup + 1, warmup + measured)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in records if r["kind"] == "train" and warmup < r["step"] <= warmup + measured]
-    tokens = 16 * 256 * warmup  # global batch x seq per step of the demo config, per window
-    tps = len(windows) * tokens / sum(tokens / r["tokens_per_s"] for r in windows)
+    mfu = next(r["mfu"] for r in records if r["kind"] == "train" and r["step"] == warmup + measured)
     profile = json.loads((run_dir / "profile/summary.json").read_text())["ranks"]
-    return {"tokens_per_s": tps, "mfu": windows[-1]["mfu"],
+    return {"tokens_per_s": tps, "mfu": mfu,
             "communication_share": max(r["communication_share"] for r in profile)}
 
 

@@ -72,6 +72,13 @@ def bare_loop(cfg, batches: list[dict], warmup: int, steps: int, fused: bool, de
     return steps * batches[0]["input_ids"].numel() / (time.perf_counter() - start)
 
 
+def steady_tokens_per_s(metrics_jsonl: Path, first: int, last: int) -> float:
+    """tokens/s over the train records logged at steps first..last, whose windows hold equal token counts."""
+    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
+    windows = [r["tokens_per_s"] for r in records if r["kind"] == "train" and first <= r["step"] <= last]
+    return len(windows) / sum(1 / tps for tps in windows)  # equal tokens per window: the harmonic mean
+
+
 def trainer_run(cfg, warmup: int, steps: int, run_dir: Path) -> float:
     """tokens/s of megacore's trainer over the steps after warm-up (from its metrics.jsonl windows)."""
     cfg.train.run_dir = str(run_dir)
@@ -79,10 +86,7 @@ def trainer_run(cfg, warmup: int, steps: int, run_dir: Path) -> float:
     cfg.logging.log_every = warmup  # the first window is the warm-up; `steps` must be a multiple of it
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer's console lines; its metrics.jsonl is read
         train(cfg)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in records if r["kind"] == "train" and r["step"] > warmup]
-    tokens = cfg.train.global_batch_size * cfg.data.seq_len * warmup  # per window
-    return len(windows) * tokens / sum(tokens / r["tokens_per_s"] for r in windows)
+    return steady_tokens_per_s(run_dir / "metrics.jsonl", warmup + 1, cfg.train.steps)
 
 
 def main() -> None:
