@@ -11,7 +11,7 @@ DEMO_RUN := runs/demo
 # DeepSpeed compiles C++ ops on first use; keep its cache inside the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo chat-demo test bench clean slurm
+.PHONY: install demo chat-demo lint test bench clean slurm
 
 install: $(VENV)/.installed
 
@@ -77,7 +77,11 @@ chat-demo: $(VENV)/.installed $(CHITCHAT)
 	$(MEGACORE) generate runs/sft --chat --prompt "Hi! How was your weekend?" --temperature 0.7 --max-new-tokens 60
 	$(MEGACORE) generate runs/sft --chat --prompt "What kind of music do you like?" --temperature 0.7 --max-new-tokens 60
 
-test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) $(CHITCHAT) slurm
+# Lint first (ruff, configured in pyproject.toml): a lint error fails `make test` before any test runs.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) $(CHITCHAT) slurm lint
 	$(PY) -m pytest -q tests
 
 # Benchmarks print ratios against a reference run in the same script, then one table of all of them

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from report import record
 
-from megacore.checkpoint import Checkpointer
-from megacore.config import CheckpointConfig, ModelConfig, OptimConfig, ParallelConfig
+from megacore.checkpoint.dcp import Checkpointer
+from megacore.config import CheckpointConfig, ModelConfig, OptimConfig
 from megacore.distributed import init_distributed, shutdown
-from megacore.loss import loss_sum
 from megacore.model import Llama
-from megacore.parallel import build_mesh
+from megacore.train.loss import loss_sum
 from megacore.train.optim import Optimizers
 
 
@@ -53,14 +52,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
-    env = init_distributed("cpu")
+    init_distributed("cpu")
     workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     try:
         cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=12, n_kv_heads=4, vocab_size=16384,
                           max_seq_len=args.seq)
         model = Llama(cfg)
-        layout = ParallelConfig(dp_shard=1).resolve(1)
-        build_mesh(layout, env)
         optimizers = Optimizers([model], OptimConfig())
         tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
 

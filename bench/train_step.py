@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import record
 
 from data_pipeline.loader import PackedLoader, TokenStore
 from megacore.config import load_config
 from megacore.model import Llama, flops_per_token
-from megacore.throughput import measure_matmul_tflops
+from megacore.monitor.throughput import measure_matmul_tflops
 from megacore.train.trainer import train
-from report import record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,7 +128,7 @@ def main() -> None:
     for compiled in variants:
         cfg.parallel.compile = compiled
         best = {"bare": 0.0, "bare_fused": 0.0, "megacore": 0.0}
-        for r in range(args.rounds):
+        for _r in range(args.rounds):
             best["bare"] = max(best["bare"], bare_loop(cfg, batches, args.warmup, args.steps, False, device))
             best["bare_fused"] = max(best["bare_fused"], bare_loop(cfg, batches, args.warmup, args.steps, True, device))
             with tempfile.TemporaryDirectory() as tmp:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def chitchat_pairs(wheel: str | Path) -> Iterator[dict]:

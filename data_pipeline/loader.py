@@ -214,10 +214,6 @@ class PackedLoader:
             positions[j] += int(sel.sum())
         return datasets, ids, positions
 
-    def global_batch_ids(self) -> np.ndarray:
-        """Sample ids of the next global batch (all ranks), without consuming it (single dataset)."""
-        return self._plan(self.positions)[1]
-
     # -- reading this rank's slice (the heavy part: may run in worker threads) --
 
     def _gather(self, datasets: np.ndarray, ids: np.ndarray, loss_mask: bool = False) -> np.ndarray:
@@ -267,10 +263,6 @@ class PackedLoader:
             self.positions = self._plan(self.positions)[2]
             self.step += 1
         self._plan_step, self._plan_positions = self.step, self.positions.copy()
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
     def state_dict(self) -> dict:
         return {"step": self.step, "positions": self.positions.tolist(), "seed": self.seed,

@@ -28,8 +28,17 @@ from tqdm import tqdm
 
 from data_pipeline.chat import contents, render
 from data_pipeline.cleaning import Cleaner
-from data_pipeline.shards import (MANIFEST, MANIFEST_VERSION, TOKENIZER, file_sha256, fingerprint, read_manifest,
-                                  token_dtype, write_json_atomic, write_shard)
+from data_pipeline.durable import write_json_atomic
+from data_pipeline.shards import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    TOKENIZER,
+    file_sha256,
+    fingerprint,
+    read_manifest,
+    token_dtype,
+    write_shard,
+)
 from data_pipeline.sources import SourceStats, iter_documents, source_listing
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 

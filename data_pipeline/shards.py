@@ -1,20 +1,21 @@
 """Arrow token shards and the manifest that describes them.
 
 A shard is an Arrow IPC file with one column `tokens` (list<uint16|uint32>), one row per document,
-each ending in EOS; chat data adds `loss_mask` (list<uint8>, 1 where the token is a training target). Its flat values are the packed token stream; its offsets are document boundaries.
-Shards and the manifest are written under a temporary name, fsynced, then renamed, so a file that
-has its final name is complete.
+each ending in EOS; chat data adds `loss_mask` (list<uint8>, 1 where the token is a training target).
+Its flat values are the packed token stream; its offsets are document boundaries.
+Shards and the manifest are written with `durable.atomic_write`: a file that has its final name is complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from data_pipeline.durable import atomic_write
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
@@ -42,13 +43,9 @@ def write_shard(path: Path, values: np.ndarray, lengths: np.ndarray, loss_mask: 
     if loss_mask is not None:
         columns["loss_mask"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(loss_mask.astype(np.uint8)))
     table = pa.table(columns)
-    tmp = path.with_name(path.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink:
+    with atomic_write(path, "wb") as sink:
         with pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return {"file": path.name, "tokens": int(offsets[-1]), "documents": len(lengths), "sha256": file_sha256(path)}
 
 
@@ -66,16 +63,6 @@ def read_shard(path: Path, loss_mask: bool = False):
     if not loss_mask:
         return values, offsets
     return values, offsets, None if mask is None else mask.values.to_numpy(zero_copy_only=True)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(data_dir: str | Path) -> dict:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece as spm
+
+from data_pipeline.durable import atomic_write
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Reserved now so that chat fine-tuning later needs no new vocabulary.
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe") -> "Tokenizer":
+def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe") -> Tokenizer:
     """Train on `documents` and write the model atomically to `out_path`."""
     model = io.BytesIO()
     try:
@@ -23,12 +25,8 @@ def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, m
     except RuntimeError as e:
         raise ValueError(f"tokenizer training failed for data.vocab_size={vocab_size}: "
                          f"{str(e).split('] ')[-1]}") from None
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(out_path, "wb") as f:
         f.write(model.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
     return Tokenizer(out_path)
 
 
@@ -70,9 +68,6 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])

@@ -14,8 +14,8 @@ from pathlib import Path
 import jinja2
 
 from launcher.spec import PLAIN, ClusterProfile, JobSpec, training_config
-from megacore.config import ConfigError, parse_override
 from launcher.torchrun import TORCHRUN_ENV
+from megacore.config import ConfigError, parse_override
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "slurm" / "templates"
 
@@ -54,4 +54,5 @@ def render_sbatch(job: JobSpec, profile: ClusterProfile, job_file: str = "JOB.ya
         job=job, profile=profile, job_file=job_file, profile_file=profile_file, workdir=workdir,
         log_dir=log_dir, run_dir=str(run_dir), sweep=_sweep_entries(job, run_dir),
         time_limit=job.time_limit or profile.time_limit, python=profile.python or sys.executable,
-        env={**profile.env, **job.env}, torchrun_env=TORCHRUN_ENV, omp_threads=max(1, profile.cpus_per_node // profile.procs_per_node))
+        env={**profile.env, **job.env}, torchrun_env=TORCHRUN_ENV,
+        omp_threads=max(1, profile.cpus_per_node // profile.procs_per_node))

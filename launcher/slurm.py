@@ -13,10 +13,11 @@ from pathlib import Path
 
 from launcher.render import log_dir_of, render_sbatch, run_dir_of
 from launcher.spec import ClusterProfile, JobSpec
+from megacore.errors import MegacoreError
 
 
-class SlurmError(RuntimeError):
-    pass
+class SlurmError(MegacoreError, RuntimeError):
+    """sbatch, squeue or scancel failed; the message carries Slurm's own words."""
 
 
 def _run(argv: list[str]) -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 # See launcher/torchrun.py (TORCHRUN_ENV): without it, a torchrun restart can reuse stale store keys.
 RESTART_WARNING = ("warning: torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a restarted group "
                    "may fail to connect (stale keys in the shared store); megacore's launchers set it")

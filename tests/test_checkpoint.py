@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from megacore.checkpoint import list_checkpoints, rng_state, set_rng_state
-from megacore.generate import load_trained
-from tests.conftest import REPO, megacore, read_metrics
+from megacore.checkpoint.dcp import rng_state, set_rng_state
+from megacore.checkpoint.store import list_checkpoints
+from megacore.checkpoint.weights import load_trained
+from tests.helpers import REPO, assert_same_weights, megacore, read_metrics, tiny_run_args
 
 COMMON = ["train.steps=8", "checkpoint.every=4", "train.eval_every=100", "checkpoint.keep_last=0"]
 
@@ -20,20 +21,14 @@ COMMON = ["train.steps=8", "checkpoint.every=4", "train.eval_every=100", "checkp
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
     """An uninterrupted 8-step run on 2 FSDP ranks, and one stopped at step 4 (its checkpoint)."""
-    from tests.conftest import TINY
     root = tmp_path_factory.mktemp("ckpt")
 
     def args(name, *extra):
-        return ["configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={root / name}", *COMMON, *extra]
+        return tiny_run_args(data_dir, root / name, *COMMON, *extra)
 
     megacore("train", *args("straight"), "--nproc", "2")
     megacore("train", *args("half", "train.stop_after=4"), "--nproc", "2")
     return root, args
-
-
-def _params(ckpt):
-    model = load_trained(ckpt)[0]
-    return model.state_dict()
 
 
 def test_resume_is_bitwise_exact(runs):
@@ -43,26 +38,21 @@ def test_resume_is_bitwise_exact(runs):
     refused = megacore("train", *args("same"), "--nproc", "2", check=False)
     assert refused.returncode == 2 and "--resume auto" in refused.stderr
     megacore("train", *args("same"), "--resume", "auto", "--nproc", "2")
-    a, b = _params(root / "straight"), _params(root / "same")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "parameters after stop + resume equal the uninterrupted run"
+    assert_same_weights(root / "straight", root / "same", "parameters after stop + resume equal the uninterrupted run")
     straight, same = read_metrics(root / "straight"), read_metrics(root / "same")
     assert [same[s]["loss"] for s in range(1, 9)] == [straight[s]["loss"] for s in range(1, 9)]
 
 
 def test_resume_with_dropout_is_bitwise_exact(tmp_path, data_dir):
-    from tests.conftest import TINY
-
     # Dropout draws from torch's generator every step: the checkpoint's random streams carry it across.
     def run(name, *extra):
-        return megacore("train", "configs/tiny.yaml", *TINY, *COMMON, f"data.dir={data_dir}", f"train.run_dir={tmp_path / name}",
-                        "model.dropout=0.1", "train.steps=6", "checkpoint.every=3", *extra)
+        return megacore("train", *tiny_run_args(data_dir, tmp_path / name, *COMMON, "model.dropout=0.1",
+                                                "train.steps=6", "checkpoint.every=3", *extra))
 
     run("straight")
     run("resumed", "train.stop_after=3")
     run("resumed", "--resume", "auto")
-    a, b = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("name, nproc, layout", [
@@ -147,7 +137,7 @@ def test_rng_streams_round_trip_through_json():
 def test_hf_export_gives_our_logits_in_transformers_and_imports_back(runs, tmp_path, tiny_args, data_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from megacore.hf import load_hf_into
+    from megacore.checkpoint.hf import load_hf_into
     from megacore.model import Llama
 
     root, _ = runs
@@ -166,7 +156,7 @@ def test_hf_export_gives_our_logits_in_transformers_and_imports_back(runs, tmp_p
     # And back: a model initialised from the directory is the same model, bit for bit.
     again = Llama(cfg.model)
     load_hf_into(again, out)
-    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+    assert_same_weights(again.state_dict(), ours.state_dict(), "imported back bit for bit")
     proc = megacore("train", *tiny_args("from_hf", "train.steps=2", "train.eval_every=1", f"train.init_from={out}"))
     assert "initialised weights from" in proc.stdout
     first_eval = read_metrics(tmp_path / "from_hf", "val")[1]["loss"]
@@ -204,8 +194,7 @@ def test_kill_9_of_one_rank_restarts_the_group_which_resumes_exactly(runs, tmp_p
     assert victim is not None, "the run ended before a rank could be killed"
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    a, b = _params(root / "long_straight"), _params(run)
-    assert all(torch.equal(a[k], b[k]) for k in a), "after the restart the run ends where an undisturbed one does"
+    assert_same_weights(root / "long_straight", run, "after the restart the run ends where an undisturbed one does")
     assert json.loads((list_checkpoints(run)[-1] / "meta.json").read_text())["loader"] == \
         json.loads((list_checkpoints(root / "long_straight")[-1] / "meta.json").read_text())["loader"]
 
@@ -215,14 +204,12 @@ def test_async_save_commits_the_same_checkpoints(runs):
     megacore("train", *args("async", "checkpoint.async_save=true"), "--nproc", "2")
     assert [p.name for p in list_checkpoints(root / "async")] == ["step_00000004", "step_00000008"]
     assert megacore("checkpoints", "verify", root / "async").returncode == 0
-    a, b = _params(root / "straight"), _params(root / "async")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(root / "straight", root / "async")
     # Resuming from the background-written step-4 checkpoint continues exactly.
     shutil.copytree(root / "async", root / "async_resume")
     shutil.rmtree(root / "async_resume" / "checkpoints" / "step_00000008")
     megacore("train", *args("async_resume"), "--resume", "auto", "--nproc", "2")
-    c = _params(root / "async_resume")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert_same_weights(root / "straight", root / "async_resume")
 
 
 def _last_logged_step(run) -> int:

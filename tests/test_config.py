@@ -5,7 +5,8 @@ import re
 import pytest
 
 from megacore.config import Config, ConfigError, load_config
-from tests.conftest import REPO, megacore
+from megacore.parallel.layout import Layout
+from tests.helpers import REPO, megacore
 
 
 def test_embedded_default_loads_and_is_valid():
@@ -81,7 +82,7 @@ def test_cli_names_missing_config_file(tmp_path):
 def test_deepspeed_refuses_what_it_cannot_do(overrides, named):
     """The support matrix's "refused" cells, named in our terms."""
     with pytest.raises(ConfigError, match=re.escape(named)):
-        load_config(REPO / "configs/tiny.yaml", ["parallel.backend=deepspeed", *overrides]).check_world(2)
+        Layout.resolve(load_config(REPO / "configs/tiny.yaml", ["parallel.backend=deepspeed", *overrides]), 2)
 
 
 def test_deepspeed_refusal_comes_before_any_process_starts():

@@ -1,6 +1,7 @@
 """Data pipeline: prepare writes complete shards and a manifest; the loader's order is deterministic,
 covers the split once per epoch, is sliced across ranks, and resumes on another data-parallel size."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -11,15 +12,14 @@ from data_pipeline.loader import PackedLoader, TokenStore
 from data_pipeline.prepare import prepare, split_of
 from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import Tokenizer
-import hashlib
 from megacore.config import DataConfig
-from tests.conftest import megacore
+from tests.helpers import megacore
 
 
 def test_prepare_writes_manifest_shards_and_tokenizer(data_dir):
     manifest = read_manifest(data_dir)
     assert set(manifest["splits"]) == {"train", "val"}
-    for split, info in manifest["splits"].items():
+    for _split, info in manifest["splits"].items():
         assert info["tokens"] == sum(s["tokens"] for s in info["shards"]) > 0
         for shard in info["shards"]:
             assert (data_dir / shard["file"]).is_file()
@@ -158,7 +158,8 @@ def test_epochs_continue_with_a_new_order(data_dir):
 
 def test_weighted_mixture_is_deterministic_proportional_and_resumable(data_dir, tmp_path):
     a, b = TokenStore(data_dir, "train"), TokenStore(data_dir, "val")
-    make = lambda r, size: PackedLoader([a, b], 64, 20, r, size, seed=5, weights=[3, 1])
+    def make(r, size):
+        return PackedLoader([a, b], 64, 20, r, size, seed=5, weights=[3, 1])
     one = make(0, 1)
     batches = [one.next_batch()["sample_ids"] for _ in range(10)]
     datasets = torch.cat(batches)[:, 0]

@@ -14,7 +14,7 @@ import zstandard
 from data_pipeline.prepare import prepare
 from data_pipeline.shards import read_manifest
 from megacore.config import DataConfig
-from tests.conftest import megacore
+from tests.helpers import megacore
 
 DOCS = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog, {'again and ' * (i % 7)}done." for i in range(300)]
 

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from megacore.checkpoint import list_checkpoints, load_model_weights
-from megacore.generate import load_trained
-from tests.conftest import TINY, megacore, read_metrics
+from megacore.checkpoint.store import list_checkpoints
+from megacore.checkpoint.weights import load_model_weights, load_trained
+from tests.helpers import assert_same_weights, megacore, read_metrics, tiny_run_args
 
 STEPS = ["train.steps=12", "checkpoint.every=6", "train.eval_every=6", "checkpoint.keep_last=0"]
 ZERO = {"zero1": ["parallel.zero_stage=1"], "zero2": ["parallel.zero_stage=2"], "zero3": ["parallel.zero_stage=3"],
@@ -22,7 +22,7 @@ def runs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("deepspeed")
 
     def args(name, *extra):
-        return ["configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={root / name}", *STEPS, *extra]
+        return tiny_run_args(data_dir, root / name, *STEPS, *extra)
 
     megacore("train", *args("fsdp2"), "--nproc", "2")
     return root, args
@@ -52,9 +52,9 @@ def test_deepspeed_stop_and_resume_continues_exactly(runs):
     assert "resumed from" in proc.stdout and "step_00000006" in proc.stdout
     straight, resumed = read_metrics(root / "zero2"), read_metrics(root / "zero2_resumed")
     assert [resumed[s]["loss"] for s in range(7, 13)] == [straight[s]["loss"] for s in range(7, 13)]
-    a, b = load_trained(root / "zero2")[0].state_dict(), load_trained(root / "zero2_resumed")[0].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a), "weights after stop + resume equal the uninterrupted run"
-    meta = lambda r: json.loads((list_checkpoints(r)[-1] / "meta.json").read_text())["loader"]
+    assert_same_weights(root / "zero2", root / "zero2_resumed", "weights after stop + resume equal the uninterrupted run")
+    def meta(r):
+        return json.loads((list_checkpoints(r)[-1] / "meta.json").read_text())["loader"]
     assert meta(root / "zero2") == meta(root / "zero2_resumed")
 
 

@@ -4,7 +4,7 @@ the context window slides; stop tokens end a reply."""
 import torch
 
 from megacore.config import ModelConfig
-from megacore.generate import sample
+from megacore.eval.generate import sample
 from megacore.model import Llama
 from megacore.model.llama import KVCache
 

@@ -12,7 +12,7 @@ import yaml
 from launcher.render import render_sbatch
 from launcher.spec import ClusterProfile, JobSpec, load_job, validate
 from megacore.config import ConfigError
-from tests.conftest import REPO, megacore
+from tests.helpers import REPO, megacore
 
 HOSTILE = ["a'b", 'a"b', "$(touch PWNED)", "`touch PWNED`", "x; touch PWNED", "x\ntouch PWNED", "x\r\ntouch PWNED",
            "ünï©ødé ☃ 日本", "$HOME ${PATH} $1 $@", "\\", "--resume=none", "*", "x' ; touch PWNED ; '", "-n", ""]
@@ -105,10 +105,10 @@ def test_job_file_errors_name_the_file_and_key(tmp_path):
     assert proc.returncode == 2 and "no-such-cluster" in proc.stderr
 
 
-def test_render_of_the_16_node_example_is_what_the_readme_shows():
+def test_render_of_the_16_node_example_is_what_the_docs_show():
     rendered = megacore("launch", "render", "configs/jobs/llama-1b-16nodes.yaml").stdout
     assert "#SBATCH --nodes=16" in rendered and "#SBATCH --gpus-per-node=8" in rendered
     assert '--rdzv-endpoint="$head:$port"' in rendered and "--nproc-per-node=8" in rendered
-    readme = (REPO / "README.md").read_text()
+    page = (REPO / "docs" / "sbatch-example.md").read_text()
     body = [l for l in rendered.splitlines() if not l.startswith("#SBATCH --chdir=")]
-    assert all(line in readme for line in body if line.strip()), "README shows the current render"
+    assert all(line in page for line in body if line.strip()), "docs/sbatch-example.md shows the current render"

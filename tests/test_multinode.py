@@ -11,12 +11,10 @@ import time
 
 import psutil
 import pytest
-import torch
 import yaml
 
-from megacore.checkpoint import list_checkpoints
-from megacore.generate import load_trained
-from tests.conftest import REPO, TINY, megacore, read_metrics
+from megacore.checkpoint.store import list_checkpoints
+from tests.helpers import REPO, TINY, assert_same_weights, megacore, read_metrics, tiny_run_args
 
 START, STOP = REPO / "slurm/local-cluster/start.sh", REPO / "slurm/local-cluster/stop.sh"
 RUN = ["train.steps=30", "checkpoint.every=5", "train.eval_every=1000", "checkpoint.keep_last=0"]
@@ -26,7 +24,7 @@ RUN = ["train.steps=30", "checkpoint.every=5", "train.eval_every=1000", "checkpo
 def reference(tmp_path_factory, data_dir):
     """The same training as one 2-rank torchrun group on one node."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    megacore("train", "configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={run}", *RUN, "--nproc", "2")
+    megacore("train", *tiny_run_args(data_dir, run), *RUN, "--nproc", "2")
     return run
 
 
@@ -101,6 +99,5 @@ def test_two_torchrun_agents_restart_together_after_a_worker_is_killed_and_resum
     assert victim is not None, "the run ended before a worker could be killed"
     assert [a.returncode for a in agents] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert "resumed from" in outs[0] + outs[1]
-    a, b = load_trained(reference)[0].state_dict(), load_trained(run)[0].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a), "after the group restart the run ends where an undisturbed one does"
+    assert_same_weights(reference, run, "after the group restart the run ends where an undisturbed one does")
     assert [p.name for p in list_checkpoints(run)][-1] == "step_00000030"

@@ -6,9 +6,10 @@ import json
 import pytest
 
 from megacore.config import ConfigError, load_config
-from megacore.estimate import estimate
+from megacore.parallel.estimate import estimate
+from megacore.parallel.layout import Layout
 from megacore.run_dir import load_run_config
-from tests.conftest import REPO, TINY, megacore, read_metrics
+from tests.helpers import REPO, megacore, read_metrics, tiny_run_args
 
 STEPS = ["train.steps=10", "checkpoint.every=100", "train.eval_every=10", "model.n_layers=4"]
 
@@ -32,7 +33,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def baseline(data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("single") / "run"
-    megacore("train", "configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={run}", *STEPS)
+    megacore("train", *tiny_run_args(data_dir, run), *STEPS)
     return read_metrics(run), read_metrics(run, "val")
 
 
@@ -59,7 +60,7 @@ def test_layout_matches_single_process(name, baseline, tiny_args, tmp_path):
 
 
 def _check(world: int, *overrides: str) -> None:
-    load_config(REPO / "configs/tiny.yaml", list(overrides)).check_world(world)
+    Layout.resolve(load_config(REPO / "configs/tiny.yaml", list(overrides)), world)
 
 
 @pytest.mark.parametrize("world, overrides, named", [

@@ -6,13 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from data_pipeline.examples import main as examples
 from data_pipeline.loader import IGNORE_INDEX, PackedLoader, TokenStore
 from data_pipeline.tokenizer import Tokenizer
-from megacore.generate import load_trained
-from tests.conftest import REPO, TINY, megacore, read_metrics
+from tests.helpers import REPO, assert_same_weights, megacore, read_metrics, tiny_run_args
 
 CHITCHAT = REPO / ".cache" / "downloads" / "chitchat_dataset-0.9.0-py3-none-any.whl"
 
@@ -32,7 +30,7 @@ def chat_dir(tmp_path_factory, data_dir):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data_dir):
     run = tmp_path_factory.mktemp("pretrain") / "run"
-    megacore("train", "configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={run}", "train.steps=30",
+    megacore("train", *tiny_run_args(data_dir, run), "train.steps=30",
              "train.eval_every=1000", "checkpoint.every=1000")
     return run
 
@@ -78,7 +76,7 @@ def test_fine_tuning_lowers_response_loss_on_held_out_chats(chat_dir, pretrained
 
     sft = tmp_path / "sft"
     data_dir = json.loads((pretrained / "checkpoints").glob("*/meta.json").__next__().read_text())["config"]["data"]["dir"]
-    megacore("train", "configs/tiny.yaml", *TINY, f"data.dir={chat_dir}", f"train.run_dir={sft}",
+    megacore("train", *tiny_run_args(chat_dir, sft),
              f"train.init_from={pretrained}", "train.steps=40", "optim.lr=3e-3", "train.eval_every=20",
              f"train.eval_sets=[shakespeare={data_dir}]", "checkpoint.every=1000")
     before, after = response_loss(pretrained), response_loss(sft)
@@ -91,7 +89,7 @@ def test_fine_tuning_lowers_response_loss_on_held_out_chats(chat_dir, pretrained
 
 def test_two_stage_run_resumes_exactly_within_the_sft_stage(chat_dir, pretrained, tmp_path):
     def sft(name, *extra, resume="none"):
-        return megacore("train", "configs/tiny.yaml", *TINY, f"data.dir={chat_dir}", f"train.run_dir={tmp_path / name}",
+        return megacore("train", *tiny_run_args(chat_dir, tmp_path / name),
                         f"train.init_from={pretrained}", "train.steps=8", "train.eval_every=1000",
                         "checkpoint.every=4", *extra, "--resume", resume)
 
@@ -100,8 +98,7 @@ def test_two_stage_run_resumes_exactly_within_the_sft_stage(chat_dir, pretrained
     sft("split", "train.stop_after=4")
     resumed = sft("split", resume="auto")
     assert "resumed from" in resumed.stdout and "initialised weights" not in resumed.stdout
-    a, b = load_trained(tmp_path / "straight")[0].state_dict(), load_trained(tmp_path / "split")[0].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
 
 
 def test_eval_on_a_raw_text_file_reports_loss_perplexity_bpb_and_accuracy(pretrained, tmp_path):
@@ -114,7 +111,7 @@ def test_eval_on_a_raw_text_file_reports_loss_perplexity_bpb_and_accuracy(pretra
 
 def test_early_stop_ends_the_run_with_a_checkpoint_when_val_loss_stops_improving(data_dir, tmp_path):
     # A learning rate far too high: the val loss gets worse after the first evaluation.
-    proc = megacore("train", "configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={tmp_path / 'run'}",
+    proc = megacore("train", *tiny_run_args(data_dir, tmp_path / 'run'),
                     "train.steps=40", "optim.lr=3.0", "optim.warmup_steps=0", "train.eval_every=2",
                     "train.early_stop_patience=2", "checkpoint.every=1000")
     assert "early stop at step" in proc.stdout

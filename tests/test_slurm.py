@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from launcher.slurm import job_state
-from tests.conftest import REPO, TINY, megacore, read_metrics
+from tests.helpers import REPO, TINY, megacore, read_metrics
 
 START, STOP = REPO / "slurm/local-cluster/start.sh", REPO / "slurm/local-cluster/stop.sh"
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

@@ -5,8 +5,8 @@ import json
 import os
 import time
 
-from megacore.checkpoint import list_checkpoints
-from tests.conftest import megacore, read_metrics
+from megacore.checkpoint.store import list_checkpoints
+from tests.helpers import megacore, read_metrics
 from tests.wandb_offline import offline_runs
 
 STEPS = ["train.steps=8", "train.eval_every=4", "checkpoint.every=4"]
@@ -61,6 +61,7 @@ def test_unreachable_wandb_server_costs_training_nothing(tiny_args, tmp_path, mo
     assert "wandb sync" in proc.stdout and "W&B" not in proc.stderr
     assert with_wandb < plain + 10, f"{with_wandb:.1f} s with W&B vs {plain:.1f} s without"
     a, b = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "dead_server")
-    median = lambda m: sorted(r["tokens_per_s"] for s, r in m.items() if s > 5)[len(m) // 2 - 3]
+    def median(m):
+        return sorted(r["tokens_per_s"] for s, r in m.items() if s > 5)[len(m) // 2 - 3]
     assert median(b) > 0.7 * median(a), "steady-state throughput unchanged"
     assert [r["_step"] for r in offline_runs(tmp_path / "dead_server")[0]["history"]] == list(range(1, 21))

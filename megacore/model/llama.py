@@ -67,7 +67,7 @@ class Attention(nn.Module):
         self.dropout_p = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: "LayerCache | None" = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
@@ -108,7 +108,7 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: "LayerCache | None" = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         # The cache goes by keyword: tensor-parallel plans match the positional inputs.
         x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, attn_mask, cache=cache))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
@@ -150,7 +150,7 @@ class Llama(nn.Module):
             nn.init.normal_(self.output.weight, std=std)
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache: "KVCache | None" = None) -> torch.Tensor:
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab); a pipeline stage without embeddings takes
         and a stage without the output head returns hidden states (batch, seq, dim).
 
@@ -184,7 +184,7 @@ class Llama(nn.Module):
 class LayerCache:
     """One layer's keys and values (batch, kv_heads, max_len, head_dim), filled up to the cache's length."""
 
-    def __init__(self, owner: "KVCache", k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, owner: KVCache, k: torch.Tensor, v: torch.Tensor):
         self.owner, self.k, self.v = owner, k, v
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
@@ -201,7 +201,7 @@ class LayerCache:
 class KVCache:
     """Keys and values of every layer for incremental decoding, up to max_len positions."""
 
-    def __init__(self, model: "Llama", batch: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, model: Llama, batch: int, max_len: int, device=None, dtype=torch.float32):
         cfg = model.cfg
         shape = (batch, cfg.n_kv_heads, max_len, cfg.dim // cfg.n_heads)
         self.max_len, self.length = max_len, 0

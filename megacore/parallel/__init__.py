@@ -1,3 +1,4 @@
-from megacore.parallel.parallelize import ParallelModel, build_mesh, parallelize
+from megacore.parallel.layout import Layout
+from megacore.parallel.parallelize import ParallelModel, parallelize
 
-__all__ = ["ParallelModel", "build_mesh", "parallelize"]
+__all__ = ["Layout", "ParallelModel", "parallelize"]

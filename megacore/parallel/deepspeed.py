@@ -1,34 +1,29 @@
 """DeepSpeed ZeRO, the alternative to the torch backend: the same Llama, loader, loop and checkpoints.
 
 `init_deepspeed` returns what the training loop uses with either backend: a model with
-forward_backward / eval_loss (as ParallelModel), an optimizer with set_lr / step / zero_grad (as
-Optimizers) and a Checkpointer. ZeRO stage, offload, bf16, gradient accumulation and clipping come from
-our config; DeepSpeed's own JSON config is derived, never written by hand.
-
-Checkpoints are DeepSpeed's own files (`save_checkpoint` / `load_checkpoint`) inside our commit
-protocol: the same `step_XXXXXXXX` directory, meta.json (loader state, config), RNG streams, sha256
-manifest and `latest` pointer as the torch backend. DeepSpeed's files are torch pickles: they are
-only read after the manifest has verified every byte.
+forward_backward / eval_loss (as ParallelModel) and an optimizer with set_lr / step / zero_grad (as
+Optimizers). ZeRO stage, offload, bf16, gradient accumulation and clipping come from our config;
+DeepSpeed's own JSON config is derived, never written by hand. Its checkpoints are written by
+megacore/checkpoint/deepspeed.py, around the engine this module builds (`DeepSpeedModel.engine`).
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from megacore.checkpoint import Checkpointer
-from megacore.config import Config, ConfigError
-from megacore.loss import correct_count, loss_sum
+from megacore.config import Config
+from megacore.parallel.layout import Layout
 from megacore.parallel.parallelize import micro_batches
+from megacore.train.loss import correct_count, loss_sum
 from megacore.train.optim import param_groups
 
 
 def deepspeed_config(cfg: Config, n_micro: int) -> dict:
-    """DeepSpeed's config from ours (the batch arithmetic was checked by Config.check_world)."""
+    """DeepSpeed's config from ours (the batch arithmetic was checked by Layout.resolve)."""
     par = cfg.parallel
     pin = torch.cuda.is_available()
     zero: dict = {"stage": par.zero_stage}
@@ -60,8 +55,8 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, fused=True, **kw)  # as megacore.train.optim
 
 
-def init_deepspeed(model: nn.Module, cfg: Config, n_micro: int, device: torch.device):
-    """(model, optimizer, checkpointer) for the training loop, with `model` wrapped by a ZeRO engine."""
+def init_deepspeed(model: nn.Module, cfg: Config, layout: Layout, device: torch.device):
+    """(model, optimizer) for the training loop, with `model` wrapped by a ZeRO engine."""
     import deepspeed
 
     # DeepSpeed's shared-memory CPU allreduce is a C++ op that costs a minute of compiling on every
@@ -71,9 +66,8 @@ def init_deepspeed(model: nn.Module, cfg: Config, n_micro: int, device: torch.de
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter|all_gather)_", category=FutureWarning)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
-                                           config=deepspeed_config(cfg, n_micro), dist_init_required=False)
-    return (DeepSpeedModel(engine, cfg.model.document_masking), DeepSpeedOptimizer(engine),
-            DeepSpeedCheckpointer(cfg.train.run_dir, cfg.checkpoint, dist.get_rank(), engine))
+                                           config=deepspeed_config(cfg, layout.n_micro), dist_init_required=False)
+    return DeepSpeedModel(engine, layout.n_micro, device, cfg.model.document_masking), DeepSpeedOptimizer(engine)
 
 
 class DeepSpeedModel:
@@ -81,30 +75,30 @@ class DeepSpeedModel:
 
     reports_loss = counts_tokens = True
 
-    def __init__(self, engine, document_masking: bool):
-        self.engine, self.document_masking = engine, document_masking
+    def __init__(self, engine, n_micro: int, device: torch.device, document_masking: bool):
+        self.engine, self.n_micro, self.device, self.document_masking = engine, n_micro, device, document_masking
         self.parts = [engine.module]
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def forward_backward(self, batch: dict, n_micro: int, scale: float, device, amp) -> float:
+    def forward_backward(self, batch: dict, scale: float) -> float:
         """Backward of sum(token losses) * scale, as the torch backend; DeepSpeed averages over ranks
         like FSDP, and its own 1/accumulation scaling is turned off because `scale` already normalises."""
-        total = torch.zeros((), device=device)
-        for i, (x, y, pos) in enumerate(micro_batches(batch, n_micro, device, self.document_masking)):
+        total = torch.zeros((), device=self.device)
+        for i, (x, y, pos) in enumerate(micro_batches(batch, self.n_micro, self.device, self.document_masking)):
             micro_loss = loss_sum(self.engine(x, pos), y)
             self.engine.backward(micro_loss * scale, scale_wrt_gas=False)
-            if i < n_micro - 1:
+            if i < self.n_micro - 1:
                 self.engine.step()  # an accumulation micro-step: DeepSpeed steps only at the boundary
             total += micro_loss.detach()
         return float(total)
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict, n_micro: int, device, amp) -> tuple[float, float]:
-        total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for x, y, pos in micro_batches(batch, n_micro, device, self.document_masking):
+    def eval_loss(self, batch: dict) -> tuple[float, float]:
+        total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for x, y, pos in micro_batches(batch, self.n_micro, self.device, self.document_masking):
             logits = self.engine(x, pos)
             total += loss_sum(logits, y)
             correct += correct_count(logits, y)
@@ -131,35 +125,3 @@ class DeepSpeedOptimizer:
 
     def zero_grad(self) -> None:
         pass  # engine.step clears the gradients at the boundary
-
-
-class DeepSpeedCheckpointer(Checkpointer):
-    """Our commit protocol around DeepSpeed's save_checkpoint / load_checkpoint."""
-
-    backend = "deepspeed"
-
-    def __init__(self, run_dir, cfg, rank: int, engine):
-        super().__init__(run_dir, cfg, rank)
-        self.engine = engine
-
-    def _write_state(self, tmp: Path, parts, optimizers) -> None:
-        # DeepSpeed writes SAVE_DIR/TAG: the temporary directory of the commit protocol.
-        self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
-
-    def _read_state(self, path: Path, meta: dict, parts, optimizers) -> None:
-        saved = meta.get("world_size")
-        if saved != dist.get_world_size():
-            raise ConfigError(f"{path}: a DeepSpeed checkpoint written by {saved} ranks resumes only on {saved} "
-                              f"ranks (this run has {dist.get_world_size()}); to continue elsewhere, start a run "
-                              f"with train.init_from={path} (weights only) or use backend=torch, whose checkpoints "
-                              f"reshard")
-        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=optimizers is not None,
-                                    load_lr_scheduler_states=False, load_module_strict=True)
-
-
-def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a (verified) DeepSpeed checkpoint, on one process, no process group."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    return {k: v.float().contiguous() for k, v in state.items()}

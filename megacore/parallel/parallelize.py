@@ -5,31 +5,35 @@ FSDP/HSDP. The model is built whole on every rank with the same seed first, so e
 from identical weights.
 
 `ParallelModel` is what the training loop sees: the local model parts, and forward/backward and
-evaluation over a rank's micro-batches, through the pipeline schedule when pp > 1.
+evaluation over a rank's micro-batches, through the pipeline schedule when pp > 1. The device, the
+micro-batch count and the autocast policy are fixed at construction.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 
-from megacore.config import Config, ParallelConfig
-from megacore.distributed import DistEnv
-from megacore.loss import correct_count, loss_sum
+from megacore.config import Config
 from megacore.model.llama import Llama
 from megacore.parallel.activation_checkpoint import apply_activation_checkpointing
 from megacore.parallel.fsdp import apply_fsdp
+from megacore.parallel.layout import Layout
 from megacore.parallel.pipeline import build_schedule, split_into_stages
 from megacore.parallel.tensor_parallel import apply_tensor_parallel
+from megacore.train.loss import correct_count, loss_sum
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
-
-def build_mesh(layout: ParallelConfig, env: DistEnv) -> DeviceMesh:
-    shape = tuple(getattr(layout, d) for d in MESH_DIMS)
-    return init_device_mesh(env.device.type, shape, mesh_dim_names=MESH_DIMS)
+def autocast_policy(cfg: Config, layout: Layout, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where nothing else casts: FSDP's mixed-precision policy casts when dp > 1, and
+    DeepSpeed's bf16 engine casts itself; fp32 runs need nothing."""
+    if cfg.train.mixed_precision == "bf16" and layout.dp_size == 1 and layout.backend == "torch":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def micro_batches(batch: dict, n_micro: int, device, document_masking: bool) -> list[tuple]:
@@ -40,14 +44,15 @@ def micro_batches(batch: dict, n_micro: int, device, document_masking: bool) -> 
 
 
 class ParallelModel:
-    def __init__(self, parts: list[nn.Module], mesh: DeviceMesh, layout: ParallelConfig, schedule=None,
-                 document_masking: bool = False):
-        self.parts, self.mesh, self.layout, self.schedule = parts, mesh, layout, schedule
+    def __init__(self, parts: list[nn.Module], layout: Layout, rank: int, device: torch.device,
+                 amp: contextlib.AbstractContextManager | None = None, document_masking: bool = False, schedule=None):
+        self.parts, self.layout, self.schedule = parts, layout, schedule
+        self.device, self.n_micro = device, layout.n_micro
+        self.amp = amp if amp is not None else contextlib.nullcontext()
         self.document_masking = document_masking
-        self.tp_rank = mesh["tp"].get_local_rank()
-        self.pp_rank = mesh["pp"].get_local_rank()
-        self.dp_rank = mesh["dp_replicate"].get_local_rank() * layout.dp_shard + mesh["dp_shard"].get_local_rank()
-        self.dp_size = layout.dp_size
+        coords = layout.coordinates(rank)
+        self.tp_rank, self.pp_rank = coords["tp"], coords["pp"]
+        self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp_size
         self.has_first = any(p.tok_embeddings is not None for p in parts)
         self.has_last = any(p.output is not None for p in parts)
         self._scale = 1.0  # the pipeline loss function's gradient scale for the current step
@@ -66,62 +71,58 @@ class ParallelModel:
         for p in self.parts:
             p.train(mode)
 
-    def parameters(self):
-        for p in self.parts:
-            yield from p.parameters()
-
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # evaluation: also count the correct next tokens
             self._correct += float(correct_count(output, target))
         return loss_sum(output, target) * self._scale
 
-    def _run_pipeline(self, run, batch: dict, device, amp) -> float:
+    def _run_pipeline(self, run, batch: dict) -> float:
         """One schedule step/eval; returns this rank's unscaled loss sum (0 off the last stage)."""
-        inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        inputs, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
         losses: list[torch.Tensor] = []
         target = labels if self.has_last else None
-        with amp:
+        with self.amp:
             if self.has_first:
                 run(inputs, target=target, losses=losses)
             else:
                 run(target=target, losses=losses)
         return float(sum(l.detach().float() for l in losses)) / self._scale if losses else 0.0
 
-    def forward_backward(self, batch: dict, n_micro: int, scale: float, device, amp) -> float:
+    def forward_backward(self, batch: dict, scale: float) -> float:
         """Backward of sum(token losses) * scale over this rank's batch; returns its unscaled loss sum."""
         self._scale = scale
         if self.schedule is not None:
-            return self._run_pipeline(self.schedule.step, batch, device, amp)
-        model, total = self.parts[0], torch.zeros((), device=device)
-        for i, (x, y, pos) in enumerate(micro_batches(batch, n_micro, device, self.document_masking)):
+            return self._run_pipeline(self.schedule.step, batch)
+        model, total = self.parts[0], torch.zeros((), device=self.device)
+        for i, (x, y, pos) in enumerate(micro_batches(batch, self.n_micro, self.device, self.document_masking)):
             if isinstance(model, FSDPModule):
                 # Reduce-scatter gradients once, on the last micro-batch.
-                model.set_requires_gradient_sync(i == n_micro - 1)
-            with amp:
+                model.set_requires_gradient_sync(i == self.n_micro - 1)
+            with self.amp:
                 micro_loss = loss_sum(model(x, pos), y)
             (micro_loss * scale).backward()
             total += micro_loss.detach()
         return float(total)
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict, n_micro: int, device, amp) -> tuple[float, float]:
+    def eval_loss(self, batch: dict) -> tuple[float, float]:
         """This rank's summed token loss and count of correctly predicted targets, without gradients."""
         self._scale, self._correct = 1.0, 0.0
         if self.schedule is not None:
-            return self._run_pipeline(self.schedule.eval, batch, device, amp), self._correct
-        total, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for x, y, pos in micro_batches(batch, n_micro, device, self.document_masking):
-            with amp:
+            return self._run_pipeline(self.schedule.eval, batch), self._correct
+        total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for x, y, pos in micro_batches(batch, self.n_micro, self.device, self.document_masking):
+            with self.amp:
                 logits = self.parts[0](x, pos)
                 total += loss_sum(logits, y)
                 correct += correct_count(logits, y)
         return float(total), float(correct)
 
 
-def parallelize(model: Llama, cfg: Config, layout: ParallelConfig, mesh: DeviceMesh, n_micro: int,
+def parallelize(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMesh, rank: int,
                 device: torch.device) -> ParallelModel:
+    par = cfg.parallel
     if layout.pp > 1:
-        n_stages = layout.pp * layout.stages_per_rank
         stages = split_into_stages(model, mesh["pp"].get_local_rank(), layout.pp, layout.stages_per_rank)
         parts = [module for _, module in stages]
     else:
@@ -129,16 +130,17 @@ def parallelize(model: Llama, cfg: Config, layout: ParallelConfig, mesh: DeviceM
     for part in parts:
         if layout.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
-        apply_activation_checkpointing(part, layout.activation_checkpointing)
-        if layout.compile:
+        apply_activation_checkpointing(part, par.activation_checkpointing)
+        if par.compile:
             for block in part.layers.values():
                 block.compile()
         if layout.dp_size > 1:
             dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
             # Pipelining runs several micro-batch forwards before their backwards: keep weights gathered.
             apply_fsdp(part, dp_mesh, cfg.train.mixed_precision == "bf16", reshard_after_forward=layout.pp == 1)
-    pm = ParallelModel(parts, mesh, layout, document_masking=cfg.model.document_masking)
+    pm = ParallelModel(parts, layout, rank, device, autocast_policy(cfg, layout, device),
+                       document_masking=cfg.model.document_masking)
     if layout.pp > 1:
-        pm.schedule = build_schedule(list(zip([i for i, _ in stages], parts)), n_stages, layout.pp_schedule,
-                                     n_micro, mesh["pp"], device, pm._pipeline_loss)
+        pm.schedule = build_schedule(list(zip([i for i, _ in stages], parts)), layout.n_stages, layout.pp_schedule,
+                                     layout.n_micro, mesh["pp"], device, pm._pipeline_loss)
     return pm

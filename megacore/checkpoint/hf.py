@@ -62,7 +62,8 @@ def hf_config(cfg: ModelConfig) -> dict:
         "head_dim": cfg.dim // cfg.n_heads, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "attention_dropout": cfg.dropout, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+        "mlp_bias": False, "attention_dropout": cfg.dropout, "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
     }
 
 

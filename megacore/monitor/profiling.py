@@ -9,13 +9,15 @@ gloo/NCCL collective intervals, so overlapping ones count once), whether or not 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
+
+from data_pipeline.durable import write_json_atomic
+from megacore.train.hooks import Hook
 
 
 def _is_collective(name: str) -> bool:
@@ -48,7 +50,7 @@ def summarize(prof: profile, wall_s: float, top: int = 15) -> dict:
             "top_self_time_s": {name: round(s, 4) for name, s in ops}}
 
 
-class StepProfiler:
+class StepProfiler(Hook):
     """Starts the profiler before step `start` and stops it after step start + steps - 1 (all ranks)."""
 
     def __init__(self, run_dir: str | Path, start: int, steps: int, rank: int, device: torch.device):
@@ -57,7 +59,7 @@ class StepProfiler:
         self._prof: profile | None = None
         self._t0 = 0.0
 
-    def before_step(self, step: int) -> None:
+    def before_step(self, trainer, step: int) -> None:
         if self.start <= 0 or step != self.start:
             return
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
@@ -65,8 +67,16 @@ class StepProfiler:
         self._prof.__enter__()
         self._t0 = time.perf_counter()
 
-    def after_step(self, step: int) -> dict | None:
-        """After the last profiled step: write the trace and summary; returns every rank's summary on rank 0."""
+    def after_step(self, trainer, step: int, result) -> None:
+        """After the last profiled step: write the traces and the summary, and print the busiest rank's share."""
+        summary = self.finish(step)
+        if summary is not None:
+            share = max(r["communication_share"] for r in summary["ranks"])
+            print(f"profiled steps {summary['ranks'][0]['steps']}: communication {share:.1%} of the time (busiest "
+                  f"rank); traces and summary in {self.dir}", flush=True)
+
+    def finish(self, step: int) -> dict | None:
+        """Stop after the last profiled step, write this rank's trace; every rank's summary on rank 0."""
         if self._prof is None or step != self.last:
             return None
         if self.device.type == "cuda":
@@ -81,7 +91,7 @@ class StepProfiler:
         dist.all_gather_object(everyone, mine)
         if self.rank != 0:
             return None
-        (self.dir / "summary.json").write_text(json.dumps({"ranks": everyone}, indent=2))
+        write_json_atomic(self.dir / "summary.json", {"ranks": everyone})
         return {"ranks": everyone}
 
     def close(self) -> None:

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from data_pipeline.durable import write_json_atomic
+
 STATE = "wandb_run.json"
 INIT_TIMEOUT_S = 30
 
@@ -133,6 +135,4 @@ class WandbRun:
             self.run = None
 
     def _save_state(self) -> None:
-        tmp = self.run_dir / (STATE + ".tmp")
-        tmp.write_text(json.dumps(self.state) + "\n")
-        os.replace(tmp, self.run_dir / STATE)
+        write_json_atomic(self.run_dir / STATE, self.state, indent=None)

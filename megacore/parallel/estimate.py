@@ -15,8 +15,9 @@ import math
 
 import torch
 
-from megacore.config import Config, ParallelConfig
+from megacore.config import Config
 from megacore.model.llama import Llama, ffn_hidden_dim, flops_per_token, num_params
+from megacore.parallel.layout import Layout
 from megacore.parallel.pipeline import stage_layers
 
 # Parameter names (suffixes) -> dim that tensor parallelism splits; norms are replicated.
@@ -38,22 +39,12 @@ def _tp_dim(name: str) -> int | None:
     return None
 
 
-def rank_coordinates(layout: ParallelConfig, rank: int) -> dict[str, int]:
-    """Rank -> (pp, dp_replicate, dp_shard, tp) coordinates of the row-major device mesh."""
-    coords = {}
-    for dim in reversed(("pp", "dp_replicate", "dp_shard", "tp")):
-        size = getattr(layout, dim)
-        coords[dim] = rank % size
-        rank //= size
-    return coords
-
-
-def local_param_numels(cfg: Config, layout: ParallelConfig, rank: int) -> dict[str, int]:
+def local_param_numels(cfg: Config, layout: Layout, rank: int) -> dict[str, int]:
     """Elements of each parameter held by `rank` (names of the whole model; absent = not on this rank)."""
     with torch.device("meta"):
         model = Llama(cfg.model)
-    c = rank_coordinates(layout, rank)
-    n_stages = layout.pp * layout.stages_per_rank
+    c = layout.coordinates(rank)
+    n_stages = layout.n_stages
     if layout.pp > 1:
         layers = stage_layers(cfg.model.n_layers, n_stages)
         mine = set(range(c["pp"], n_stages, layout.pp))
@@ -78,7 +69,7 @@ def local_param_numels(cfg: Config, layout: ParallelConfig, rank: int) -> dict[s
     return out
 
 
-def memory_per_rank(cfg: Config, layout: ParallelConfig, rank: int) -> dict[str, float]:
+def memory_per_rank(cfg: Config, layout: Layout, rank: int) -> dict[str, float]:
     """Bytes on `rank`: fp32 parameters and gradients, AdamW state (two moments and a step count per
     parameter tensor), and approximate peak activations of one micro-batch."""
     numels = local_param_numels(cfg, layout, rank)
@@ -89,9 +80,9 @@ def memory_per_rank(cfg: Config, layout: ParallelConfig, rank: int) -> dict[str,
     hidden, kv = ffn_hidden_dim(m), m.dim * m.n_kv_heads // m.n_heads
     # Per layer and token: norms, q/k/v, attention output, MLP (w1, w3, silu, product), residuals.
     per_token = (4 * m.dim + m.dim + 2 * kv + m.dim + 4 * hidden) / layout.tp
-    if layout.activation_checkpointing == "full":
+    if cfg.parallel.activation_checkpointing == "full":
         per_token = m.dim / layout.tp  # only the block input survives
-    elif layout.activation_checkpointing == "selective":
+    elif cfg.parallel.activation_checkpointing == "selective":
         per_token = (m.dim + 2 * kv + m.dim + 2 * hidden) / layout.tp  # matmul outputs only
     in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B holds up to pp micro-batches per stage
     activations = b * t * per_token * layers_here * act_bytes * in_flight
@@ -107,8 +98,7 @@ def memory_per_rank(cfg: Config, layout: ParallelConfig, rank: int) -> dict[str,
 
 
 def estimate(cfg: Config, world_size: int) -> dict:
-    cfg.check_world(world_size)
-    layout = cfg.parallel.resolve(world_size)
+    layout = Layout.resolve(cfg, world_size)
     with torch.device("meta"):
         model = Llama(cfg.model)
     ranks = [dict(rank=r, **memory_per_rank(cfg, layout, r)) for r in range(world_size)]

@@ -1,29 +1,24 @@
-"""Typed run configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+"""The run configuration's schema: one typed dataclass per section, each validating its own values.
 
-`load_config("configs/tiny.yaml", ["optim.lr=3e-4"])` returns a validated `Config`. Unknown keys, wrong
-types and impossible values raise `ConfigError`, whose message names the dotted key; the CLI turns it
-into exit status 2 before any process is started.
+`load_config("configs/tiny.yaml", ["optim.lr=3e-4"])` returns a validated `Config` (the generic YAML
+reading is megacore/config/loader.py). Unknown keys, wrong types and impossible values raise
+`ConfigError`, whose message names the dotted key; the CLI turns it into exit status 2 before any
+process is started. What depends on the world size (degrees, micro-batches) is checked by
+`megacore.parallel.layout.Layout.resolve`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the offending key or file."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete or altered; the message names the file."""
+from data_pipeline.durable import write_text_atomic
+from megacore.config.loader import apply_override, build_dataclass, read_mapping
+from megacore.errors import ConfigError
 
 
 @dataclass
@@ -132,9 +127,6 @@ class DataConfig:
         return out
 
 
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb")
-
-
 @dataclass
 class ParallelConfig:
     # torch: torch.distributed's FSDP2/HSDP, tensor and pipeline parallelism on one device mesh.
@@ -189,31 +181,6 @@ class ParallelConfig:
     def interleaved(self) -> bool:
         return self.pp_schedule.startswith("interleaved")
 
-    @property
-    def stages_per_rank(self) -> int:
-        return self.pp_stages_per_rank or (2 if self.interleaved else 1)
-
-    def resolve(self, world_size: int) -> "ParallelConfig":
-        """The layout for `world_size` ranks with dp_shard filled in; refuses a product that differs."""
-        others = self.dp_replicate * self.tp * self.pp
-        dp_shard = self.dp_shard
-        if dp_shard == -1:
-            if world_size % others:
-                raise ConfigError(
-                    f"world size {world_size} is not divisible by parallel.dp_replicate={self.dp_replicate} x "
-                    f"parallel.tp={self.tp} x parallel.pp={self.pp}")
-            dp_shard = world_size // others
-        if others * dp_shard != world_size:
-            raise ConfigError(
-                f"parallel.pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard={dp_shard} x tp={self.tp} "
-                f"= {others * dp_shard}, but the world size is {world_size}")
-        return dataclasses.replace(self, dp_shard=dp_shard)
-
-    @property
-    def dp_size(self) -> int:
-        """Data-parallel ranks (replicas x shards): the loader's slices. Valid after resolve()."""
-        return self.dp_replicate * self.dp_shard
-
 
 @dataclass
 class OptimConfig:
@@ -247,7 +214,7 @@ class TrainConfig:
     # Length of the schedule in optimizer steps.
     steps: int = 300
     # End this invocation after this step (a planned stop; the schedule still spans `steps`).
-    stop_after: Optional[int] = None
+    stop_after: int | None = None
     # Sequences per optimizer step across all ranks, and per forward pass on one rank.
     global_batch_size: int = 16
     micro_batch_size: int = 8
@@ -287,15 +254,6 @@ class TrainConfig:
             directory, _, split = where.partition(":")
             out.append((name, directory, split or "val"))
         return out
-
-    def check_world(self, dp_size: int) -> int:
-        """Return the gradient accumulation steps for `dp_size` data-parallel ranks."""
-        per_step = self.micro_batch_size * dp_size
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                f"train.micro_batch_size={self.micro_batch_size} x {dp_size} data-parallel ranks")
-        return self.global_batch_size // per_step
 
 
 @dataclass
@@ -346,43 +304,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         return self
-
-    def check_world(self, world_size: int) -> int:
-        """Check the layout against a world size (before any process starts); return the micro-batches
-        per optimizer step on each data-parallel rank (accumulation steps, or pipeline micro-batches)."""
-        par = self.parallel.resolve(world_size)
-        m = self.model
-        if m.n_heads % par.tp or m.n_kv_heads % par.tp:
-            raise ConfigError(f"parallel.tp={par.tp} must divide model.n_heads={m.n_heads} and "
-                              f"model.n_kv_heads={m.n_kv_heads}")
-        if self.data.seq_len % par.tp:
-            raise ConfigError(f"parallel.tp={par.tp} must divide data.seq_len={self.data.seq_len} "
-                              f"(sequence parallelism splits the sequence)")
-        stages = par.pp * par.stages_per_rank
-        if par.pp > 1 and stages > m.n_layers:
-            raise ConfigError(f"parallel.pp={par.pp} x {par.stages_per_rank} stage(s) per rank = {stages} pipeline "
-                              f"stages, more than model.n_layers={m.n_layers}")
-        micro = self.train.check_world(par.dp_size)
-        if par.pp > 1 and par.interleaved and micro < par.pp:
-            raise ConfigError(
-                f"parallel.pp_schedule={par.pp_schedule} needs at least parallel.pp={par.pp} micro-batches per step; "
-                f"train.global_batch_size={self.train.global_batch_size} / (micro_batch_size="
-                f"{self.train.micro_batch_size} x {par.dp_size} dp ranks) gives {micro}")
-        if m.tie_embeddings and (par.pp > 1 or par.tp > 1):
-            raise ConfigError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1 (the embedding and the "
-                              "output head are placed differently)")
-        if par.backend == "deepspeed" and self.checkpoint.async_save:
-            raise ConfigError("checkpoint.async_save is not supported with parallel.backend=deepspeed")
-        if par.pp > 1 and self.model.document_masking:
-            raise ConfigError("model.document_masking is not supported with parallel.pp > 1 yet")
-        return micro
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -395,144 +323,13 @@ def _positive(section: Any, prefix: str, *names: str) -> None:
             raise ConfigError(f"{prefix}.{name} must be > 0, got {value}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading: YAML + overrides -> typed dataclasses
-
-
-def _read_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return raw
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    raw = _read_mapping(path, "config file") if path is not None else {}
+    """A validated Config from a YAML file (or the defaults, for None) and dotted `key=value` overrides."""
+    raw = read_mapping(path, "config file") if path is not None else {}
     for item in overrides:
-        _apply_override(raw, item)
-    return _build(Config, raw, "").validate()
-
-
-def load_dataclass(cls: type, path: str | Path, section: str = "") -> Any:
-    """Any dataclass from a YAML mapping, with the same typing and key-naming errors as Config."""
-    raw = _read_mapping(path, "file")
-    try:
-        return _build(cls, raw, section)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    key, sep, text = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} is not of the form section.key=value")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
-    return key, value
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, value = parse_override(item)
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
-        node = child
-    node[leaf] = value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            full = _dotted_leaf(raw[key], f"{prefix}{key}")
-            raise ConfigError(f"unknown config key {full!r} (valid here: {', '.join(sorted(known))})")
-    kwargs = {}
-    for name in known:
-        if name in raw:
-            kwargs[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _dotted_leaf(node: Any, key: str) -> str:
-    """`no.such.key=1` arrives as {"no": {"such": {"key": 1}}}: name the whole key, as the user wrote it."""
-    while isinstance(node, dict) and len(node) == 1:
-        (child, node), = node.items()
-        key = f"{key}.{child}"
-    return key
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _, inner = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return {str(k): _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
-        if not math.isfinite(number) or number != int(number):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        # YAML 1.1 reads "3e-4" as a string; accept any text float() accepts.
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{key} must be finite, got {value!r}")
-        return number
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"unsupported config type {tp} for {key}")
+        apply_override(raw, item)
+    return build_dataclass(Config, raw, "").validate()
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,44 +1,16 @@
-"""Throughput accounting: the matmul peak MFU is measured against, and the real per-rank memory."""
+"""Memory a rank really holds: parameter, gradient and optimizer bytes of its local shards, and its peak."""
 
 from __future__ import annotations
 
-import json
 import resource
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
-    """Sustained TFLOP/s of a square matmul on this rank (its threads, its device), measured now.
-
-    On CPU this is the realistic peak for MFU: a vendor number would ignore the clock and threads the
-    rank actually has. The best of several short bursts, because a shared machine only ever slows a
-    burst down. On GPUs give train.peak_tflops (e.g. 989 for H100 bf16 dense) instead.
-    """
-    n = 1024 if device.type == "cpu" and dtype != torch.float32 else 2048  # bf16 crawls on CPUs without bf16 units
-    # A private generator: the training streams (dropout) must not depend on whether this ran.
-    gen = torch.Generator(device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    a @ b  # warm-up
-
-    def burst() -> float:
-        iters, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds / 5:
-            a @ b
-            iters += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        return 2 * n**3 * iters / elapsed / 1e12
-
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while not best or time.perf_counter() < deadline:  # a slow dtype gets one burst, not five
-        best = max(best, burst())
-    return best
+from data_pipeline.durable import write_json_atomic
+from megacore.train.hooks import Hook
 
 
 def _local_numel(t: torch.Tensor) -> int:
@@ -67,7 +39,19 @@ def write_memory_report(path: Path, parts, optimizers, is_main: bool) -> None:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if is_main:
-        path.write_text(json.dumps({"ranks": [dict(rank=r, **m) for r, m in enumerate(everyone)]}, indent=2))
+        write_json_atomic(path, {"ranks": [dict(rank=r, **m) for r, m in enumerate(everyone)]})
+
+
+class MemoryReport(Hook):
+    """RUN_DIR/memory.json after the first step of each invocation, while the gradients are still held."""
+
+    def __init__(self, path: Path, is_main: bool):
+        self.path, self.is_main, self.written = path, is_main, False
+
+    def after_step(self, trainer, step: int, result) -> None:
+        if not self.written:
+            write_memory_report(self.path, trainer.model.parts, trainer.optimizers, self.is_main)
+            self.written = True
 
 
 def peak_memory_gib(device: torch.device) -> float:

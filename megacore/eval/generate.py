@@ -1,34 +1,16 @@
-"""Loading a trained model on one process, and sampling text from it."""
+"""Sampling text from a trained model: plain continuation or one chat turn (`megacore generate`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
-from data_pipeline.shards import TOKENIZER
+from data_pipeline import chat
 from data_pipeline.tokenizer import Tokenizer
-from megacore.checkpoint import load_model_weights, resolve_checkpoint
-from megacore.config import Config
+from megacore.errors import ConfigError
 from megacore.model import Llama
 from megacore.model.llama import KVCache
-from megacore.run_dir import load_run_config
-
-
-def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenizer, Config, Path]:
-    """Model (eval mode), tokenizer and config from a run directory or one of its checkpoints.
-
-    DCP reshards on load, so a checkpoint written by any number of ranks loads into one process.
-    """
-    ckpt = resolve_checkpoint(path)
-    run_dir = ckpt.parent.parent
-    cfg = load_run_config(run_dir)
-    tokenizer = Tokenizer(run_dir / TOKENIZER)
-    with torch.device(device):
-        model = Llama(cfg.model)
-    load_model_weights(model, ckpt)
-    return model.eval(), tokenizer, cfg, ckpt
 
 
 @torch.no_grad()
@@ -77,3 +59,24 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, ge
         drop = cumulative - sorted_logits.softmax(-1) >= top_p
         logits[order[drop]] = float("-inf")
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def generate_text(model: Llama, tokenizer: Tokenizer, prompt: str, *, chat_turn: bool = False,
+                  stop: Iterable[str] = (), max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
+                  top_p: float = 0.95, seed: int = 0, use_cache: bool = True) -> str:
+    """The prompt and its continuation; or, with chat_turn, the assistant's reply to `prompt` as one user
+    turn of the chat template, ending at <|end|> (or EOS)."""
+    if chat_turn:
+        prompt_ids = chat.prompt(tokenizer.sp, [{"role": "user", "content": prompt}])
+        stop_ids = {chat.special_id(tokenizer.sp, chat.END), tokenizer.eos_id}
+    else:
+        # Training documents are separated by EOS, so an empty prompt starts "at a document boundary".
+        prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+        stop_ids = {tokenizer.sp.piece_to_id(piece) for piece in stop}
+        if tokenizer.sp.unk_id() in stop_ids:
+            raise ConfigError(f"--stop {list(stop)}: each must be one token of this tokenizer, e.g. '<|end|>'")
+    new = sample(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids=stop_ids,
+                 generator=torch.Generator().manual_seed(seed), use_cache=use_cache)
+    if new and new[-1] in stop_ids:
+        new = new[:-1]
+    return tokenizer.decode(new) if chat_turn else prompt + tokenizer.decode(new)

@@ -19,11 +19,16 @@ class MetricsLogger:
     """Rank 0 writes RUN_DIR/metrics.jsonl (appending across resumes) and prints progress. Kinds: train,
     val, checkpoint (an event: step, seconds, path)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, wandb=None):
-        self.enabled, self.total_steps, self.wandb = enabled, total_steps, wandb
+    def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, log_every: int, wandb=None):
+        self.enabled, self.total_steps, self.log_every, self.wandb = enabled, total_steps, log_every, wandb
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a") if enabled else None
         self._start_time, self._start_step = time.time(), None
+
+    def should_log(self, step: int, end_step: int) -> bool:
+        """Training metrics every logging.log_every steps and at the last step (on every rank: the figures
+        come from collectives that every rank joins)."""
+        return step % self.log_every == 0 or step == end_step
 
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         if not self.enabled:

@@ -1,0 +1,49 @@
+"""Durable, atomic file writes: a file with its final name is complete.
+
+Every file megacore promises to keep (shards, manifests, tokenizers, checkpoint metadata, pointers, run
+state) goes through `atomic_write`: written under PATH.tmp, flushed and fsynced, then renamed over PATH.
+A crash leaves either the old file or the new one, never half of one; a failed write removes the tmp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w"):
+    """`with atomic_write(path, "wb") as f: ...` writes f to PATH.tmp, fsyncs it and renames it to PATH."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj, indent: int | None = 2) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

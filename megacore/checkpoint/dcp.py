@@ -1,0 +1,196 @@
+"""The torch backend's checkpointer: torch.distributed.checkpoint (DCP), atomic, verifiable, any layout.
+
+Each rank writes its own shards of the model and optimizer state; DCP reshards on load, so a checkpoint
+written by one layout and world size resumes on any other. With checkpoint.async_save the state is
+staged in memory and written by a background thread while training goes on; the commit
+(megacore/checkpoint/store.py) follows once every rank's write has finished. Every RNG stream of every
+rank is kept as JSON. Nothing is unpickled by us: DCP tensors and JSON.
+
+The checkpointer decides its own timing (`should_save`) and keeps its own state (the save in flight).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from data_pipeline.durable import write_json_atomic
+from megacore.checkpoint.store import checkpoints_root, commit_directory, prune, read_meta, step_dir_name
+from megacore.config import CheckpointConfig
+
+# Flattened optimizer state is keyed by parameter name, like the model's: stages merge without clashes
+# and a checkpoint loads into any layout.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int):
+        self.run_dir, self.root = Path(run_dir), checkpoints_root(run_dir)
+        self.cfg, self.rank = cfg, rank
+        self._pending = None  # an async save whose files are still being written
+        # Async saves run their collectives in a background thread: give them their own group.
+        self._async_group = dist.new_group(backend="gloo") if cfg.async_save else None
+        # One stager for the whole run: it keeps its staging buffers, so after the first save the
+        # in-memory copy that blocks training reuses memory instead of allocating (page-faulting) it.
+        self._stager = (DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                     use_shared_memory=False, use_async_staging=False,
+                                                     use_non_blocking_copy=False))
+                        if cfg.async_save else None)
+
+    def should_save(self, step: int, end_step: int, stopping: bool = False) -> bool:
+        """Every checkpoint.every steps, at the end of this invocation, and when the run stops early."""
+        return step % self.cfg.every == 0 or step == end_step or stopping
+
+    def save(self, step: int, parts: list[nn.Module], optimizers, meta: dict) -> Path | None:
+        """Write a checkpoint of this step. Synchronous: returns its committed path. Async: returns None
+        as soon as the state is staged in memory; `poll` commits it once every rank has written."""
+        self.poll(block=True)  # one async save in flight at most
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (final.name + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # A leftover from a save that crashed is never loaded; clear it before writing again.
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        # Captured now: the streams and loader position of this step, whenever the commit happens.
+        pending = (tmp, final, {"step": step, "time": time.time(), **meta}, rng_state())
+        if self.cfg.async_save:
+            state = _state(parts, optimizers)[0]
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
+                                    async_stager=self._stager)
+            self._pending = (*pending, future)
+            return None
+        self._write_state(tmp, parts, optimizers)
+        return self._commit(*pending)
+
+    def _write_state(self, tmp: Path, parts: list[nn.Module], optimizers) -> None:
+        """Model and optimizer state of every rank into `tmp` (DCP: each rank writes its shards)."""
+        dcp.save(_state(parts, optimizers)[0], checkpoint_id=str(tmp))
+
+    def _read_state(self, path: Path, meta: dict, parts: list[nn.Module], optimizers) -> None:
+        """Load model (and optimizer) state into the parallelized parts; DCP reshards to this layout."""
+        state, keys = _state(parts, optimizers)
+        dcp.load(state, checkpoint_id=str(path))
+        for i, part in enumerate(parts):
+            model_keys, optim_keys = keys[i]
+            set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
+            if optimizers is not None:
+                set_optimizer_state_dict(part, optimizers.optimizers[i], {k: state["optim"][k] for k in optim_keys},
+                                         options=_OPTIONS)
+
+    def poll(self, block: bool = False) -> Path | None:
+        """Commit the async save in flight once every rank's files are written (all ranks call this)."""
+        if self._pending is None:
+            return None
+        *pending, future = self._pending
+        done = torch.tensor([1 if block or future.done() else 0])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if not done.item():
+            return None
+        future.result()
+        self._pending = None
+        return self._commit(*pending)
+
+    def close(self) -> Path | None:
+        """After the last save: wait for it, and free the async stager's buffers."""
+        last = self.poll(block=True)
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        return last
+
+    def _commit(self, tmp: Path, final: Path, meta: dict, rng: dict) -> Path:
+        (tmp / "rng").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(tmp / "rng" / f"rank_{self.rank:05d}.json", rng)
+        dist.barrier()
+        if self.rank == 0:
+            commit_directory(tmp, final, meta)
+            prune(self.run_dir, self.cfg)
+        dist.barrier()
+        return final
+
+    def load(self, path: str | Path, parts: list[nn.Module], optimizers=None) -> dict:
+        """Load weights (and optimizer state and this rank's RNG streams, when given) into the
+        already-parallelized model parts, from a checkpoint that megacore.checkpoint.resume accepted
+        for this run. Any layout loads any other layout's checkpoint."""
+        path = Path(path)
+        meta = read_meta(path)
+        self._read_state(path, meta, parts, optimizers)
+        rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
+        if optimizers is not None and meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
+            # Same world size: every rank continues its own random streams. Otherwise they restart
+            # from the seed (only model.dropout draws from them in training).
+            set_rng_state(json.loads(rng_file.read_text()))
+        return meta
+
+
+def load_dcp_weights(model: nn.Module, ckpt: Path) -> None:
+    """Whole-model weights of a torch-backend checkpoint into an unparallelized model; DCP reshards, so
+    any layout's checkpoint loads on one process (with or without a process group)."""
+    import warnings
+
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        # A deliberate single-process load; DCP warns about that even when told so.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
+    model.load_state_dict(state["model"])
+
+
+def save_dcp_weights(model: nn.Module, directory: Path) -> None:
+    """A whole model's weights as a DCP checkpoint written by this one process (no process group)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(directory), no_dist=True)
+
+
+def rng_state() -> dict:
+    """Every random stream of this process, as JSON (no pickle)."""
+    np_state = np.random.get_state()
+    state = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _state(parts: list[nn.Module], optimizers) -> tuple[dict, list[tuple[list[str], list[str]]]]:
+    """({"model": {...}, "optim": {...}} merged over this rank's model parts, each part's (model, optim) keys)."""
+    model, optim, keys = {}, {}, []
+    for i, part in enumerate(parts):
+        sd = get_model_state_dict(part, options=_OPTIONS)
+        osd = get_optimizer_state_dict(part, optimizers.optimizers[i], options=_OPTIONS) if optimizers else {}
+        model.update(sd)
+        optim.update(osd)
+        keys.append((list(sd), list(osd)))
+    return ({"model": model, "optim": optim} if optimizers is not None else {"model": model}), keys

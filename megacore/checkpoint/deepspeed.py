@@ -1,0 +1,41 @@
+"""The DeepSpeed backend's checkpoints: DeepSpeed's own files inside our commit protocol.
+
+`save_checkpoint` / `load_checkpoint` write and read the engine's partitioned state; around them come the
+same `step_XXXXXXXX` directory, meta.json (loader state, config), RNG streams, sha256 manifest and
+`latest` pointer as the torch backend (megacore/checkpoint/store.py). DeepSpeed's files are torch
+pickles: they are only read after the manifest has verified every byte. They resume only on the world
+size that wrote them; `consolidated_state_dict` turns them into fp32 weights for any other use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megacore.checkpoint.dcp import Checkpointer
+
+
+class DeepSpeedCheckpointer(Checkpointer):
+    """Our commit protocol around DeepSpeed's save_checkpoint / load_checkpoint."""
+
+    def __init__(self, run_dir, cfg, rank: int, engine):
+        super().__init__(run_dir, cfg, rank)
+        self.engine = engine
+
+    def _write_state(self, tmp: Path, parts, optimizers) -> None:
+        # DeepSpeed writes SAVE_DIR/TAG: the temporary directory of the commit protocol.
+        self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+
+    def _read_state(self, path: Path, meta: dict, parts, optimizers) -> None:
+        # megacore.checkpoint.resume.check_compatible has refused another world size already.
+        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=optimizers is not None,
+                                    load_lr_scheduler_states=False, load_module_strict=True)
+
+
+def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a (verified) DeepSpeed checkpoint, on one process, no process group."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    return {k: v.float().contiguous() for k, v in state.items()}

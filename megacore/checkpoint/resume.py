@@ -1,0 +1,69 @@
+"""Which checkpoint a run resumes from, and whether it can: refused before any process starts.
+
+`--resume none` refuses a run directory that already has checkpoints (its work would be overwritten);
+`auto` takes the newest checkpoint that verifies; a path names a checkpoint or a run directory. The
+compatibility of that checkpoint with this launch is checked in one place, `check_compatible`: by the
+CLI before torchrun starts (cheap: meta.json only), and by the trainer on rank 0 after verifying it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megacore.checkpoint.store import (
+    backend_of,
+    latest_checkpoint,
+    newest_good_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+)
+from megacore.config import Config
+from megacore.errors import CheckpointError
+
+
+def check_compatible(ckpt: Path, meta: dict, backend: str, world_size: int) -> None:
+    """Refuse a checkpoint this launch cannot continue: another backend, weights without optimizer state,
+    or a DeepSpeed checkpoint on another world size (torch-backend checkpoints reshard to any)."""
+    saved = backend_of(meta)
+    if saved != backend:
+        raise CheckpointError(f"{ckpt} was written with parallel.backend={saved}, this run has "
+                              f"parallel.backend={backend}; use train.init_from={ckpt} (weights only)")
+    if meta.get("weights_only"):
+        raise CheckpointError(f"{ckpt}: holds weights only (no optimizer state); start a new run with "
+                              f"train.init_from={ckpt}")
+    if backend == "deepspeed" and meta.get("world_size") != world_size:
+        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint written by {meta.get('world_size')} ranks resumes "
+                              f"only on that many (this launch has {world_size}); use train.init_from={ckpt} "
+                              f"(weights only) or parallel.backend=torch, whose checkpoints reshard")
+
+
+def effective_resume(resume: str) -> str:
+    """torchrun restarting the group after a failure means: continue where it stopped."""
+    return "auto" if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 else resume
+
+
+def checkpoint_to_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """The verified checkpoint that `--resume` selects, or None to start fresh; raises if that would lose work."""
+    if resume == "none":
+        existing = latest_checkpoint(run_dir)
+        if existing is not None:
+            raise FileExistsError(f"{run_dir} already has checkpoints (newest: {existing.name}); pass "
+                                  f"--resume auto to continue it, or choose another train.run_dir")
+        return None
+    if resume == "auto":
+        return newest_good_checkpoint(run_dir)
+    return resolve_checkpoint(resume)
+
+
+def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
+    """Before any process starts: refuse to overwrite a run's checkpoints, to resume from a path that is no
+    checkpoint, or from one this launch cannot load. Cheap (no hashing); rank 0 verifies the chosen
+    checkpoint when training starts."""
+    if resume == "none":
+        checkpoint_to_resume(cfg.train.run_dir, resume)
+        return
+    ckpt = latest_checkpoint(cfg.train.run_dir) if resume == "auto" else Path(resume)
+    if ckpt is None:
+        return
+    check_compatible(ckpt, read_meta(ckpt), cfg.parallel.backend, world_size)

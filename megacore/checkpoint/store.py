@@ -1,0 +1,126 @@
+"""The on-disk protocol every checkpoint follows, whatever backend wrote its files.
+
+Commit: everything is written under `step_XXXXXXXX.tmp`; once all ranks are done, rank 0 writes
+meta.json, hashes the files into manifest.json (fsynced), renames the directory and moves `latest`.
+A directory with a final name and a manifest is complete; a crash at any point leaves the previous
+checkpoint as the newest. Loading verifies the manifest first, and `--resume auto` falls back to the
+newest good checkpoint, saying which one was skipped and why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from data_pipeline.durable import fsync_dir, write_json_atomic, write_text_atomic
+from data_pipeline.shards import file_sha256
+from megacore.config import CheckpointConfig
+from megacore.errors import CheckpointError
+
+META, MANIFEST, LATEST = "meta.json", "manifest.json", "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Committed checkpoints of a run (final name and a manifest), oldest first; not yet verified."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (an incomplete checkpoint)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise CheckpointError(f"{manifest_path}: unreadable ({e})") from None
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']} (truncated?)")
+        if file_sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: sha256 mismatch (altered)")
+
+
+def newest_good_checkpoint(run_dir: str | Path, log=print) -> Path | None:
+    """The newest checkpoint that verifies; each skipped one is reported with its reason."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint {path.name}: {e}")
+    return None
+
+
+def read_meta(path: str | Path) -> dict:
+    meta_path = Path(path) / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"not a complete checkpoint (no {META}): {path}")
+    return json.loads(meta_path.read_text())
+
+
+def backend_of(meta: dict) -> str:
+    return meta.get("config", {}).get("parallel", {}).get("backend", "torch")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a run directory (meaning its newest good checkpoint); verified."""
+    path = Path(path)
+    if (path / META).is_file():
+        verify_checkpoint(path)
+        return path
+    found = newest_good_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint in {path}")
+    return found
+
+
+def commit_directory(tmp: Path, final: Path, meta: dict) -> None:
+    """Once every file of `tmp` is written: meta.json, then the manifest (fsynced), the rename, `latest`."""
+    write_json_atomic(tmp / META, meta)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    write_json_atomic(tmp / MANIFEST, {"files": {
+        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    write_text_atomic(final.parent / LATEST, final.name + "\n")
+
+
+def prune(run_dir: str | Path, cfg: CheckpointConfig) -> None:
+    """Keep the newest keep_last checkpoints, and every keep_every-th step for good."""
+    if cfg.keep_last <= 0:
+        return
+    for old in list_checkpoints(run_dir)[:-cfg.keep_last]:
+        if not (cfg.keep_every and step_of(old) % cfg.keep_every == 0):
+            shutil.rmtree(old)

@@ -1,0 +1,81 @@
+"""Weights only: a checkpoint of either backend and any layout as one process's whole model.
+
+Used by `eval`, `generate`, `export-hf`, `checkpoints consolidate` and `train.init_from`: none of them
+needs the optimizer state or the layout that wrote the checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from data_pipeline.shards import TOKENIZER
+from data_pipeline.tokenizer import Tokenizer
+from megacore.checkpoint.dcp import load_dcp_weights, save_dcp_weights
+from megacore.checkpoint.store import backend_of, commit_directory, list_checkpoints, read_meta, resolve_checkpoint
+from megacore.config import Config, save_config
+from megacore.model import Llama
+from megacore.run_dir import CONFIG, load_run_config
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> Path:
+    """Whole-model fp32 weights from a run or checkpoint directory (either backend, any layout) into an
+    unparallelized model, on one process; returns the checkpoint used."""
+    ckpt = resolve_checkpoint(path)
+    if backend_of(read_meta(ckpt)) == "deepspeed":
+        from megacore.checkpoint.deepspeed import consolidated_state_dict
+
+        model.load_state_dict(consolidated_state_dict(ckpt))
+    else:
+        load_dcp_weights(model, ckpt)
+    return ckpt
+
+
+def init_weights_from(model: Llama, source: str) -> None:
+    """train.init_from: whole-model weights from a Hugging Face directory or a megacore run/checkpoint."""
+    if (Path(source) / "config.json").is_file():
+        from megacore.checkpoint.hf import load_hf_into
+
+        load_hf_into(model, source)
+    else:
+        load_model_weights(model, source)
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenizer, Config, Path]:
+    """Model (eval mode), tokenizer and config from a run directory or one of its checkpoints."""
+    ckpt = resolve_checkpoint(path)
+    run_dir = ckpt.parent.parent
+    cfg = load_run_config(run_dir)
+    tokenizer = Tokenizer(run_dir / TOKENIZER)
+    with torch.device(device):
+        model = Llama(cfg.model)
+    load_model_weights(model, ckpt)
+    return model.eval(), tokenizer, cfg, ckpt
+
+
+def consolidate(source: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint of either backend as a weights-only, single-file-set DCP checkpoint in a new run
+    directory OUT (config with backend=torch, tokenizer): eval, generate, export-hf and train.init_from
+    read it like any torch-backend run. Returns the new checkpoint directory."""
+    ckpt = resolve_checkpoint(source)
+    run_dir, out = ckpt.parent.parent, Path(out)
+    if list_checkpoints(out):
+        raise FileExistsError(f"{out} already has checkpoints; choose a new directory")
+    cfg = load_run_config(run_dir)
+    model = Llama(cfg.model)
+    load_model_weights(model, ckpt)
+    cfg.parallel = type(cfg.parallel)()  # a plain torch-backend layout; any layout can load it
+    meta = {**read_meta(ckpt), "weights_only": True, "consolidated_from": str(ckpt.resolve()),
+            "config": cfg.to_dict()}
+    final = out / "checkpoints" / ckpt.name
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_config(cfg, out / CONFIG)
+    shutil.copyfile(run_dir / TOKENIZER, out / TOKENIZER)
+    save_dcp_weights(model, tmp)
+    commit_directory(tmp, final, meta)
+    return final

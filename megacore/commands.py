@@ -1,0 +1,260 @@
+"""The handlers of the `megacore` subcommands, one function each (the parser is megacore/cli.py).
+
+Each takes the parsed arguments and returns the exit status. Errors a user can act on are raised as
+megacore.errors types (or FileNotFoundError / FileExistsError) and become exit 2 in the CLI. Imports are
+local so that `megacore --help` and the quick commands do not load torch's distributed stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from megacore.config import load_config
+from megacore.errors import CheckpointError, DataError, UsageError
+
+# -- data --
+
+def data_prepare(args) -> int:
+    from data_pipeline.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        prepare(cfg.data)
+    except ValueError as e:  # SourceError included
+        raise DataError(str(e)) from None
+    return 0
+
+
+def data_inspect(args) -> int:
+    import numpy as np
+
+    from data_pipeline.shards import read_manifest, read_shard
+    from data_pipeline.tokenizer import Tokenizer
+
+    manifest = read_manifest(args.dir)
+    print(f"{args.dir}: fingerprint {manifest['fingerprint']}, tokenizer vocab {manifest['tokenizer']['vocab_size']} "
+          f"({manifest['tokenizer']['sha256'][:12]}), dtype {manifest['dtype']}")
+    for split, info in manifest["splits"].items():
+        print(f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {len(info['shards'])} shard(s), "
+              f"{info['bytes'] / info['tokens']:.2f} bytes/token, "
+              f"{info['tokens'] / info['documents']:.1f} tokens/document")
+    print("  stats: " + ", ".join(f"{k} {v:,}" for k, v in manifest["stats"].items()))
+    if args.split not in manifest["splits"]:
+        raise DataError(f"{args.dir}: no split {args.split!r}")
+    values, offsets = read_shard(Path(args.dir) / manifest["splits"][args.split]["shards"][0]["file"])
+    tokenizer = Tokenizer(Path(args.dir) / manifest["tokenizer"]["file"])
+    lengths = np.diff(offsets)
+    print(f"  {args.split} document length (tokens): min {lengths.min()}, median {int(np.median(lengths))}, "
+          f"max {lengths.max()}")
+    sample = tokenizer.decode(values[offsets[0]:offsets[min(len(offsets) - 1, 20)]].tolist())
+    print(f"--- first documents of {args.split}, decoded ---\n{sample[:args.chars]}")
+    return 0
+
+
+def data_verify(args) -> int:
+    from data_pipeline.shards import file_sha256, read_manifest, read_shard
+
+    manifest = read_manifest(args.dir)
+    problems = []
+    files = [(Path(args.dir) / manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"], None)]
+    files += [(Path(args.dir) / s["file"], s["sha256"], s["tokens"])
+              for info in manifest["splits"].values() for s in info["shards"]]
+    for path, sha, tokens in files:
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif file_sha256(path) != sha:
+            problems.append(f"{path}: sha256 mismatch (file altered or truncated)")
+        elif tokens is not None:
+            try:
+                if len(read_shard(path)[0]) != tokens:
+                    problems.append(f"{path}: token count differs from the manifest")
+            except ValueError as e:
+                problems.append(str(e))
+    if problems:
+        raise DataError("verification failed:\n  " + "\n  ".join(problems))
+    print(f"{args.dir}: {len(files)} files verified")
+    return 0
+
+
+def data_order(args) -> int:
+    from data_pipeline.loader import PackedLoader, TokenStore
+
+    if not 0 <= args.dp_rank < args.dp_size:
+        raise DataError(f"--dp-rank {args.dp_rank} is not in [0, --dp-size {args.dp_size})")
+    try:
+        loader = PackedLoader(TokenStore(args.dir, args.split), args.seq_len, args.global_batch, args.dp_rank,
+                              args.dp_size, seed=args.seed)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    loader.skip(args.start_step)
+    for step in range(args.start_step, args.start_step + args.steps):
+        ids = loader.next_batch()["sample_ids"][:, 1].tolist()
+        if args.json:
+            print(json.dumps({"step": step, "dp_rank": args.dp_rank, "sample_ids": ids}))
+        else:
+            print(f"step {step}: {' '.join(map(str, ids))}")
+    return 0
+
+
+# -- training --
+
+def train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if args.nproc is not None and args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if under_torchrun else (args.nproc or 1)
+    if not under_torchrun:
+        # Refuse bad layouts, missing data and run-directory conflicts before starting any process.
+        from megacore.checkpoint.resume import refuse_lost_work
+        from megacore.parallel.layout import Layout
+        from megacore.run_dir import resolve_vocab_size
+
+        Layout.resolve(cfg, world_size)
+        resolve_vocab_size(cfg)
+        refuse_lost_work(cfg, args.resume, world_size)
+    if args.dry_run:
+        from megacore.parallel.estimate import estimate, format_estimate
+
+        print(json.dumps(cfg.to_dict(), indent=2))
+        print(format_estimate(estimate(cfg, world_size)))
+        print(f"world size {world_size}: layout ok")
+        return 0
+    if args.nproc and not under_torchrun:
+        from launcher.torchrun import run_local
+
+        return run_local(args.nproc, _without_launch_args(args.argv), args.max_restarts)
+    from megacore.train.trainer import train as run_training
+
+    run_training(cfg, args.resume)
+    return 0
+
+
+def _without_launch_args(argv: list[str]) -> list[str]:
+    """The command line each rank runs: without the options that only the launcher reads."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--nproc", "--max-restarts"):
+            skip = True
+        elif not a.startswith(("--nproc=", "--max-restarts=")):
+            out.append(a)
+    return out
+
+
+def estimate(args) -> int:
+    from megacore.parallel.estimate import estimate as estimate_layout
+    from megacore.parallel.estimate import format_estimate
+    from megacore.run_dir import resolve_vocab_size
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.vocab_size == 0:
+        try:
+            resolve_vocab_size(cfg)
+        except FileNotFoundError:
+            cfg.model.vocab_size = cfg.data.vocab_size  # not prepared yet: the configured target
+    result = estimate_layout(cfg, args.world_size)
+    print(json.dumps(result) if args.json else format_estimate(result))
+    return 0
+
+
+# -- checkpoints --
+
+def checkpoints(args) -> int:
+    from megacore.checkpoint.store import list_checkpoints, read_meta, verify_checkpoint
+    from megacore.checkpoint.weights import consolidate
+
+    if args.action == "consolidate":
+        if not args.out:
+            raise UsageError("checkpoints consolidate needs OUT, the new run directory to write")
+        print(f"consolidated weights in {consolidate(args.run_dir, args.out)}")
+        return 0
+    found = list_checkpoints(args.run_dir)
+    if not found:
+        raise FileNotFoundError(f"no committed checkpoints in {args.run_dir}")
+    bad = 0
+    for path in found:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        status = "unchecked"
+        if args.action == "verify":
+            try:
+                verify_checkpoint(path)
+                status = "ok"
+            except CheckpointError as e:
+                status, bad = f"CORRUPT: {e}", bad + 1
+        meta = read_meta(path)
+        print(f"{path.name}  step {meta['step']:>8}  world {meta.get('world_size', '?'):>3}  "
+              f"{size / 2**20:9.1f} MiB  {status}")
+    if bad:
+        raise CheckpointError(f"{bad} corrupt checkpoint(s) in {args.run_dir}")
+    return 0
+
+
+def export_hf(args) -> int:
+    from megacore.checkpoint.hf import export_hf as export
+    from megacore.checkpoint.weights import load_trained
+
+    model, tokenizer, _, ckpt = load_trained(args.checkpoint)
+    print(f"exported {ckpt} to {export(model, tokenizer, args.out)}")
+    return 0
+
+
+# -- using a trained model --
+
+def evaluate(args) -> int:
+    from megacore.eval.evaluate import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, args.data_dir, args.text, args.batch_size,
+                                         args.batches)))
+    return 0
+
+
+def generate(args) -> int:
+    from megacore.checkpoint.weights import load_trained
+    from megacore.eval.generate import generate_text
+
+    model, tokenizer, _, _ = load_trained(args.checkpoint)
+    print(generate_text(model, tokenizer, args.prompt, chat_turn=args.chat, stop=args.stop,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache))
+    return 0
+
+
+def plot(args) -> int:
+    from megacore.monitor.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+# -- launching --
+
+def launch(args) -> int:
+    from launcher import slurm
+    from launcher.render import render_sbatch, run_dir_of
+    from launcher.spec import load_job
+    from launcher.torchrun import run_local
+
+    job, profile = load_job(args.job)
+    profile_file = job.cluster
+    if args.action == "render":
+        print(render_sbatch(job, profile, args.job, profile_file), end="")
+    elif args.action == "submit":
+        print(f"submitted job {slurm.submit(job, profile, args.job, profile_file)} ({job.name}); "
+              f"run directory {run_dir_of(job)}")
+    elif args.action == "status":
+        print("\n".join(slurm.status(job)))
+    elif args.action == "cancel":
+        print(f"cancelled {' '.join(slurm.cancel(job))}")
+    elif args.action == "logs":
+        print(slurm.logs(job, args.lines))
+    else:  # local: torchrun on this machine, each sweep entry in turn
+        for extra in job.sweep or [[]]:
+            cli = ["train", job.config, *job.overrides, *extra, "--resume", "auto"]
+            status = run_local(profile.procs_per_node, cli, job.max_restarts)
+            if status:
+                return status
+    return 0

@@ -1,0 +1,110 @@
+"""Evaluation: loss, perplexity, bits per byte and next-token accuracy on a prepared split.
+
+`evaluate` runs on any parallel layout; `Evaluator` is the training run's view of it (which sets, how
+often, the best val loss and early stopping); `evaluate_checkpoint` is `megacore eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+
+import torch
+
+from data_pipeline.loader import PackedLoader, TokenStore
+from megacore.config import Config
+from megacore.distributed import all_reduce_sum
+from megacore.train.loss import IGNORE_INDEX
+
+
+@torch.no_grad()
+def evaluate(pm, loader: PackedLoader, max_batches: int) -> dict[str, float]:
+    """Mean loss over the first `max_batches` global batches of `loader` (in order), summed over ranks.
+
+    `pm` is a ParallelModel (any layout) or a DeepSpeedModel. The batches are the same for any number of
+    ranks, so the result does not depend on the layout. Bits per byte divides by the split's UTF-8 bytes
+    per token, so it compares across tokenizers.
+    """
+    pm.train(False)
+    total, correct, count = 0.0, 0.0, 0
+    for _ in range(min(max_batches, loader.batches_per_epoch)):
+        batch = loader.next_batch()
+        loss, right = pm.eval_loss(batch)
+        if pm.reports_loss:
+            total, correct = total + loss, correct + right
+        count += int((batch["labels"] != IGNORE_INDEX).sum()) if pm.counts_tokens else 0
+    total, correct, count = all_reduce_sum([total, correct, count], pm.device)
+    pm.train(True)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": loss / math.log(2) / loader.store.bytes_per_token, "accuracy": correct / count,
+            "tokens": int(count)}
+
+
+class Evaluator:
+    """The eval sets of a training run, evaluated every train.eval_every steps and at the end; tracks the
+    best val loss and asks to stop after train.early_stop_patience evaluations without a gain."""
+
+    def __init__(self, pm, eval_sets: list[tuple[str, TokenStore]], cfg: Config):
+        self.pm, self.eval_sets = pm, eval_sets
+        self.every, self.batches, self.patience = cfg.train.eval_every, cfg.train.eval_batches, cfg.train.early_stop_patience
+        self.seq_len, self.global_batch = cfg.data.seq_len, cfg.train.global_batch_size
+        self.document_masking = cfg.model.document_masking
+        self.best_loss, self.evals_without_gain = float("inf"), 0
+
+    def should_evaluate(self, step: int, end_step: int) -> bool:
+        return step % self.every == 0 or step == end_step
+
+    def run(self) -> dict[str, dict]:
+        """{set name: metrics} for every eval set, each read from its start."""
+        results = {}
+        for name, store in self.eval_sets:
+            loader = PackedLoader(store, self.seq_len, self.global_batch, self.pm.dp_rank, self.pm.dp_size,
+                                  shuffle=False, document_positions=self.document_masking)
+            results[name] = evaluate(self.pm, loader, self.batches)
+        # The val loss is all-reduced, so every rank takes the same early-stop decision.
+        if results["val"]["loss"] < self.best_loss:
+            self.best_loss, self.evals_without_gain = results["val"]["loss"], 0
+        else:
+            self.evals_without_gain += 1
+        return results
+
+    @property
+    def should_stop(self) -> bool:
+        return 0 < self.patience <= self.evals_without_gain
+
+
+def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = None, text: list[str] | None = None,
+                        batch_size: int = 16, batches: int = 0) -> dict:
+    """`megacore eval`: a trained model (any backend, any layout) on one process, on a prepared split or
+    on raw text files tokenized with the run's tokenizer."""
+    from megacore.checkpoint.weights import load_trained
+
+    model, tokenizer, cfg, ckpt = load_trained(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        if text:
+            from data_pipeline.prepare import prepare
+
+            prepare(dataclasses.replace(cfg.data, dir=tmp, sources=text, format="text", val_fraction=0.0,
+                                        tokenizer_from=str(tokenizer.path)), log=lambda *_: None)
+            store, split = TokenStore(tmp, "train"), ",".join(text)
+        else:
+            store = TokenStore(data_dir or cfg.data.dir, split)
+        result = _evaluate_one_process(model, cfg, store, batch_size, batches)
+    return {"checkpoint": str(ckpt), "split": split, **result}
+
+
+def _evaluate_one_process(model, cfg: Config, store: TokenStore, batch_size: int, batches: int) -> dict:
+    from megacore.distributed import init_distributed, shutdown
+    from megacore.parallel import Layout, ParallelModel
+
+    loader = PackedLoader(store, cfg.data.seq_len, batch_size, shuffle=False)
+    env = init_distributed("cpu")
+    try:
+        layout = Layout(n_micro=max(1, batch_size // cfg.train.micro_batch_size))
+        pm = ParallelModel([model], layout, env.rank, torch.device("cpu"), document_masking=cfg.model.document_masking)
+        return evaluate(pm, loader, batches or loader.batches_per_epoch)
+    finally:
+        shutdown()
+

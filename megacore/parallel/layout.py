@@ -1,0 +1,113 @@
+"""The parallel layout of a run: the pp x dp_replicate x dp_shard x tp mesh for one world size.
+
+`Layout.resolve(cfg, world_size)` is the one place that checks a config against a world size: the CLI
+calls it before any process starts (so a bad layout exits 2 at once), every rank calls it again at
+start, and `megacore estimate` calls it for any N without starting anything. The result is frozen:
+the degrees, the data-parallel size, the micro-batches per rank and step, and each rank's coordinates
+in the row-major mesh (rank = ((pp * R + dp_replicate) * S + dp_shard) * T + tp).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megacore.config import Config
+from megacore.errors import ConfigError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Defaults describe one process with one micro-batch per step (evaluation, generation)."""
+
+    world_size: int = 1
+    backend: str = "torch"
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp_schedule: str = "1f1b"
+    stages_per_rank: int = 1
+    # Micro-batches per optimizer step on each data-parallel rank: gradient-accumulation steps, or the
+    # pipeline schedule's micro-batches when pp > 1.
+    n_micro: int = 1
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks (replicas x shards): the loader's slices of the global batch."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def n_stages(self) -> int:
+        return self.pp * self.stages_per_rank
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """Rank -> its index along each mesh dimension."""
+        coords = {}
+        for dim in reversed(MESH_DIMS):
+            size = getattr(self, dim)
+            coords[dim] = rank % size
+            rank //= size
+        return coords
+
+    def dp_rank(self, rank: int) -> int:
+        """Which slice of the global batch `rank` reads (ranks that differ only in pp or tp read the same)."""
+        c = self.coordinates(rank)
+        return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
+
+    def build_mesh(self, device_type: str):
+        """The device mesh (needs the process group); its dimension names are MESH_DIMS."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+
+    def describe(self) -> str:
+        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}"
+
+    @classmethod
+    def resolve(cls, cfg: Config, world_size: int) -> Layout:
+        """The layout of `cfg.parallel` on `world_size` ranks; ConfigError naming the keys if it cannot run."""
+        par, m, train = cfg.parallel, cfg.model, cfg.train
+        others = par.dp_replicate * par.tp * par.pp
+        dp_shard = par.dp_shard
+        if dp_shard == -1:
+            if world_size % others:
+                raise ConfigError(f"world size {world_size} is not divisible by parallel.dp_replicate="
+                                  f"{par.dp_replicate} x parallel.tp={par.tp} x parallel.pp={par.pp}")
+            dp_shard = world_size // others
+        if others * dp_shard != world_size:
+            raise ConfigError(f"parallel.pp={par.pp} x dp_replicate={par.dp_replicate} x dp_shard={dp_shard} x "
+                              f"tp={par.tp} = {others * dp_shard}, but the world size is {world_size}")
+        if m.n_heads % par.tp or m.n_kv_heads % par.tp:
+            raise ConfigError(f"parallel.tp={par.tp} must divide model.n_heads={m.n_heads} and "
+                              f"model.n_kv_heads={m.n_kv_heads}")
+        if cfg.data.seq_len % par.tp:
+            raise ConfigError(f"parallel.tp={par.tp} must divide data.seq_len={cfg.data.seq_len} "
+                              f"(sequence parallelism splits the sequence)")
+        stages_per_rank = par.pp_stages_per_rank or (2 if par.interleaved else 1)
+        stages = par.pp * stages_per_rank
+        if par.pp > 1 and stages > m.n_layers:
+            raise ConfigError(f"parallel.pp={par.pp} x {stages_per_rank} stage(s) per rank = {stages} pipeline "
+                              f"stages, more than model.n_layers={m.n_layers}")
+        dp_size = par.dp_replicate * dp_shard
+        per_step = train.micro_batch_size * dp_size
+        if train.global_batch_size % per_step:
+            raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                              f"train.micro_batch_size={train.micro_batch_size} x {dp_size} data-parallel ranks")
+        n_micro = train.global_batch_size // per_step
+        if par.pp > 1 and par.interleaved and n_micro < par.pp:
+            raise ConfigError(
+                f"parallel.pp_schedule={par.pp_schedule} needs at least parallel.pp={par.pp} micro-batches per step; "
+                f"train.global_batch_size={train.global_batch_size} / (micro_batch_size="
+                f"{train.micro_batch_size} x {dp_size} dp ranks) gives {n_micro}")
+        if m.tie_embeddings and (par.pp > 1 or par.tp > 1):
+            raise ConfigError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1 (the embedding and the "
+                              "output head are placed differently)")
+        if par.backend == "deepspeed" and cfg.checkpoint.async_save:
+            raise ConfigError("checkpoint.async_save is not supported with parallel.backend=deepspeed")
+        if par.pp > 1 and m.document_masking:
+            raise ConfigError("model.document_masking is not supported with parallel.pp > 1 yet")
+        return cls(world_size=world_size, backend=par.backend, pp=par.pp, dp_replicate=par.dp_replicate,
+                   dp_shard=dp_shard, tp=par.tp, pp_schedule=par.pp_schedule, stages_per_rank=stages_per_rank,
+                   n_micro=n_micro)

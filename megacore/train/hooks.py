@@ -1,0 +1,48 @@
+"""Step hooks: the one way to add work to the training loop without editing it.
+
+A hook is any object with these methods (subclass `Hook` and override what you need). The Trainer
+calls them in list order, on every rank, at four points of each step:
+
+    before_step(trainer, step)           before the step's batch is read
+    after_step(trainer, step, result)    after the optimizer step, gradients still held; result: StepResult
+    after_eval(trainer, step, results)   after the evaluation sets ran; results: {"val": {...}, "val_x": {...}}
+    after_save(trainer, step, path)      after the checkpoint of `step` was committed (path), or staged
+                                         for a background write (None)
+
+Hooks see the whole trainer (`trainer.model`, `trainer.optimizers`, `trainer.metrics`, `trainer.env`, ...).
+A hook that runs a collective must run it on every rank at the same step, or the group hangs. Time a
+hook spends inside `after_eval` / `after_save` is outside the throughput window; inside `before_step` /
+`after_step` it counts as training time. Built in: the profiler (megacore/monitor/profiling.py) and the
+memory report (megacore/monitor/memory.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step produced, the same on every rank."""
+
+    step: int
+    lr: float
+    loss: float  # mean token loss over the global batch
+    grad_norm: float  # before clipping
+    tokens: int  # target tokens in the global batch
+    stop_votes: int  # ranks asking to stop (signal or STOP file)
+
+
+class Hook:
+    def before_step(self, trainer, step: int) -> None:
+        pass
+
+    def after_step(self, trainer, step: int, result: StepResult) -> None:
+        pass
+
+    def after_eval(self, trainer, step: int, results: dict[str, dict]) -> None:
+        pass
+
+    def after_save(self, trainer, step: int, path: Path | None) -> None:
+        pass

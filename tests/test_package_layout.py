@@ -1,0 +1,71 @@
+"""The shape of the code that later work relies on: no import circles inside megacore, a model that knows
+nothing of parallelism, and files short enough to read in one sitting."""
+
+import ast
+from pathlib import Path
+
+from tests.helpers import REPO
+
+PACKAGE = REPO / "megacore"
+MAX_LINES = 450  # the config schema, one dataclass per section, is the one exception
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """megacore module -> the megacore modules it imports (at any depth of its code: local imports count)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            found |= {t for t in targets if t in modules and t != name}
+        graph[name] = found
+    return graph
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), list(graph[start])
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph[m])
+    return seen
+
+
+def test_no_module_imports_a_module_that_imports_it():
+    graph = _imports()
+    # A package's __init__ re-exporting its modules is not a circle of code.
+    circles = [(a, b) for a in graph for b in graph[a]
+               if a in _reaches(graph, b) and not (a.startswith(b + ".") or b.startswith(a + "."))]
+    assert not circles, circles
+
+
+def test_the_model_imports_nothing_of_megacore_but_its_config():
+    graph = _imports()
+    model_modules = [m for m in graph if m.startswith("megacore.model")]
+    for m in model_modules:
+        outside = {t for t in graph[m] if not t.startswith(("megacore.model", "megacore.config"))}
+        assert not outside, (m, outside)
+
+
+def test_parallel_code_knows_nothing_of_checkpoints():
+    graph = _imports()
+    for m in (m for m in graph if m.startswith("megacore.parallel")):
+        assert not {t for t in _reaches(graph, m) if t.startswith("megacore.checkpoint")}, m
+
+
+def test_no_source_file_is_over_450_lines_but_the_config_schema():
+    long = {str(p.relative_to(REPO)): n for p in [*PACKAGE.rglob("*.py"), *(REPO / "data_pipeline").rglob("*.py"),
+                                                  *(REPO / "launcher").rglob("*.py")]
+            if (n := len(p.read_text().splitlines())) > MAX_LINES and p != PACKAGE / "config" / "schema.py"}
+    assert not long, long
