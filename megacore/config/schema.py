@@ -284,7 +284,7 @@ class LoggingConfig:
     wandb_name: str = ""
     wandb_tags: list[str] = field(default_factory=list)
     # torch.profiler over steps profile_start .. profile_start + profile_steps - 1 (0: off): a trace per
-    # rank and a summary with the communication share in RUN_DIR/profile/ (megacore/profiling.py).
+    # rank and a summary with the communication share in RUN_DIR/profile/ (megacore/monitor/profiling.py).
     profile_start: int = 0
     profile_steps: int = 3
 

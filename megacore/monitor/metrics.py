@@ -1,5 +1,5 @@
 """Metrics out of the training loop: one JSON line per logged step or event (RUN_DIR/metrics.jsonl), a
-console line with ETA, and the same records to W&B when it is on (megacore/wandb_run.py)."""
+console line with ETA, and the same records to W&B when it is on (megacore/monitor/wandb_run.py)."""
 
 from __future__ import annotations
 
