@@ -54,13 +54,16 @@ demo: $(VENV)/.installed $(SHAKESPEARE)
 	$(MEGACORE) plot $(DEMO_RUN)
 
 # The launcher tests start a real Slurm on this machine (slurm/local-cluster/): Debian's packages, as
-# root (or through sudo). Without them those tests are skipped, saying why.
+# root (or through sudo). Without them those tests fail, saying why; MEGACORE_SKIP_SLURM=1 skips them on
+# purpose (pytest's summary says so). Under CI=true a failed install fails `make test` here.
 slurm:
-	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then exit 0; fi; \
+	@if [ "$(MEGACORE_SKIP_SLURM)" = 1 ]; then echo "MEGACORE_SKIP_SLURM=1: the Slurm tests will be skipped"; exit 0; fi; \
+	if command -v slurmctld >/dev/null && command -v munged >/dev/null; then exit 0; fi; \
 	sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends \
 	  slurmctld slurmd slurm-client munge iproute2 util-linux \
-	  || echo "warning: could not install Slurm; the tests that need it will be skipped"
+	  || { echo "error: could not install Slurm (slurmctld slurmd slurm-client munge); the launcher tests need it." \
+	       "Set MEGACORE_SKIP_SLURM=1 to run the rest without it."; exit 1; }
 
 # Stage 2 after `make demo`: fine-tune the Shakespeare model on real chats, then chat with it.
 chat-demo: $(VENV)/.installed $(CHITCHAT)

@@ -25,20 +25,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.shards import read_manifest, read_shard
+from data_pipeline.errors import DataPipelineError, ShardError
+from data_pipeline.shards import file_sha256, read_manifest, read_shard
 
 # The label of a token that is no training target (torch's cross_entropy default ignore_index).
 IGNORE_INDEX = -100
 
 
+# Shards this process has verified, by (path, sha256): each is hashed once per process however many
+# stores and loaders open it (training, every evaluation).
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+def verify_shard(path: Path, record: dict, values: np.ndarray, vocab_size: int) -> None:
+    """The shard is the one the manifest describes (sha256, token count) and holds only ids below the
+    tokenizer's vocabulary size; ShardError naming the file otherwise."""
+    key = (str(path.resolve()), record["sha256"])
+    if key in _VERIFIED:
+        return
+    if len(values) != record["tokens"]:
+        raise ShardError(f"token shard {path} holds {len(values)} tokens, its manifest says {record['tokens']}")
+    if file_sha256(path) != record["sha256"]:
+        raise ShardError(f"token shard {path}: sha256 differs from its manifest (altered or corrupt); "
+                         f"`megacore data verify {path.parent}` lists every bad file, `data prepare` rewrites them")
+    top = int(values.max()) if len(values) else 0
+    if top >= vocab_size:
+        raise ShardError(f"token shard {path} holds token id {top}, not below the tokenizer's vocabulary size "
+                         f"{vocab_size}")
+    _VERIFIED.add(key)
+
+
 class TokenStore:
-    """The memory-mapped token stream of one split."""
+    """The memory-mapped token stream of one split; every shard verified when this process first opens it."""
 
     def __init__(self, data_dir: str | Path, split: str):
         self.data_dir = Path(data_dir)
         manifest = read_manifest(self.data_dir)
         if split not in manifest["splits"]:
-            raise ValueError(f"{self.data_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
+            raise DataPipelineError(f"{self.data_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
         self.manifest, self.split = manifest, split
         tokenizer = self.data_dir / manifest["tokenizer"]["file"]
         if not tokenizer.is_file():
@@ -51,10 +75,9 @@ class TokenStore:
         for shard in info["shards"]:
             path = self.data_dir / shard["file"]
             if not path.is_file():
-                raise FileNotFoundError(f"token shard missing: {path} (named in {self.data_dir / 'manifest.json'})")
+                raise ShardError(f"token shard missing: {path} (named in {self.data_dir / 'manifest.json'})")
             values, _, mask = read_shard(path, loss_mask=True)
-            if len(values) != shard["tokens"]:
-                raise ValueError(f"token shard {path} holds {len(values)} tokens, manifest says {shard['tokens']}")
+            verify_shard(path, shard, values, manifest["tokenizer"]["vocab_size"])
             self._values.append(values)
             masks.append(mask)
         # Chat data: a 0/1 loss weight per token (prompt tokens 0); plain text has none (all trained).

@@ -3,6 +3,8 @@
 Two streaming passes over the sources, so memory stays bounded by the shards in flight:
 1. the first `data.tokenizer_sample_mb` of training text trains the tokenizer (skipped on a rerun
    when `tokenizer.json` records the same settings and source files, names and sizes);
+   a rerun does nothing when the manifest records the same settings and the same sources: the same
+   files with the same sizes, versions (etag or modification time) and, for small ones, content hashes;
 2. documents are cleaned, split into train/val by content hash, and cut into shards of about
    `data.shard_mb` of text. Each shard is tokenized in a worker process and written atomically with
    a sidecar `*.arrow.json` naming the tokenizer and a digest of its documents. A rerun skips every
@@ -39,13 +41,15 @@ from data_pipeline.shards import (
     token_dtype,
     write_shard,
 )
-from data_pipeline.sources import SourceStats, iter_documents, source_listing
+from data_pipeline.sources import SourceStats, iter_documents, source_identity, source_listing
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 
 TOKENIZER_SIDECAR = "tokenizer.json"
 SETTINGS = ("sources", "text_unit", "text_field", "format", "tokenizer_from", "normalize", "min_doc_chars",
-            "max_doc_chars", "dedup", "strict_utf8", "tokenizer_type", "vocab_size", "tokenizer_sample_mb",
-            "val_fraction", "shard_mb")
+            "max_doc_chars", "dedup", "strict_utf8", "tokenizer_type", "vocab_size", "character_coverage",
+            "tokenizer_sample_mb", "val_fraction", "shard_mb")
+# Settings added after the first manifest version, with the value that earlier preparations used.
+SETTING_DEFAULTS = {"character_coverage": 0.9995}
 
 
 def split_of(digest: bytes, val_fraction: float) -> str:
@@ -57,15 +61,19 @@ def prepare(data_cfg, log=print) -> dict:
     """Prepare `data_cfg.dir` from `data_cfg.sources`; returns the manifest. Skips if already up to date."""
     out = Path(data_cfg.dir)
     settings = {k: getattr(data_cfg, k) for k in SETTINGS}
+    if not data_cfg.sources:
+        raise ValueError("data.sources is empty: name at least one file, glob or URL of raw text")
+    sources = source_identity(data_cfg.sources)
     try:
         old = read_manifest(out)
     except (FileNotFoundError, ValueError):
         old = {}
-    if old.get("settings") == settings:
-        log(f"{out}: already prepared with these settings ({old['splits']['train']['tokens']:,} train tokens)")
+    if {**SETTING_DEFAULTS, **old.get("settings", {})} == settings and old.get("sources") == sources:
+        log(f"{out}: already prepared from these sources with these settings "
+            f"({old['splits']['train']['tokens']:,} train tokens)")
         return old
-    if not data_cfg.sources:
-        raise ValueError("data.sources is empty: name at least one file, glob or URL of raw text")
+    if old.get("settings") and old.get("sources") != sources:
+        log(f"{out}: the sources changed since it was prepared: preparing again")
     out.mkdir(parents=True, exist_ok=True)
     # The old manifest no longer describes what is being written.
     (out / MANIFEST).unlink(missing_ok=True)
@@ -98,15 +106,17 @@ def prepare(data_cfg, log=print) -> dict:
             shard_index[split] += 1
             buffers[split], buffer_bytes[split] = [], 0
 
+        chat = data_cfg.format == "chat"
         for text in iter_documents(data_cfg.sources, data_cfg.text_unit, data_cfg.text_field, stats,
-                                   data_cfg.strict_utf8, chat=data_cfg.format == "chat"):
+                                   data_cfg.strict_utf8, chat=chat):
             cleaned = cleaner.clean(text)
             if cleaned is None:
                 continue
             text, digest = cleaned
             source_digest.update(digest)
             split = split_of(digest, data_cfg.val_fraction)
-            size = len(text.encode("utf-8"))
+            # UTF-8 bytes of the text itself (for chat: the messages, not their JSON), for bits per byte.
+            size = len((contents(text) if chat else text).encode("utf-8"))
             buffers[split].append(text)
             buffer_bytes[split] += size
             split_bytes[split] += size
@@ -138,6 +148,9 @@ def prepare(data_cfg, log=print) -> dict:
     manifest = {
         "version": MANIFEST_VERSION,
         "settings": settings,
+        # Manifests written before this key existed are prepared again on the next run (same shards
+        # where the sources did not change: every finished shard is reused).
+        "sources": sources,
         "tokenizer": {"file": TOKENIZER, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
         "dtype": dtype.name,
@@ -177,7 +190,7 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
     key = {"settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
            "sources": source_listing(data_cfg.sources)}
     sidecar = out / TOKENIZER_SIDECAR
-    if (out / TOKENIZER).is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == key:
+    if (out / TOKENIZER).is_file() and sidecar.is_file() and _same_tokenizer_key(json.loads(sidecar.read_text()), key):
         log(f"reusing {out / TOKENIZER}")
         return Tokenizer(out / TOKENIZER)
     limit = int(data_cfg.tokenizer_sample_mb * 2**20)
@@ -195,7 +208,8 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
     if not sample:
         raise ValueError(f"no training documents in {data_cfg.sources}")
     t0 = time.time()
-    tokenizer = train_tokenizer(sample, out / TOKENIZER, data_cfg.vocab_size, data_cfg.tokenizer_type)
+    tokenizer = train_tokenizer(sample, out / TOKENIZER, data_cfg.vocab_size, data_cfg.tokenizer_type,
+                                data_cfg.character_coverage)
     write_json_atomic(sidecar, key)
     log(f"trained {data_cfg.tokenizer_type} tokenizer on {size / 2**20:.1f} MB, vocab {tokenizer.vocab_size} "
         f"({time.time() - t0:.1f}s)")
@@ -203,6 +217,10 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
         log(f"warning: the corpus supports only {tokenizer.vocab_size} pieces, fewer than "
             f"data.vocab_size={data_cfg.vocab_size}")
     return tokenizer
+
+
+def _same_tokenizer_key(old: dict, new: dict) -> bool:
+    return {**old, "settings": {**SETTING_DEFAULTS, **old.get("settings", {})}} == new
 
 
 def _remove_stale_shards(out: Path, splits: dict) -> None:

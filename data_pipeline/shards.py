@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.durable import atomic_write
+from data_pipeline.errors import ShardError
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
@@ -57,7 +58,7 @@ def read_shard(path: Path, loss_mask: bool = False):
         column = table.column("tokens").combine_chunks()
         mask = table.column("loss_mask").combine_chunks() if "loss_mask" in table.column_names else None
     except (pa.ArrowInvalid, KeyError, OSError) as e:
-        raise ValueError(f"corrupt or unreadable token shard {path}: {e}") from None
+        raise ShardError(f"corrupt or unreadable token shard {path}: {e}") from None
     values = column.values.to_numpy(zero_copy_only=True)
     offsets = column.offsets.to_numpy(zero_copy_only=True)
     if not loss_mask:

@@ -17,20 +17,25 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe") -> Tokenizer:
+def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe",
+                    character_coverage: float = 0.9995) -> Tokenizer:
     """Train on `documents` and write the model atomically to `out_path`."""
     model = io.BytesIO()
     try:
-        _train(documents, model, vocab_size, model_type)
+        _train(documents, model, vocab_size, model_type, character_coverage)
     except RuntimeError as e:
-        raise ValueError(f"tokenizer training failed for data.vocab_size={vocab_size}: "
-                         f"{str(e).split('] ')[-1]}") from None
+        reason = str(e).split("] ")[-1].split(" Increase vocab_size")[0]
+        hint = (" (raise data.vocab_size, or lower data.character_coverage, e.g. to 0.99: the remaining "
+                "characters are spelled in bytes)" if "required_chars" in reason else "")
+        raise ValueError(f"tokenizer training failed for data.vocab_size={vocab_size}, data.character_coverage="
+                         f"{character_coverage}: {reason}{hint}") from None
     with atomic_write(out_path, "wb") as f:
         f.write(model.getvalue())
     return Tokenizer(out_path)
 
 
-def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_type: str) -> None:
+def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_type: str,
+           character_coverage: float) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(documents),
         model_writer=model,
@@ -41,6 +46,7 @@ def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_t
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         byte_fallback=True,
+        character_coverage=character_coverage,
         split_digits=True,
         # A corpus too small for vocab_size gets a smaller vocabulary instead of an abort.
         hard_vocab_limit=False,

@@ -1,12 +1,15 @@
 """A job spec and its cluster profile -> the sbatch script (Jinja2, slurm/templates/sbatch.sh.j2).
 
-Every user value that reaches the shell goes through `shlex.quote` (the template's `q` filter); values
-in `#SBATCH` directives were refused by the spec unless plain. The script is the same for one node and
-for a hundred: one srun task per node runs torchrun with c10d rendezvous on the first node.
+Every user value that reaches the shell goes through `shlex.quote` (the template's `q` filter), text in
+comment lines through `comment` (control characters escaped); values in `#SBATCH` directives were
+refused by the spec unless plain, and env values that look secret were refused (they travel by name).
+The script is the same for one node and for a hundred: one srun task per node runs torchrun with c10d
+rendezvous on the first node.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -50,9 +53,11 @@ def render_sbatch(job: JobSpec, profile: ClusterProfile, job_file: str = "JOB.ya
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["q"] = lambda value: shlex.quote(str(value))
+    # For text in comment lines: newlines and other control characters escaped, so it stays one comment.
+    env.filters["comment"] = lambda value: json.dumps(str(value), ensure_ascii=False)[1:-1]
     return env.get_template("sbatch.sh.j2").render(
         job=job, profile=profile, job_file=job_file, profile_file=profile_file, workdir=workdir,
         log_dir=log_dir, run_dir=str(run_dir), sweep=_sweep_entries(job, run_dir),
         time_limit=job.time_limit or profile.time_limit, python=profile.python or sys.executable,
-        env={**profile.env, **job.env}, torchrun_env=TORCHRUN_ENV,
+        env={**profile.env, **job.env}, pass_env=job.pass_env, torchrun_env=TORCHRUN_ENV,
         omp_threads=max(1, profile.cpus_per_node // profile.procs_per_node))

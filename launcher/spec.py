@@ -14,12 +14,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megacore.config import ConfigError, load_config, load_dataclass
+from megacore.parallel.layout import Layout
 
 CLUSTERS = Path(__file__).resolve().parent.parent / "slurm" / "clusters"
 PLAIN = re.compile(r"^[A-Za-z0-9_.@%+,:=/-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
+# A variable whose name has a part like these holds a secret: WANDB_API_KEY, WANDB_KEY, AWS_ACCESS_KEY_ID,
+# AWS_SECRET_ACCESS_KEY, HF_TOKEN, HUGGING_FACE_HUB_TOKEN, GOOGLE_APPLICATION_CREDENTIALS, DB_PASSWD, ...
+_SECRET_PART = re.compile(r"(KEY|TOKEN|SECRET|PASSWO?R?D|PASS|CREDENTIALS?|AUTH|PRIVATE|SESSION|COOKIE)$|CREDENTIAL",
+                          re.IGNORECASE)
+# Values in the formats of well-known tokens, whatever the variable is called.
+_SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_-]{20,}"
+                           r"|(AKIA|ASIA)[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,}|glpat-[A-Za-z0-9_-]{20,})|-----BEGIN ")
+
+
+def looks_secret(name: str, value: str = "") -> bool:
+    """True for a variable named like a secret, or a value in a known token format."""
+    parts = [p for p in re.split(r"[_\W]+", name) if p]
+    return any(_SECRET_PART.search(p) for p in parts) or bool(_SECRET_VALUE.search(value))
 
 
 @dataclass
@@ -62,6 +75,10 @@ class JobSpec:
     # Start after these job ids have completed successfully (a chain of stages).
     after: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # Names of variables the job takes from the submitting shell (secrets such as WANDB_API_KEY): only the
+    # names are written into the script, which warns at start when one is not set; sbatch passes the
+    # values on, and megacore writes them nowhere.
+    pass_env: list[str] = field(default_factory=list)
 
 
 def load_job(path: str | Path) -> tuple[JobSpec, ClusterProfile]:
@@ -96,16 +113,25 @@ def validate(job: JobSpec, profile: ClusterProfile, job_file: str = "job", profi
         if not dep.isdigit():
             raise ConfigError(f"{job_file}: after: {dep!r} is not a job id")
     for where, env in ((job_file, job.env), (profile_file, profile.env)):
-        for name in env:
+        for name, value in env.items():
             if not _ENV_NAME.match(name):
                 raise ConfigError(f"{where}: env: {name!r} is not a valid environment variable name")
-            if _SECRET.search(name):
-                raise ConfigError(f"{where}: env: {name} looks like a secret; export it in the shell that runs "
-                                  f"`megacore launch submit` instead (sbatch passes the environment on, and "
-                                  f"megacore never writes it into scripts, logs or run directories)")
-    # The training config must load with every sweep entry: refused here, not on the compute nodes.
+            if looks_secret(name, str(value)):
+                raise ConfigError(f"{where}: env: {name} looks like a secret, and env values are written into the "
+                                  f"batch script; export it in the shell that runs `megacore launch submit` and "
+                                  f"name it in pass_env instead (sbatch passes the environment on; megacore "
+                                  f"writes only the name)")
+    for name in job.pass_env:
+        if not _ENV_NAME.match(name):
+            raise ConfigError(f"{job_file}: pass_env: {name!r} is not a valid environment variable name")
+    # The layout must run on the ranks the job asks for: refused at render, naming the numbers.
+    world = job.nodes * profile.procs_per_node
     for extra in job.sweep or [[]]:
-        training_config(job, extra)
+        try:
+            Layout.resolve(training_config(job, extra), world)
+        except ConfigError as e:
+            raise ConfigError(f"{job_file}: nodes={job.nodes} x procs_per_node={profile.procs_per_node} (from "
+                              f"{profile_file}) = {world} ranks: {e}") from None
 
 
 def training_config(job: JobSpec, extra: list[str] = ()):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 # torchrun's workers share a key-value store that its agent hosts and that outlives a restart; torch
 # gives them no per-restart prefix, so a restarted group read the dead group's gloo addresses
@@ -27,8 +29,18 @@ def threads_per_rank(nproc: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // nproc)
 
 
+# A rank that stops on an error the user can act on (megacore: error: ..., exit 2) writes its message
+# here; torchrun itself only exits 1, so `run_local` passes the 2 on.
+ERROR_FILE_ENV = "MEGACORE_ERROR_FILE"
+
+
 def run_local(nproc: int, cli_args: list[str], max_restarts: int = 0) -> int:
-    """Run and wait; returns torchrun's exit status (non-zero if any rank failed for good). A user's
-    OMP_NUM_THREADS wins over the even share of the cores."""
-    env = {"OMP_NUM_THREADS": str(threads_per_rank(nproc)), **os.environ, **TORCHRUN_ENV}
-    return subprocess.call(torchrun_argv(nproc, cli_args, max_restarts), env=env)
+    """Run and wait; returns torchrun's exit status (non-zero if any rank failed for good; 2 when a rank
+    stopped on a usage, config or data error). A user's OMP_NUM_THREADS wins over the even share of
+    the cores."""
+    with tempfile.TemporaryDirectory(prefix="megacore-") as tmp:
+        error_file = Path(tmp) / "error"
+        env = {"OMP_NUM_THREADS": str(threads_per_rank(nproc)), **os.environ, **TORCHRUN_ENV,
+               ERROR_FILE_ENV: str(error_file)}
+        status = subprocess.call(torchrun_argv(nproc, cli_args, max_restarts), env=env)
+        return 2 if status != 0 and error_file.is_file() else status

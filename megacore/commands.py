@@ -109,12 +109,19 @@ def train(args) -> int:
     if not under_torchrun:
         # Refuse bad layouts, missing data and run-directory conflicts before starting any process.
         from megacore.checkpoint.resume import refuse_lost_work
+        from megacore.checkpoint.store import latest_checkpoint
         from megacore.parallel.layout import Layout
         from megacore.run_dir import resolve_vocab_size
+        from megacore.train.data import check_data
 
         Layout.resolve(cfg, world_size)
         resolve_vocab_size(cfg)
+        check_data(cfg)
         refuse_lost_work(cfg, args.resume, world_size)
+        if cfg.train.init_from and (args.resume == "none" or latest_checkpoint(cfg.train.run_dir) is None):
+            from megacore.checkpoint.weights import check_init_from
+
+            check_init_from(cfg)
     if args.dry_run:
         from megacore.parallel.estimate import estimate, format_estimate
 

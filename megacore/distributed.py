@@ -65,3 +65,12 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def first_failing_rank(failed: bool, device: torch.device) -> int | None:
+    """The lowest rank that reports `failed`, or None: every rank learns whether (and where) a step failed."""
+    world = dist.get_world_size()
+    t = torch.tensor([dist.get_rank() if failed else world], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    first = int(t.item())
+    return None if first == world else first

@@ -1,6 +1,8 @@
 """The errors a user can act on. The CLI prints their message and exits with status 2; each message
 names the file, key or value at fault. Anything else is a bug and keeps its traceback."""
 
+from data_pipeline.errors import DataPipelineError
+
 
 class MegacoreError(Exception):
     """Base of every error megacore reports to the user as `megacore: error: MESSAGE` (exit 2)."""
@@ -23,4 +25,4 @@ class DataError(MegacoreError, ValueError):
 
 
 # What the CLI turns into exit 2: our errors, and missing or conflicting paths named by their message.
-USER_ERRORS = (MegacoreError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (MegacoreError, DataPipelineError, FileNotFoundError, FileExistsError)

@@ -7,7 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PLAYS_URL, SHAKESPEARE, megacore, tiny_run_args
+from tests.helpers import PLAYS_URL, REPO, SHAKESPEARE, megacore, tiny_run_args
+
+
+def _listing(root: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*")) if root.is_dir() else []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_runs_untouched():
+    """Every test writes its runs under its own tmp_path: whatever lies in the checkout's runs/ (a
+    user's demo) neither changes a test's outcome nor is changed by one."""
+    before = _listing(REPO / "runs")
+    yield
+    assert _listing(REPO / "runs") == before, "a test wrote into the checkout's runs/: give it a train.run_dir"
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,3 +59,19 @@ def assert_same_weights(a: Path | dict, b: Path | dict, why: str = "") -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{why or 'weights differ'}: {different[:5]}"
+
+
+SKIP_SLURM = "MEGACORE_SKIP_SLURM"
+
+
+def require_slurm(*tools: str, what: str = "a local Slurm") -> None:
+    """The launcher tests run against a real Slurm. Without root or its daemons they fail, saying what is
+    missing; they are skipped only when asked for explicitly (MEGACORE_SKIP_SLURM=1), and pytest's
+    summary lists them as skipped with this reason."""
+    missing = [t for t in ("slurmctld", "slurmd", "munged", "sbatch", *tools) if shutil.which(t) is None]
+    if os.geteuid() == 0 and not missing:
+        return
+    why = f"{what} needs root and {', '.join(missing) or 'the daemons'} (`make slurm` installs Debian's packages)"
+    if os.environ.get(SKIP_SLURM) == "1":
+        pytest.skip(f"{why}; skipped because {SKIP_SLURM}=1")
+    pytest.fail(f"{why}; set {SKIP_SLURM}=1 to skip these tests on purpose")

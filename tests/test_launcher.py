@@ -48,7 +48,8 @@ def test_hostile_values_reach_the_trainer_verbatim_and_execute_nothing(tmp_path,
                   sweep=[["data.tokenizer_type=bpe", f"data.dir={value}x"]] * 2)
     profile = ClusterProfile(python=str(bin_dir / "python-stub"))
     validate(job, profile)
-    script = render_sbatch(job, profile, workdir=tmp_path)
+    # Hostile job and profile file names too: they are named in the script's header comment.
+    script = render_sbatch(job, profile, job_file=f"jobs/{value}.yaml", profile_file=f"{value}.yaml", workdir=tmp_path)
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
@@ -76,6 +77,16 @@ def test_hostile_values_reach_the_trainer_verbatim_and_execute_nothing(tmp_path,
     (JobSpec(time_limit="1:00:00 --x"), ClusterProfile(), "time_limit="),
     (JobSpec(env={"A B": "1"}), ClusterProfile(), "env: 'A B'"),
     (JobSpec(env={"WANDB_API_KEY": "0123"}), ClusterProfile(), "WANDB_API_KEY looks like a secret"),
+    *[(JobSpec(env={name: "0123"}), ClusterProfile(), f"{name} looks like a secret")
+      for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WANDB_KEY", "HF_TOKEN", "HUGGINGFACEHUB_API_TOKEN",
+                   "GOOGLE_APPLICATION_CREDENTIALS", "MY_CREDENTIAL_FILE", "DB_PASSWORD", "SMTP_PASSWD")],
+    (JobSpec(env={"NOTES": "hf_" + "a1B2" * 10}), ClusterProfile(), "NOTES looks like a secret"),
+    (JobSpec(env={"X": "1"}), ClusterProfile(env={"API_TOKEN": "1"}), "API_TOKEN looks like a secret"),
+    (JobSpec(pass_env=["NOT A NAME"]), ClusterProfile(), "pass_env: 'NOT A NAME'"),
+    (JobSpec(nodes=3, overrides=["parallel.tp=2"]), ClusterProfile(procs_per_node=2),
+     "nodes=3 x procs_per_node=2 (from profile) = 6 ranks"),
+    (JobSpec(nodes=2, overrides=["train.global_batch_size=12"]), ClusterProfile(procs_per_node=4),
+     "= 8 ranks: train.global_batch_size=12 is not divisible"),
     (JobSpec(after=["12; id"]), ClusterProfile(), "is not a job id"),
     (JobSpec(overrides=["optim.lr=fast"]), ClusterProfile(), "optim.lr"),
     (JobSpec(sweep=[["model.n_heads=7"]]), ClusterProfile(), "model.n_heads"),
@@ -112,3 +123,13 @@ def test_render_of_the_16_node_example_is_what_the_docs_show():
     page = (REPO / "docs" / "sbatch-example.md").read_text()
     body = [l for l in rendered.splitlines() if not l.startswith("#SBATCH --chdir=")]
     assert all(line in page for line in body if line.strip()), "docs/sbatch-example.md shows the current render"
+
+
+def test_secrets_travel_by_name_and_no_value_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-value-never-on-disk")
+    job = JobSpec(name="named", pass_env=["WANDB_API_KEY"], overrides=[f"train.run_dir={tmp_path / 'run'}"])
+    profile = ClusterProfile(python="python3")
+    validate(job, profile)
+    script = render_sbatch(job, profile, workdir=tmp_path)
+    assert "WANDB_API_KEY" in script and "s3cr3t-value-never-on-disk" not in script
+    assert "for name in WANDB_API_KEY; do" in script

@@ -4,7 +4,6 @@ together after a worker is killed, and resume exactly."""
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from megacore.checkpoint.store import list_checkpoints
-from tests.helpers import REPO, TINY, assert_same_weights, megacore, read_metrics, tiny_run_args
+from tests.helpers import REPO, TINY, assert_same_weights, megacore, read_metrics, require_slurm, tiny_run_args
 
 START, STOP = REPO / "slurm/local-cluster/start.sh", REPO / "slurm/local-cluster/stop.sh"
 RUN = ["train.steps=30", "checkpoint.every=5", "train.eval_every=1000", "checkpoint.keep_last=0"]
@@ -30,9 +29,7 @@ def reference(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory):
-    missing = [t for t in ("slurmctld", "slurmd", "munged", "sbatch", "ip", "nsenter", "unshare") if not shutil.which(t)]
-    if os.geteuid() != 0 or missing:
-        pytest.skip(f"a 2-node local Slurm needs root and {', '.join(missing) or 'network namespaces'}")
+    require_slurm("ip", "nsenter", "unshare", what="a 2-node local Slurm in network namespaces")
     state = tmp_path_factory.mktemp("slurm2")
     env = {**os.environ, "MEGACORE_SLURM_NODES": "2", "MEGACORE_SLURM_CPUS": "1",
            "MEGACORE_SLURMCTLD_PORT": "7017", "MEGACORE_SLURMD_PORT": "7018", "SLURM_CONF": str(state / "slurm.conf")}

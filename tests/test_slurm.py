@@ -4,7 +4,6 @@ preemption signal with the final loss of an undisturbed job, arrays and dependen
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -14,7 +13,7 @@ import pytest
 import yaml
 
 from launcher.slurm import job_state
-from tests.helpers import REPO, TINY, megacore, read_metrics
+from tests.helpers import REPO, TINY, megacore, read_metrics, require_slurm
 
 START, STOP = REPO / "slurm/local-cluster/start.sh", REPO / "slurm/local-cluster/stop.sh"
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -22,10 +21,7 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    missing = [t for t in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(t) is None]
-    if os.geteuid() != 0 or missing:
-        pytest.skip(f"a local Slurm needs root and {', '.join(missing) or 'the daemons'} "
-                    f"(`make test` installs them with apt-get)")
+    require_slurm()
     state = tmp_path_factory.mktemp("slurm")
     # 8 declared CPUs on this 2-core machine: the module's jobs run side by side (most of a tiny job's time
     # is start-up and Slurm's requeue delay, not arithmetic).

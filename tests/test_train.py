@@ -113,17 +113,19 @@ def test_one_rank_and_two_rank_fsdp_give_the_same_losses(tiny_args, tmp_path):
 
 
 def test_tokens_per_s_after_an_eval_or_a_save_is_the_speed_of_training(tiny_args, tmp_path):
-    # eval_every=3 does not divide checkpoint.every=4; each evaluation (24 batches) takes several steps' time.
-    megacore("train", *tiny_args("speed", "train.steps=12", "train.eval_every=3", "train.eval_batches=24",
+    # eval_every=3 does not divide checkpoint.every=4; each evaluation (32 batches) takes several steps' time.
+    megacore("train", *tiny_args("speed", "train.steps=12", "train.eval_every=3", "train.eval_batches=32",
                                  "checkpoint.every=4", "checkpoint.keep_last=1"))
     train = read_metrics(tmp_path / "speed")
     gaps = {s: train[s]["time"] - train[s - 1]["time"] for s in range(3, 13)}
     after_eval, after_save = [4, 7, 10], [5, 9]
     plain = [s for s in range(3, 13) if s not in after_eval + after_save]
-    assert min(gaps[s] for s in after_eval) > 3 * max(gaps[s] for s in plain), "evaluation takes longer than 3 steps"
-    typical = statistics.median(train[s]["tokens_per_s"] for s in plain)
-    for step in after_eval + after_save:
-        assert train[step]["tokens_per_s"] > 0.5 * typical, (step, train[step]["tokens_per_s"], typical)
+    median = statistics.median
+    assert median(gaps[s] for s in after_eval) > 3 * median(gaps[s] for s in plain), "an evaluation outlasts 3 steps"
+    typical = median(train[s]["tokens_per_s"] for s in plain)
+    for steps in (after_eval, after_save):
+        # Counting the evaluation in would give a fraction of `typical` (about 1/5 here).
+        assert median(train[s]["tokens_per_s"] for s in steps) > 0.6 * typical, (steps, typical, train)
 
 
 def test_communication_time_counts_overlapping_collectives_once():

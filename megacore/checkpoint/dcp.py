@@ -122,7 +122,7 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             commit_directory(tmp, final, meta)
-            prune(self.run_dir, self.cfg)
+            prune(self.run_dir, self.cfg, final)
         dist.barrier()
         return final
 

@@ -91,10 +91,7 @@ def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path) -> Path:
 def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, our-named state dict) of a Hugging Face Llama directory."""
     path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
-    config = json.loads(config_path.read_text())
+    config = read_hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
@@ -110,15 +107,45 @@ def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def load_hf_into(model: Llama, path: str | Path) -> None:
-    """Initialise `model` from a Hugging Face directory; shapes must match model.* of the config."""
-    config, state = read_hf(path)
-    expected = hf_config(model.cfg)
+# config.json fields whose value changes the computation, and what this model computes. A field that is
+# absent means the family's default (transformers' LlamaConfig), which is what we implement.
+_IMPLEMENTED = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                "rope_scaling": None, "sliding_window": None, "use_sliding_window": False, "pretraining_tp": 1}
+
+
+def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path) -> None:
+    """Refuse a Hugging Face model this run's model would not reproduce: other shapes, another RoPE base
+    or norm epsilon (both values named), or a feature we do not implement (named, never dropped)."""
+    expected = hf_config(cfg)
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size"):
-        if config.get(key) != expected[key]:
-            raise ConfigError(f"train.init_from={path}: config.json has {key}={config.get(key)}, "
-                              f"this run's model has {expected[key]}")
+                "num_key_value_heads", "vocab_size", "head_dim", "tie_word_embeddings"):
+        theirs = config.get(key, {"head_dim": expected["head_dim"], "tie_word_embeddings": False}.get(key))
+        if theirs != expected[key]:
+            raise ConfigError(f"train.init_from={source}: config.json has {key}={theirs}, this run's model has "
+                              f"{expected[key]}")
+    for key, ours in (("rope_theta", cfg.rope_theta), ("rms_norm_eps", cfg.norm_eps)):
+        theirs = config.get(key, 10000.0 if key == "rope_theta" else 1e-6)
+        if float(theirs) != float(ours):
+            name = "model.rope_theta" if key == "rope_theta" else "model.norm_eps"
+            raise ConfigError(f"train.init_from={source}: config.json has {key}={theirs}, this run has "
+                              f"{name}={ours}; set {name}={theirs}")
+    for key, value in _IMPLEMENTED.items():
+        if key in config and config[key] != value and not (value is False and config[key] is None):
+            raise ConfigError(f"train.init_from={source}: config.json has {key}={config[key]!r}, which megacore's "
+                              f"Llama does not implement (it computes {key}={value!r})")
+
+
+def read_hf_config(path: str | Path) -> dict:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
+    return json.loads(config_path.read_text())
+
+
+def load_hf_into(model: Llama, path: str | Path) -> None:
+    """Initialise `model` from a Hugging Face directory whose config.json describes this model."""
+    config, state = read_hf(path)
+    check_hf_config(config, model.cfg, path)
     missing = set(model.state_dict()) - set(state)
     if missing:
         raise ValueError(f"{path}: missing weights {sorted(missing)[:5]}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from data_pipeline.shards import read_manifest
 from megacore.checkpoint.store import (
     backend_of,
     latest_checkpoint,
@@ -19,7 +20,7 @@ from megacore.checkpoint.store import (
     resolve_checkpoint,
 )
 from megacore.config import Config
-from megacore.errors import CheckpointError
+from megacore.errors import CheckpointError, DataError
 
 
 def check_compatible(ckpt: Path, meta: dict, backend: str, world_size: int) -> None:
@@ -36,6 +37,22 @@ def check_compatible(ckpt: Path, meta: dict, backend: str, world_size: int) -> N
         raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint written by {meta.get('world_size')} ranks resumes "
                               f"only on that many (this launch has {world_size}); use train.init_from={ckpt} "
                               f"(weights only) or parallel.backend=torch, whose checkpoints reshard")
+
+
+def check_same_data(ckpt: Path, meta: dict, cfg: Config) -> None:
+    """Refuse to continue a run on other data: the loader's position only means something on the token
+    stream it was counted in (the fingerprints of the prepared directories, and the window length)."""
+    loader = meta.get("loader", {})
+    mixture = cfg.data.mixture_weights() or [(cfg.data.dir, 1.0)]
+    now = [read_manifest(d)["fingerprint"] for d, _ in mixture]
+    if loader.get("fingerprints") is not None and loader["fingerprints"] != now:
+        raise DataError(f"{ckpt} was trained on data with fingerprint(s) {loader['fingerprints']}, but "
+                        f"{', '.join(d for d, _ in mixture)} now has {now}: the data changed since the checkpoint "
+                        f"(prepared again from changed sources?). Resume on the data it was trained on, or start "
+                        f"a new run with train.init_from={ckpt}")
+    if loader.get("seq_len") not in (None, cfg.data.seq_len):
+        raise DataError(f"{ckpt} was trained with data.seq_len={loader['seq_len']}, this run has "
+                        f"data.seq_len={cfg.data.seq_len}; start a new run with train.init_from={ckpt}")
 
 
 def effective_resume(resume: str) -> str:
@@ -66,4 +83,6 @@ def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
     ckpt = latest_checkpoint(cfg.train.run_dir) if resume == "auto" else Path(resume)
     if ckpt is None:
         return
-    check_compatible(ckpt, read_meta(ckpt), cfg.parallel.backend, world_size)
+    meta = read_meta(ckpt)
+    check_compatible(ckpt, meta, cfg.parallel.backend, world_size)
+    check_same_data(ckpt, meta, cfg)

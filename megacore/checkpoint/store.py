@@ -1,10 +1,16 @@
 """The on-disk protocol every checkpoint follows, whatever backend wrote its files.
 
 Commit: everything is written under `step_XXXXXXXX.tmp`; once all ranks are done, rank 0 writes
-meta.json, hashes the files into manifest.json (fsynced), renames the directory and moves `latest`.
-A directory with a final name and a manifest is complete; a crash at any point leaves the previous
-checkpoint as the newest. Loading verifies the manifest first, and `--resume auto` falls back to the
-newest good checkpoint, saying which one was skipped and why.
+meta.json, hashes the files into manifest.json (fsynced) and renames the directory. A directory with a
+final name and a manifest is complete; a crash at any point leaves the previous checkpoint as the
+newest. Loading verifies the manifest first, and `--resume auto` falls back to the newest good
+checkpoint, saying which one was skipped and why.
+
+One line of history: a run that continues from any checkpoint but the newest (a rollback, or a fallback
+past a corrupt one) first moves the newer ones to `checkpoints/abandoned/` (kept, never deleted), so
+that the newest checkpoint is always the one this line of training wrote last. Retention then only
+ever deletes older checkpoints than the one just committed. (Earlier versions also wrote a `latest`
+pointer that nothing read; it is removed at the next commit.)
 """
 
 from __future__ import annotations
@@ -13,14 +19,15 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
-from data_pipeline.durable import fsync_dir, write_json_atomic, write_text_atomic
+from data_pipeline.durable import fsync_dir, write_json_atomic
 from data_pipeline.shards import file_sha256
 from megacore.config import CheckpointConfig
 from megacore.errors import CheckpointError
 
-META, MANIFEST, LATEST = "meta.json", "manifest.json", "latest"
+META, MANIFEST, LATEST, ABANDONED = "meta.json", "manifest.json", "latest", "abandoned"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -105,7 +112,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def commit_directory(tmp: Path, final: Path, meta: dict) -> None:
-    """Once every file of `tmp` is written: meta.json, then the manifest (fsynced), the rename, `latest`."""
+    """Once every file of `tmp` is written: meta.json, then the manifest (fsynced), the rename."""
     write_json_atomic(tmp / META, meta)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     write_json_atomic(tmp / MANIFEST, {"files": {
@@ -113,14 +120,35 @@ def commit_directory(tmp: Path, final: Path, meta: dict) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    (final.parent / LATEST).unlink(missing_ok=True)
     fsync_dir(final.parent)
-    write_text_atomic(final.parent / LATEST, final.name + "\n")
 
 
-def prune(run_dir: str | Path, cfg: CheckpointConfig) -> None:
-    """Keep the newest keep_last checkpoints, and every keep_every-th step for good."""
+def prune(run_dir: str | Path, cfg: CheckpointConfig, committed: Path) -> None:
+    """After committing `committed`: keep it, the keep_last newest, and every keep_every-th step for good.
+    Only checkpoints older than `committed` are candidates (newer ones were set aside at start)."""
     if cfg.keep_last <= 0:
         return
-    for old in list_checkpoints(run_dir)[:-cfg.keep_last]:
+    older = [p for p in list_checkpoints(run_dir) if step_of(p) < step_of(committed)]
+    for old in older[:max(0, len(older) - (cfg.keep_last - 1))]:
         if not (cfg.keep_every and step_of(old) % cfg.keep_every == 0):
             shutil.rmtree(old)
+
+
+def set_aside_newer(run_dir: str | Path, step: int) -> list[Path]:
+    """Move every committed checkpoint after `step` (the one this invocation continues from; 0: none)
+    to checkpoints/abandoned/, under its name and the time it was set aside. Returns the new paths."""
+    moved, root, stamp = [], checkpoints_root(run_dir), time.strftime("%Y%m%dT%H%M%S")
+    for path in list_checkpoints(run_dir):
+        if step_of(path) <= step:
+            continue
+        (root / ABANDONED).mkdir(exist_ok=True)
+        target, n = root / ABANDONED / f"{path.name}.set-aside-{stamp}", 1
+        while target.exists():
+            n += 1
+            target = root / ABANDONED / f"{path.name}.set-aside-{stamp}-{n}"
+        os.replace(path, target)
+        moved.append(target)
+    if moved:
+        fsync_dir(checkpoints_root(run_dir))
+    return moved

@@ -12,11 +12,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data_pipeline.shards import TOKENIZER
+from data_pipeline.shards import TOKENIZER, file_sha256, read_manifest
 from data_pipeline.tokenizer import Tokenizer
 from megacore.checkpoint.dcp import load_dcp_weights, save_dcp_weights
-from megacore.checkpoint.store import backend_of, commit_directory, list_checkpoints, read_meta, resolve_checkpoint
-from megacore.config import Config, save_config
+from megacore.checkpoint.store import (
+    backend_of,
+    commit_directory,
+    latest_checkpoint,
+    list_checkpoints,
+    read_meta,
+    resolve_checkpoint,
+)
+from megacore.config import Config, ConfigError, save_config
 from megacore.model import Llama
 from megacore.run_dir import CONFIG, load_run_config
 
@@ -32,6 +39,30 @@ def load_model_weights(model: nn.Module, path: str | Path) -> Path:
     else:
         load_dcp_weights(model, ckpt)
     return ckpt
+
+
+def check_init_from(cfg: Config) -> None:
+    """Before any process starts (cheap: JSON and one tokenizer file): train.init_from is a model this run
+    can start from: the same shapes and features (Hugging Face directories), and the tokenizer that
+    data.dir was prepared with (both hashes named otherwise)."""
+    source = Path(cfg.train.init_from)
+    if (source / "config.json").is_file():
+        from megacore.checkpoint.hf import check_hf_config, read_hf_config
+
+        check_hf_config(read_hf_config(source), cfg.model, source)
+        tokenizer = source / TOKENIZER  # the sentencepiece model export-hf writes; other tokenizers: not compared
+        theirs = file_sha256(tokenizer) if tokenizer.is_file() else None
+    else:
+        ckpt = source if (source / "meta.json").is_file() else latest_checkpoint(source)
+        if ckpt is None:
+            raise FileNotFoundError(f"train.init_from={source}: no checkpoint there (a megacore run or checkpoint "
+                                    f"directory, or a Hugging Face directory with config.json)")
+        theirs = read_meta(ckpt).get("tokenizer_sha256") or file_sha256(ckpt.parent.parent / TOKENIZER)
+    ours = read_manifest(cfg.data.dir)["tokenizer"]["sha256"]
+    if theirs is not None and theirs != ours:
+        raise ConfigError(f"train.init_from={source} was trained with tokenizer sha256 {theirs}, but data.dir="
+                          f"{cfg.data.dir} is tokenized with {ours}: prepare the data with "
+                          f"data.tokenizer_from={source if not (source / 'config.json').is_file() else tokenizer}")
 
 
 def init_weights_from(model: Llama, source: str) -> None:

@@ -85,6 +85,10 @@ class DataConfig:
     strict_utf8: bool = False
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 2048
+    # Share of the sample's characters that get their own pieces (sentencepiece's character_coverage);
+    # the rest are spelled in UTF-8 bytes (byte fallback), so decoding stays exact. Lower it (e.g. 0.995)
+    # for CJK text with a small vocabulary (0.99 or 0.995), which otherwise cannot hold every character.
+    character_coverage: float = 0.9995
     # The tokenizer trains on the first this-many MB of cleaned training text.
     tokenizer_sample_mb: float = 256.0
     val_fraction: float = 0.05
@@ -110,7 +114,12 @@ class DataConfig:
         for name in ("min_doc_chars", "prepare_workers", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
-        self.mixture_weights()
+        if not 0.0 < self.character_coverage <= 1.0:
+            raise ConfigError(f"data.character_coverage must be in (0, 1], got {self.character_coverage}")
+        _local_path("data.dir", self.dir)
+        _local_path("data.tokenizer_from", self.tokenizer_from)
+        for i, (path, _) in enumerate(self.mixture_weights()):
+            _local_path(f"data.mixture[{i}]", path)
 
     def mixture_weights(self) -> list[tuple[str, float]]:
         """[(dir, weight)] of the training mixture; weights need not sum to 1."""
@@ -242,7 +251,10 @@ class TrainConfig:
             raise ConfigError(f"train.stop_after must be in [1, train.steps={self.steps}], got {self.stop_after}")
         if self.early_stop_patience < 0:
             raise ConfigError(f"train.early_stop_patience must be >= 0, got {self.early_stop_patience}")
-        self.named_eval_sets()
+        _local_path("train.run_dir", self.run_dir)
+        _local_path("train.init_from", self.init_from)
+        for i, (_, directory, _) in enumerate(self.named_eval_sets()):
+            _local_path(f"train.eval_sets[{i}]", directory)
 
     def named_eval_sets(self) -> list[tuple[str, str, str]]:
         """[(name, dir, split)] of train.eval_sets."""
@@ -314,6 +326,14 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _local_path(key: str, value: str) -> None:
+    """Run and data directories are written and memory-mapped in place: a URL would become a local
+    directory named after its scheme (`./s3:/bucket/...`). Sources (data.sources) may be URLs."""
+    if "://" in value:
+        raise ConfigError(f"{key}={value} is a URL; {key} must be a path on a local or shared file system "
+                          f"(mount the bucket, e.g. with a FUSE file system, and give the mount point)")
 
 
 def _positive(section: Any, prefix: str, *names: str) -> None:

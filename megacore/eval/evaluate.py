@@ -13,7 +13,7 @@ import tempfile
 import torch
 
 from data_pipeline.loader import PackedLoader, TokenStore
-from megacore.config import Config
+from megacore.config import Config, ConfigError
 from megacore.distributed import all_reduce_sum
 from megacore.train.loss import IGNORE_INDEX
 
@@ -36,6 +36,8 @@ def evaluate(pm, loader: PackedLoader, max_batches: int) -> dict[str, float]:
         count += int((batch["labels"] != IGNORE_INDEX).sum()) if pm.counts_tokens else 0
     total, correct, count = all_reduce_sum([total, correct, count], pm.device)
     pm.train(True)
+    if count == 0:  # a chat split whose first batches hold prompts only
+        return {"loss": math.nan, "perplexity": math.nan, "bits_per_byte": math.nan, "accuracy": math.nan, "tokens": 0}
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": loss / math.log(2) / loader.store.bytes_per_token, "accuracy": correct / count,
@@ -91,6 +93,10 @@ def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = No
             store, split = TokenStore(tmp, "train"), ",".join(text)
         else:
             store = TokenStore(data_dir or cfg.data.dir, split)
+            if store.manifest["tokenizer"]["sha256"] != tokenizer.sha256:
+                raise ConfigError(f"--data-dir {store.data_dir} is tokenized with tokenizer sha256 "
+                                  f"{store.manifest['tokenizer']['sha256']}, but {ckpt} was trained with "
+                                  f"{tokenizer.sha256}: prepare it with data.tokenizer_from={ckpt.parent.parent}")
         result = _evaluate_one_process(model, cfg, store, batch_size, batches)
     return {"checkpoint": str(ckpt), "split": split, **result}
 

@@ -28,7 +28,9 @@ def _policy(ctx, op, *args, **kwargs):
 def apply_activation_checkpointing(model: Llama, mode: str) -> None:
     if mode == "none":
         return
-    kwargs = {"preserve_rng_state": False}
+    # The recompute must draw the dropout masks of the first forward: keep the RNG state for it (the
+    # global stream advances as without checkpointing, so resume stays bitwise).
+    kwargs = {"preserve_rng_state": True}
     if mode == "selective":
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _policy)
     for name, block in list(model.layers.items()):

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 
 from megacore.checkpoint.dcp import Checkpointer
-from megacore.checkpoint.resume import check_compatible, checkpoint_to_resume, effective_resume
-from megacore.checkpoint.store import read_meta
-from megacore.checkpoint.weights import init_weights_from
+from megacore.checkpoint.resume import check_compatible, check_same_data, checkpoint_to_resume, effective_resume
+from megacore.checkpoint.store import read_meta, set_aside_newer
+from megacore.checkpoint.weights import check_init_from, init_weights_from
 from megacore.config import Config
-from megacore.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown
+from megacore.distributed import DistEnv, all_reduce_sum, first_failing_rank, init_distributed, shutdown
+from megacore.errors import USER_ERRORS
 from megacore.eval.evaluate import Evaluator
 from megacore.model import Llama, flops_per_token, num_params
 from megacore.monitor.memory import MemoryReport, peak_memory_gib
@@ -35,7 +36,7 @@ from megacore.monitor.throughput import ThroughputMeter, measure_matmul_tflops
 from megacore.monitor.wandb_run import WandbRun
 from megacore.parallel import Layout, parallelize
 from megacore.run_dir import resolve_vocab_size, write_run_dir
-from megacore.train.data import eval_stores, train_loader
+from megacore.train.data import check_data, eval_stores, train_loader
 from megacore.train.hooks import StepResult
 from megacore.train.loss import IGNORE_INDEX
 from megacore.train.optim import Optimizers, lr_at
@@ -55,6 +56,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.layout = Layout.resolve(cfg, env.world_size)
         resolve_vocab_size(cfg)
+        check_data(cfg)
         run_dir = cfg.train.run_dir
         if env.is_main:
             write_run_dir(cfg)
@@ -65,16 +67,18 @@ class Trainer:
         with torch.device(env.device):
             model = Llama(cfg.model)
         if ckpt is None and cfg.train.init_from:
+            check_init_from(cfg)
             init_weights_from(model, cfg.train.init_from)
             self._say(f"initialised weights from {cfg.train.init_from}")
         self.n_params = num_params(model)
         self.model, self.optimizers, self.checkpointer = self._parallelize(model)
 
-        self.train_loader = train_loader(cfg, self.model.dp_rank, self.model.dp_size)
-        eval_sets = eval_stores(cfg)
+        # Every shard is verified when first opened: a bad one stops every rank, with one message.
+        self.train_loader, eval_sets = self._on_every_rank(
+            lambda: (train_loader(cfg, self.model.dp_rank, self.model.dp_size), eval_stores(cfg)))
         self.tokenizer_sha256 = eval_sets[0][1].manifest["tokenizer"]["sha256"]
         self.evaluator = Evaluator(self.model, eval_sets, cfg)
-        self.step, resumed = 0, {}
+        self.step, resumed, self.skipped_batches = 0, {}, 0
         if ckpt is not None:
             resumed = self.checkpointer.load(ckpt, self.model.parts, self.optimizers)
             self.train_loader.load_state_dict(resumed["loader"])
@@ -82,7 +86,8 @@ class Trainer:
             self._say(f"resumed from {ckpt} at step {self.step}")
 
         self.wandb = WandbRun(cfg, run_dir, resumed.get("wandb_run_id")) if env.is_main else None
-        self.metrics = MetricsLogger(run_dir, env.is_main, cfg.train.steps, cfg.logging.log_every, self.wandb)
+        self.metrics = MetricsLogger(run_dir, env.is_main, cfg.train.steps, cfg.logging.log_every, self.wandb,
+                                     continues_from=self.step)
         peak_tflops = cfg.train.peak_tflops or measure_matmul_tflops(
             env.device, torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32)
         self.throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.data.seq_len), peak_tflops, env.world_size)
@@ -125,9 +130,8 @@ class Trainer:
         return {"step": step, "stop_reason": stop_reason, "train": train_metrics, "eval": eval_results}
 
     def train_step(self, step: int) -> StepResult:
-        """One optimizer step over the global batch. Three collectives besides the model's own: the target
-        token count, then the loss sum with the ranks' stop votes (no extra collective per step), and the
-        gradient norm inside the optimizer step."""
+        """One optimizer step over the global batch. Besides the model's own collectives: one all-reduce of
+        the target token count with the ranks' stop votes, one of the loss, and the gradient norm's."""
         pm, device = self.model, self.env.device
         stop_here = self.stop_request.requested_here()
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
@@ -135,13 +139,18 @@ class Trainer:
         self.optimizers.set_lr(lr)
         batch = self.train_loader.next_batch()
         local_tokens = int((batch["labels"] != IGNORE_INDEX).sum()) if pm.counts_tokens else 0
-        global_tokens = int(all_reduce_sum([local_tokens], device)[0])
+        global_tokens, votes = (int(v) for v in all_reduce_sum([local_tokens, float(stop_here)], device))
+        if global_tokens == 0:
+            # No targets anywhere in the global batch (chat data whose windows hold prompts only): nothing
+            # to learn; every rank skips it alike, and the count is logged.
+            self.skipped_batches += 1
+            return StepResult(step=step, lr=lr, loss=float("nan"), grad_norm=0.0, tokens=0, stop_votes=votes)
         # FSDP averages gradients over dp ranks; scaling by dp_size makes the result sum / global_tokens.
         local_loss = pm.forward_backward(batch, pm.dp_size / global_tokens)
-        total, votes = all_reduce_sum([local_loss if pm.reports_loss else 0.0, float(stop_here)], device)
+        (total,) = all_reduce_sum([local_loss if pm.reports_loss else 0.0], device)
         grad_norm = self.optimizers.step()
         return StepResult(step=step, lr=lr, loss=total / global_tokens, grad_norm=grad_norm, tokens=global_tokens,
-                          stop_votes=int(votes))
+                          stop_votes=votes)
 
     # -- the loop's pieces, in the order fit() calls them --
 
@@ -152,7 +161,7 @@ class Trainer:
     def _log_train(self, result: StepResult) -> dict:
         metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, **self.throughput.take(),
                    "epoch": self.train_loader.epoch, "epoch_progress": self.train_loader.epoch_progress,
-                   "peak_memory_gib": peak_memory_gib(self.env.device)}
+                   "peak_memory_gib": peak_memory_gib(self.env.device), "skipped_batches": self.skipped_batches}
         self.metrics.log(result.step, metrics)
         return metrics
 
@@ -206,6 +215,8 @@ class Trainer:
                 ckpt = checkpoint_to_resume(self.cfg.train.run_dir, resume)
                 if ckpt is not None:
                     check_compatible(ckpt, read_meta(ckpt), self.layout.backend, self.env.world_size)
+                    check_same_data(ckpt, read_meta(ckpt), self.cfg)
+                self._set_aside_newer(read_meta(ckpt)["step"] if ckpt is not None else 0)
                 choice = [ckpt, False]
             except Exception as e:  # noqa: BLE001 - raised below, once every rank knows to stop
                 choice, error = [None, True], e
@@ -214,6 +225,26 @@ class Trainer:
         if failed:
             raise error if self.env.is_main else SystemExit(2)
         return ckpt
+
+    def _on_every_rank(self, build):
+        """`build()` on every rank; if it raises an error the user can act on anywhere, the lowest such rank
+        re-raises it (the one message) and every other rank exits 2 quietly: no rank is left waiting."""
+        try:
+            result, error = build(), None
+        except USER_ERRORS as e:
+            result, error = None, e
+        first = first_failing_rank(error is not None, self.env.device)
+        if first is None:
+            return result
+        if first == self.env.rank:
+            raise error
+        raise SystemExit(2)
+
+    def _set_aside_newer(self, step: int) -> None:
+        """One line of history: checkpoints after the one this invocation continues from are moved aside."""
+        for path in set_aside_newer(self.cfg.train.run_dir, step):
+            self._say(f"moved {path.name.split('.')[0]} aside to {path} (newer than the step this run continues "
+                      f"from, {step}; kept, not deleted)")
 
     def _parallelize(self, model: Llama):
         """(model, optimizers, checkpointer) of this run's backend, with parallelism applied to `model`."""
