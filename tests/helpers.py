@@ -75,3 +75,22 @@ def require_slurm(*tools: str, what: str = "a local Slurm") -> None:
     if os.environ.get(SKIP_SLURM) == "1":
         pytest.skip(f"{why}; skipped because {SKIP_SLURM}=1")
     pytest.fail(f"{why}; set {SKIP_SLURM}=1 to skip these tests on purpose")
+
+
+class PlantedPayload:
+    """Pickles as a call of os.system that touches `marker`: what a tampered checkpoint would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def rewrite_manifest(ckpt: Path) -> None:
+    """What anyone who can write a checkpoint directory can do: the manifest authenticates nothing alone."""
+    from data_pipeline.shards import file_sha256
+
+    files = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    (ckpt / "manifest.json").write_text(json.dumps({"files": files}))

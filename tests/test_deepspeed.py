@@ -10,7 +10,7 @@ import torch
 
 from megacore.checkpoint.store import list_checkpoints
 from megacore.checkpoint.weights import load_model_weights, load_trained
-from tests.helpers import assert_same_weights, megacore, read_metrics, tiny_run_args
+from tests.helpers import PlantedPayload, assert_same_weights, megacore, read_metrics, rewrite_manifest, tiny_run_args
 
 STEPS = ["train.steps=12", "checkpoint.every=6", "train.eval_every=6", "checkpoint.keep_last=0"]
 ZERO = {"zero1": ["parallel.zero_stage=1"], "zero2": ["parallel.zero_stage=2"], "zero3": ["parallel.zero_stage=3"],
@@ -100,3 +100,19 @@ def test_bf16_engine_trains(runs):
     bf16, fp32 = read_metrics(root / "zero2_bf16"), read_metrics(root / "fsdp2")
     assert bf16[1]["loss"] == pytest.approx(fp32[1]["loss"], rel=1e-2)
     assert bf16[3]["loss"] < bf16[1]["loss"]
+
+
+def test_a_pickle_planted_in_deepspeed_files_runs_nothing(runs, tmp_path):
+    root, args = runs
+    shutil.copytree(root / "zero2", root / "zero2_planted")
+    ckpt = list_checkpoints(root / "zero2_planted")[-1]
+    marker = tmp_path / "PWNED"
+    for victim in ckpt.glob("*model_states.pt"):
+        torch.save({"module": PlantedPayload(marker)}, victim)
+    rewrite_manifest(ckpt)
+    proc = megacore("eval", root / "zero2_planted", "--batches", "1", check=False)
+    assert proc.returncode == 2 and "refused to load" in proc.stderr and "model_states.pt" in proc.stderr
+    proc = megacore("train", *args("zero2_planted", "parallel.backend=deepspeed", "parallel.zero_stage=2",
+                                   "train.steps=14"), "--resume", "auto", "--nproc", "2", check=False)
+    assert proc.returncode == 2 and "refused to load" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists(), "nothing in the checkpoint ran"

@@ -1,8 +1,11 @@
 """Nothing lost, nothing stale: each test reproduces a defect that once lost or corrupted work (issue 16)
 and checks the fix, with real processes where the defect involves them."""
 
+import dataclasses
+import io
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -20,7 +23,7 @@ from megacore.config import DataConfig, ModelConfig
 from megacore.model import Llama
 from megacore.parallel.activation_checkpoint import apply_activation_checkpointing
 from megacore.train.loss import loss_sum
-from tests.helpers import REPO, megacore, read_metrics, tiny_run_args
+from tests.helpers import REPO, PlantedPayload, megacore, read_metrics, rewrite_manifest, tiny_run_args
 
 NO_EVAL = ["train.eval_every=1000"]
 
@@ -362,3 +365,46 @@ def test_hf_import_refuses_what_it_would_not_reproduce(small_run, data_dir, tmp_
     proc = megacore("train", *tiny_run_args(data_dir, tmp_path / "run", f"train.init_from={hf}"), check=False)
     assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+# 3. Loading a checkpoint executes nothing
+
+
+def test_a_pickle_planted_in_dcp_metadata_runs_on_no_load_path(small_run, data_dir, tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "PWNED"
+    shutil.copytree(small_run, run)
+    ckpt = list_checkpoints(run)[-1]
+    (ckpt / ".metadata").write_bytes(pickle.dumps(PlantedPayload(marker)))
+    rewrite_manifest(ckpt)
+    assert megacore("checkpoints", "verify", run).returncode == 0
+    for args in (["eval", run, "--batches", "1"], ["generate", run, "--max-new-tokens", "2"],
+                 ["export-hf", run, tmp_path / "hf"], ["checkpoints", "consolidate", run, tmp_path / "weights"],
+                 ["train", *tiny_run_args(data_dir, run, "train.steps=4", *NO_EVAL), "--resume", "auto"],
+                 ["train", *tiny_run_args(data_dir, tmp_path / "new", f"train.init_from={run}", *NO_EVAL)]):
+        proc = megacore(*args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        assert "refused to load posix.system" in proc.stderr and str(ckpt / ".metadata") in proc.stderr, args
+    assert not marker.exists(), "nothing in the checkpoint ran"
+
+
+def test_a_pickle_planted_among_dcp_entries_runs_nothing_on_resume(small_run, data_dir, tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    run, marker = tmp_path / "run", tmp_path / "PWNED"
+    shutil.copytree(small_run, run)
+    ckpt = list_checkpoints(run)[-1]
+    metadata = pickle.loads((ckpt / ".metadata").read_bytes())  # our own test file: trusted here
+    index = next(i for i in metadata.storage_data if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    info = metadata.storage_data[index]
+    payload = io.BytesIO()
+    torch.save(PlantedPayload(marker), payload)
+    target = ckpt / info.relative_path
+    offset = target.stat().st_size
+    with open(target, "ab") as f:
+        f.write(payload.getvalue())
+    metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(payload.getvalue()))
+    (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    rewrite_manifest(ckpt)
+    proc = megacore("train", *tiny_run_args(data_dir, run, "train.steps=4", *NO_EVAL), "--resume", "auto", check=False)
+    assert proc.returncode == 2 and f"refused to load the entry {index.fqn}" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists()

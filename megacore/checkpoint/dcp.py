@@ -4,7 +4,8 @@ Each rank writes its own shards of the model and optimizer state; DCP reshards o
 written by one layout and world size resumes on any other. With checkpoint.async_save the state is
 staged in memory and written by a background thread while training goes on; the commit
 (megacore/checkpoint/store.py) follows once every rank's write has finished. Every RNG stream of every
-rank is kept as JSON. Nothing is unpickled by us: DCP tensors and JSON.
+rank is kept as JSON. Every load reads DCP's pickled metadata through an allow-list
+(megacore/checkpoint/safe_load.py): a checkpoint cannot execute code.
 
 The checkpointer decides its own timing (`should_save`) and keeps its own state (the save in flight).
 """
@@ -32,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from data_pipeline.durable import write_json_atomic
+from megacore.checkpoint.safe_load import load_dcp
 from megacore.checkpoint.store import checkpoints_root, commit_directory, prune, read_meta, step_dir_name
 from megacore.config import CheckpointConfig
 
@@ -87,7 +89,7 @@ class Checkpointer:
     def _read_state(self, path: Path, meta: dict, parts: list[nn.Module], optimizers) -> None:
         """Load model (and optimizer) state into the parallelized parts; DCP reshards to this layout."""
         state, keys = _state(parts, optimizers)
-        dcp.load(state, checkpoint_id=str(path))
+        load_dcp(state, path)
         for i, part in enumerate(parts):
             model_keys, optim_keys = keys[i]
             set_model_state_dict(part, {k: state["model"][k] for k in model_keys}, options=_OPTIONS)
@@ -150,7 +152,7 @@ def load_dcp_weights(model: nn.Module, ckpt: Path) -> None:
     with warnings.catch_warnings():
         # A deliberate single-process load; DCP warns about that even when told so.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=not dist.is_initialized())
+        load_dcp(state, ckpt, no_dist=not dist.is_initialized())
     model.load_state_dict(state["model"])
 
 

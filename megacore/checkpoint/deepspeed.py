@@ -2,9 +2,10 @@
 
 `save_checkpoint` / `load_checkpoint` write and read the engine's partitioned state; around them come the
 same `step_XXXXXXXX` directory, meta.json (loader state, config), RNG streams, sha256 manifest and
-`latest` pointer as the torch backend (megacore/checkpoint/store.py). DeepSpeed's files are torch
-pickles: they are only read after the manifest has verified every byte. They resume only on the world
-size that wrote them; `consolidated_state_dict` turns them into fp32 weights for any other use.
+commit as the torch backend (megacore/checkpoint/store.py). DeepSpeed's files are torch
+pickles: they are read weights-only, with DeepSpeed's few data classes allowed and nothing else
+(megacore/checkpoint/safe_load.py). They resume only on the world size that wrote them;
+`consolidated_state_dict` turns them into fp32 weights for any other use.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megacore.checkpoint.dcp import Checkpointer
+from megacore.checkpoint.safe_load import weights_only_torch_load
 
 
 class DeepSpeedCheckpointer(Checkpointer):
@@ -29,13 +31,15 @@ class DeepSpeedCheckpointer(Checkpointer):
 
     def _read_state(self, path: Path, meta: dict, parts, optimizers) -> None:
         # megacore.checkpoint.resume.check_compatible has refused another world size already.
-        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=optimizers is not None,
-                                    load_lr_scheduler_states=False, load_module_strict=True)
+        with weights_only_torch_load():
+            self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=optimizers is not None,
+                                        load_lr_scheduler_states=False, load_module_strict=True)
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a (verified) DeepSpeed checkpoint, on one process, no process group."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    with weights_only_torch_load():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     return {k: v.float().contiguous() for k, v in state.items()}
