@@ -13,12 +13,13 @@ import sentencepiece as spm
 from data_pipeline.durable import atomic_write
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+DEFAULT_CHARACTER_COVERAGE = 0.9995  # sentencepiece's
 # Reserved now so that chat fine-tuning later needs no new vocabulary.
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
 def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe",
-                    character_coverage: float = 0.9995) -> Tokenizer:
+                    character_coverage: float = DEFAULT_CHARACTER_COVERAGE) -> Tokenizer:
     """Train on `documents` and write the model atomically to `out_path`."""
     model = io.BytesIO()
     try:
@@ -46,7 +47,6 @@ def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_t
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         byte_fallback=True,
-        character_coverage=character_coverage,
         split_digits=True,
         # A corpus too small for vocab_size gets a smaller vocabulary instead of an abort.
         hard_vocab_limit=False,
@@ -57,6 +57,9 @@ def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_t
         shuffle_input_sentence=True,
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
+        # Given only when it is not sentencepiece's default: a field set explicitly is stored in the model,
+        # which would change the tokenizer's bytes (and so every dataset fingerprint) for the same pieces.
+        **({} if character_coverage == DEFAULT_CHARACTER_COVERAGE else {"character_coverage": character_coverage}),
     )
 
 
