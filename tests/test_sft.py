@@ -119,3 +119,11 @@ def test_early_stop_ends_the_run_with_a_checkpoint_when_val_loss_stops_improving
     assert stopped < 40 and sorted(read_metrics(tmp_path / "run"))[-1] == stopped
     assert (tmp_path / "run" / "checkpoints" / f"step_{stopped:08d}").is_dir()
     assert not (tmp_path / "run" / "PREEMPTED").exists(), "an early stop is no preemption: nothing to requeue"
+
+
+def test_generate_answers_one_chat_turn_and_refuses_a_stop_that_is_no_token(pretrained):
+    reply = megacore("generate", pretrained, "--chat", "--prompt", "Hi! How are you?", "--max-new-tokens", "8",
+                     "--temperature", "0")
+    assert "<|assistant|>" not in reply.stdout and "Hi! How are you?" not in reply.stdout, "only the reply is printed"
+    refused = megacore("generate", pretrained, "--stop", "not one token", check=False)
+    assert refused.returncode == 2 and "--stop" in refused.stderr
