@@ -5,13 +5,14 @@ Sample i is the window stream[i * seq_len : i * seq_len + seq_len + 1]: inputs a
 tokens, labels its last seq_len, so every token is a target exactly once per epoch.
 
 Order. A dataset's samples form an endless sequence over epochs: position p is sample
-perm(seed, epoch = p // N, fingerprint)[p % N]. A mixture of datasets assigns each global sample
-position to the dataset whose share is furthest behind its weight (as Megatron's blended datasets
-do), so the order is a pure function of (seed, weights, fingerprints, seq_len) and of how many samples
-each dataset has given. Global batch b holds the next global_batch_size samples; data-parallel rank r
-takes the r-th contiguous slice.
+perm(seed, epoch = p // N, fingerprint)(p % N), a keyed Feistel permutation evaluated on demand
+(data_pipeline/permutation.py): memory per rank does not grow with the corpus. A mixture of datasets
+assigns each global sample position to the dataset whose share is furthest behind its weight (as
+Megatron's blended datasets do), so the order is a pure function of (seed, weights, fingerprints,
+seq_len) and of how many samples each dataset has given. Global batch b holds the next
+global_batch_size samples; data-parallel rank r takes the r-th contiguous slice.
 
-State. {step, positions per dataset, seed, fingerprints, seq_len}: a handful of integers. It does not
+State. {step, positions per dataset, seed, fingerprints, seq_len, order}: a handful of integers. It does not
 depend on the number of ranks or workers, so a run resumes on another data-parallel size or worker
 count and continues the same global sequence of batches.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import DataPipelineError, ShardError
+from data_pipeline.permutation import FeistelPermutation, permutation_key
 from data_pipeline.shards import file_sha256, read_manifest, read_shard
 
 # The label of a token that is no training target (torch's cross_entropy default ignore_index).
@@ -120,37 +122,67 @@ class TokenStore:
         return out
 
 
+# How an epoch's order is computed: "feistel", a permutation evaluated per position (constant memory);
+# "legacy", the materialised permutation of loader states written before it (8 bytes a sample), kept so
+# that those runs resume on exactly the batches they would have seen.
+ORDERS = ("feistel", "legacy")
+ORDER_BLOCK = 1 << 16  # positions whose ids are computed together (512 KB of int64)
+
+
 class SampleStream:
     """One dataset's endless sequence of window ids: position p -> sample id, a pure function."""
 
-    def __init__(self, store: TokenStore, seq_len: int, seed: int, shuffle: bool = True):
+    def __init__(self, store: TokenStore, seq_len: int, seed: int, shuffle: bool = True, order: str = "feistel"):
         self.store, self.seq_len, self.seed, self.shuffle = store, seq_len, seed, shuffle
         self.num_samples = (store.num_tokens - 1) // seq_len
         if self.num_samples < 1:
             raise ValueError(f"split {store.split!r} of {store.data_dir} has {store.num_tokens} tokens: "
                              f"too few for one window of {seq_len + 1}")
-        self._cached_epoch, self._order = -1, None
+        self.order = order
+        self._cached_epoch, self._epoch_order = -1, None
+        self._blocks: dict[tuple[int, int], np.ndarray] = {}  # (epoch, block) -> ids, at most 2 kept
 
-    def order(self, epoch: int) -> np.ndarray:
-        if self._cached_epoch != epoch:
-            if self.shuffle:
+    def _ids_in_epoch(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
+        if not self.shuffle:
+            return offsets.astype(np.int64)
+        if self.order == "legacy":
+            if self._cached_epoch != epoch:
                 rng = np.random.default_rng([self.seed, epoch, int(self.store.fingerprint, 16)])
-                self._order = rng.permutation(self.num_samples)
-            else:
-                self._order = np.arange(self.num_samples)
+                self._epoch_order, self._cached_epoch = rng.permutation(self.num_samples), epoch
+            return self._epoch_order[offsets]
+        # Batches take consecutive positions: evaluate the permutation a block at a time (vectorised over
+        # ORDER_BLOCK ids) and serve the batches from it; memory stays bounded at any corpus size.
+        first, last = int(offsets[0]) // ORDER_BLOCK, int(offsets[-1]) // ORDER_BLOCK
+        if last - first > 1 or np.any(np.diff(offsets) != 1):
+            return self._permutation(epoch)(offsets)
+        ids = np.concatenate([self._block(epoch, b) for b in range(first, last + 1)])
+        return ids[offsets - first * ORDER_BLOCK]
+
+    def _permutation(self, epoch: int) -> FeistelPermutation:
+        if self._cached_epoch != epoch:
+            self._epoch_order = FeistelPermutation(self.num_samples,
+                                                   permutation_key(self.seed, epoch, self.store.fingerprint))
             self._cached_epoch = epoch
-        return self._order
+        return self._epoch_order
+
+    def _block(self, epoch: int, block: int) -> np.ndarray:
+        if (epoch, block) not in self._blocks:
+            if len(self._blocks) >= 2:
+                self._blocks.pop(next(iter(self._blocks)))
+            start = block * ORDER_BLOCK
+            positions = np.arange(start, min(start + ORDER_BLOCK, self.num_samples), dtype=np.int64)
+            self._blocks[epoch, block] = self._permutation(epoch)(positions)
+        return self._blocks[epoch, block]
 
     def sample_ids(self, start: int, count: int) -> np.ndarray:
-        epoch, offset = divmod(start, self.num_samples)
-        if offset + count <= self.num_samples:  # the usual case: within one epoch
-            return self.order(epoch)[offset:offset + count]
-        positions = np.arange(start, start + count)
-        epochs = positions // self.num_samples
+        positions = np.arange(start, start + count, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_samples)
+        if epochs[0] == epochs[-1]:  # the usual case: within one epoch
+            return self._ids_in_epoch(int(epochs[0]), offsets)
         out = np.empty(count, dtype=np.int64)
         for epoch in np.unique(epochs):
             sel = epochs == epoch
-            out[sel] = self.order(int(epoch))[positions[sel] % self.num_samples]
+            out[sel] = self._ids_in_epoch(int(epoch), offsets[sel])
         return out
 
     def windows(self, sample_ids: np.ndarray, loss_mask: bool = False) -> np.ndarray:
@@ -176,14 +208,17 @@ class PackedLoader:
 
     def __init__(self, stores: TokenStore | list[TokenStore], seq_len: int, global_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 weights: list[float] | None = None, num_workers: int = 0, document_positions: bool = True):
+                 weights: list[float] | None = None, num_workers: int = 0, document_positions: bool = True,
+                 order: str = "feistel"):
         stores = [stores] if isinstance(stores, TokenStore) else list(stores)
         weights = weights or [1.0] * len(stores)
         if len(weights) != len(stores):
             raise ValueError(f"{len(stores)} datasets but {len(weights)} weights")
         if global_batch_size % dp_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by {dp_size} data-parallel ranks")
-        self.streams = [SampleStream(s, seq_len, seed, shuffle) for s in stores]
+        if order not in ORDERS:
+            raise ValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
+        self.streams = [SampleStream(s, seq_len, seed, shuffle, order) for s in stores]
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seq_len, self.seed, self.global_batch_size = seq_len, seed, global_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
@@ -290,7 +325,7 @@ class PackedLoader:
     def state_dict(self) -> dict:
         return {"step": self.step, "positions": self.positions.tolist(), "seed": self.seed,
                 "fingerprints": [s.store.fingerprint for s in self.streams], "weights": self.weights.tolist(),
-                "seq_len": self.seq_len, "epoch": self.epoch,
+                "seq_len": self.seq_len, "epoch": self.epoch, "order": self.streams[0].order,
                 "consumed_samples": int(self.positions[0] % self.streams[0].num_samples)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -305,6 +340,12 @@ class PackedLoader:
             raise ValueError(f"mixture weights changed since the checkpoint: {state['weights']} -> "
                              f"{self.weights.tolist()}")
         self._drain()
+        # A state without "order" was written before the Feistel order existed: continue its sequence.
+        order = state.get("order", "legacy")
+        if order not in ORDERS:
+            raise ValueError(f"loader order {order!r} in the checkpoint is not one of {', '.join(ORDERS)}")
+        for stream in self.streams:
+            stream.order, stream._cached_epoch, stream._blocks = order, -1, {}
         self.step, self.positions = int(state["step"]), np.asarray(state["positions"], dtype=np.int64)
         self._plan_step, self._plan_positions = self.step, self.positions.copy()
 

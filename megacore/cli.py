@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--seed", type=int, default=1234, help="train.seed of the run")
     order.add_argument("--split", default="train")
     order.add_argument("--json", action="store_true", help="one JSON object per step")
+    order.add_argument("--order", choices=["feistel", "legacy"], default="feistel",
+                       help="legacy: the order of runs whose checkpoints predate the Feistel order")
     order.set_defaults(handler=commands.data_order)
 
     train = sub.add_parser("train", help="train (or resume) a model")

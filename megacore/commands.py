@@ -85,7 +85,7 @@ def data_order(args) -> int:
         raise DataError(f"--dp-rank {args.dp_rank} is not in [0, --dp-size {args.dp_size})")
     try:
         loader = PackedLoader(TokenStore(args.dir, args.split), args.seq_len, args.global_batch, args.dp_rank,
-                              args.dp_size, seed=args.seed)
+                              args.dp_size, seed=args.seed, order=args.order)
     except ValueError as e:
         raise DataError(str(e)) from None
     loader.skip(args.start_step)

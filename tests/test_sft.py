@@ -102,8 +102,9 @@ def test_two_stage_run_resumes_exactly_within_the_sft_stage(chat_dir, pretrained
 
 
 def test_eval_on_a_raw_text_file_reports_loss_perplexity_bpb_and_accuracy(pretrained, tmp_path):
+    # A real passage of Hamlet (kept with the format fixture): text like what the model was trained on.
     text = tmp_path / "speech.txt"
-    text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40)
+    text.write_text((REPO / "tests" / "fixtures" / "run_a02a75f" / "hamlet.txt").read_text()[:4000])
     result = json.loads(megacore("eval", pretrained, "--text", text, "--batch-size", "2").stdout.splitlines()[-1])
     assert result["tokens"] > 500 and 0 < result["accuracy"] <= 1
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-6) and result["bits_per_byte"] > 0
