@@ -138,9 +138,11 @@ class SampleStream:
         if self.num_samples < 1:
             raise ValueError(f"split {store.split!r} of {store.data_dir} has {store.num_tokens} tokens: "
                              f"too few for one window of {seq_len + 1}")
-        self.order = order
-        self._cached_epoch, self._epoch_order = -1, None
         self._blocks: dict[tuple[int, int], np.ndarray] = {}  # (epoch, block) -> ids, at most 2 kept
+        self.set_order(order)
+
+    def set_order(self, order: str) -> None:
+        self.order, self._cached_epoch, self._epoch_order, self._blocks = order, -1, None, {}
 
     def _ids_in_epoch(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
         if not self.shuffle:
@@ -345,7 +347,7 @@ class PackedLoader:
         if order not in ORDERS:
             raise ValueError(f"loader order {order!r} in the checkpoint is not one of {', '.join(ORDERS)}")
         for stream in self.streams:
-            stream.order, stream._cached_epoch, stream._blocks = order, -1, {}
+            stream.set_order(order)
         self.step, self.positions = int(state["step"]), np.asarray(state["positions"], dtype=np.int64)
         self._plan_step, self._plan_positions = self.step, self.positions.copy()
 

@@ -2,7 +2,7 @@
 
 `--resume none` refuses a run directory that already has checkpoints (its work would be overwritten);
 `auto` takes the newest checkpoint that verifies; a path names a checkpoint or a run directory. The
-compatibility of that checkpoint with this launch is checked in one place, `check_compatible`: by the
+compatibility of that checkpoint with this launch is checked in one place, `check_can_resume`: by the
 CLI before torchrun starts (cheap: meta.json only), and by the trainer on rank 0 after verifying it.
 """
 
@@ -55,6 +55,15 @@ def check_same_data(ckpt: Path, meta: dict, cfg: Config) -> None:
                         f"data.seq_len={cfg.data.seq_len}; start a new run with train.init_from={ckpt}")
 
 
+def check_can_resume(ckpt: Path, cfg: Config, world_size: int) -> dict:
+    """Both checks, before launch (on the newest checkpoint) and on rank 0 (on the verified one); returns
+    the checkpoint's metadata."""
+    meta = read_meta(ckpt)
+    check_compatible(ckpt, meta, cfg.parallel.backend, world_size)
+    check_same_data(ckpt, meta, cfg)
+    return meta
+
+
 def effective_resume(resume: str) -> str:
     """torchrun restarting the group after a failure means: continue where it stopped."""
     return "auto" if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 else resume
@@ -83,6 +92,4 @@ def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
     ckpt = latest_checkpoint(cfg.train.run_dir) if resume == "auto" else Path(resume)
     if ckpt is None:
         return
-    meta = read_meta(ckpt)
-    check_compatible(ckpt, meta, cfg.parallel.backend, world_size)
-    check_same_data(ckpt, meta, cfg)
+    check_can_resume(ckpt, cfg, world_size)

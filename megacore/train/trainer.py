@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megacore.checkpoint.dcp import Checkpointer
-from megacore.checkpoint.resume import check_compatible, check_same_data, checkpoint_to_resume, effective_resume
-from megacore.checkpoint.store import read_meta, set_aside_newer
+from megacore.checkpoint.resume import check_can_resume, checkpoint_to_resume, effective_resume
+from megacore.checkpoint.store import set_aside_newer
 from megacore.checkpoint.weights import check_init_from, init_weights_from
 from megacore.config import Config
 from megacore.distributed import DistEnv, all_reduce_sum, first_failing_rank, init_distributed, shutdown
@@ -207,24 +207,19 @@ class Trainer:
     # -- building --
 
     def _choose_checkpoint(self, resume: str) -> Path | None:
-        """Rank 0 verifies and chooses the checkpoint to resume; every rank loads the same one, or every
-        rank stops (exit 2 from rank 0's message) when it cannot continue this launch."""
-        choice, error = [None, False], None
-        if self.env.is_main:
-            try:
-                ckpt = checkpoint_to_resume(self.cfg.train.run_dir, resume)
-                if ckpt is not None:
-                    check_compatible(ckpt, read_meta(ckpt), self.layout.backend, self.env.world_size)
-                    check_same_data(ckpt, read_meta(ckpt), self.cfg)
-                self._set_aside_newer(read_meta(ckpt)["step"] if ckpt is not None else 0)
-                choice = [ckpt, False]
-            except Exception as e:  # noqa: BLE001 - raised below, once every rank knows to stop
-                choice, error = [None, True], e
+        """Rank 0 verifies and chooses the checkpoint to resume (and sets newer ones aside); every rank
+        loads the same one, or every rank stops when this launch cannot continue it."""
+        def choose() -> Path | None:
+            if not self.env.is_main:
+                return None
+            ckpt = checkpoint_to_resume(self.cfg.train.run_dir, resume)
+            meta = check_can_resume(ckpt, self.cfg, self.env.world_size) if ckpt is not None else None
+            self._set_aside_newer(meta["step"] if meta is not None else 0)
+            return ckpt
+
+        choice = [self._on_every_rank(choose)]
         dist.broadcast_object_list(choice, src=0)
-        ckpt, failed = choice
-        if failed:
-            raise error if self.env.is_main else SystemExit(2)
-        return ckpt
+        return choice[0]
 
     def _on_every_rank(self, build):
         """`build()` on every rank; if it raises an error the user can act on anywhere, the lowest such rank
