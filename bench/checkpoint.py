@@ -1,4 +1,4 @@
-"""Checkpoint throughput and the training stall of async save.
+"""Checkpoint throughput, the training stall of async save, and the commit time on 1, 2 and 4 ranks.
 
 Reference, in the same script and on the same disk: a plain sequential write (with fsync) and read of
 as many bytes as the checkpoint holds. Measured: `Checkpointer.save` (DCP files, per-rank RNG, meta,
@@ -6,15 +6,22 @@ sha256 manifest, atomic rename) and `Checkpointer.load`, on one process with a ~
 and its AdamW state. Async: the time `save` blocks the training loop (staging the state in memory)
 as a share of one training step.
 
-    python bench/checkpoint.py [--dim 768] [--layers 6]
+Commit on 1, 2 and 4 ranks (real torchrun processes, FSDP over all of them, the same model): the time
+from every rank's files written to the checkpoint committed. Reference: what earlier versions did at
+commit, rank 0 alone hashing every byte of the same checkpoint, measured on the same files.
+
+    python bench/checkpoint.py [--dim 768] [--layers 6] [--ranks 1,2,4]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +36,8 @@ from megacore.distributed import init_distributed, shutdown
 from megacore.model import Llama
 from megacore.train.loss import loss_sum
 from megacore.train.optim import Optimizers
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def plain_write_read(path: Path, nbytes: int) -> tuple[float, float]:
@@ -45,13 +54,79 @@ def plain_write_read(path: Path, nbytes: int) -> tuple[float, float]:
     return write, time.perf_counter() - start
 
 
+def commit_worker(args) -> None:
+    """Under torchrun: FSDP over every rank, one step, one save; rank 0 writes the timings to args.out."""
+    from megacore.checkpoint.store import hash_files
+    from megacore.config import load_config
+    from megacore.parallel import Layout, parallelize
+
+    env = init_distributed("cpu")
+    try:
+        cfg = load_config(REPO / "configs/tiny.yaml", [
+            f"model.dim={args.dim}", f"model.n_layers={args.layers}", "model.n_heads=12", "model.n_kv_heads=4",
+            "model.vocab_size=16384", f"data.seq_len={args.seq}", "train.micro_batch_size=1",
+            f"train.global_batch_size={env.world_size}"])
+        layout = Layout.resolve(cfg, env.world_size)
+        with torch.device("meta"):
+            model = Llama(cfg.model)
+        pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.rank, env.device)
+        optimizers = Optimizers(pm.parts, cfg.optim)
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, args.seq + 1))
+        pm.forward_backward({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, 1.0 / args.seq)
+        optimizers.step()  # creates the AdamW state
+        ckpt = Checkpointer(Path(args.out).parent / "run", CheckpointConfig(keep_last=0), env.rank)
+        start = time.perf_counter()
+        path = ckpt.save(1, pm.parts, optimizers, {"world_size": env.world_size})
+        save_s = time.perf_counter() - start
+        if env.rank == 0:
+            files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())
+            start = time.perf_counter()
+            hash_files(path, files, threads=1)  # what rank 0 alone did at every commit before
+            rank0_hash_s = time.perf_counter() - start
+            Path(args.out).write_text(json.dumps({
+                "ranks": env.world_size, "bytes": sum((path / f).stat().st_size for f in files),
+                "commit_s": ckpt.last_commit_seconds, "save_s": save_s, "rank0_hash_s": rank0_hash_s}))
+    finally:
+        shutdown()
+
+
+def commit_scaling(args) -> None:
+    print(f"\n{'ranks':>5} {'GB':>6} {'save s':>8} {'commit s':>9} {'rank-0 hashing s':>17} {'ratio':>7}")
+    for n in [int(x) for x in args.ranks.split(",")]:
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-commit-{n}-"))
+        try:
+            out = workdir / "result.json"
+            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                            __file__, "--commit-worker", str(out), "--dim", str(args.dim), "--layers",
+                            str(args.layers), "--seq", str(args.seq)], check=True, env=env)
+            r = json.loads(out.read_text())
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        ratio = r["rank0_hash_s"] / r["commit_s"]
+        print(f"{n:>5} {r['bytes'] / 1e9:>6.2f} {r['save_s']:>8.2f} {r['commit_s']:>9.3f} {r['rank0_hash_s']:>17.3f} "
+              f"{ratio:>6.1f}x")
+        record(f"checkpoint commit, {r['bytes'] / 1e9:.2f} GB, {n} rank(s) (FSDP)", f"{r['commit_s']:.3f} s",
+               f"rank 0 hashing every byte (before): {r['rank0_hash_s']:.3f} s", f"{ratio:.1f}x",
+               ">= 2x at 4 ranks" if n == 4 else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--commit-worker", dest="out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.out:
+        return commit_worker(args)
+    single_process(args)
+    commit_scaling(args)
+
+
+def single_process(args) -> None:
     init_distributed("cpu")
     workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     try:

@@ -4,6 +4,7 @@
     megacore data inspect|verify DIR
     megacore data order DIR --dp-size W --dp-rank R --global-batch B --steps N [--start-step S] [--json]
     megacore train CONFIG [key=value ...] [--nproc N] [--max-restarts N] [--resume none|auto|CKPT]
+    megacore train CONFIG [key=value ...] --dry-run [--world-size N]
     megacore checkpoints list|verify RUN_DIR
     megacore checkpoints consolidate RUN_DIR|CKPT OUT
     megacore export-hf RUN_DIR|CKPT OUT
@@ -76,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "or a checkpoint directory")
     train.add_argument("--max-restarts", type=int, default=0,
                        help="with --nproc: restart the ranks up to N times after a failure, resuming each time")
-    train.add_argument("--dry-run", action="store_true", help="validate the config and print it; train nothing")
+    train.add_argument("--dry-run", action="store_true",
+                       help="validate the config, plan the layout and print every rank's bytes; train nothing")
+    train.add_argument("--world-size", type=int, default=None,
+                       help="with --dry-run: plan for N ranks (a cluster job, on this machine; data not needed)")
     train.set_defaults(handler=commands.train)
 
     est = sub.add_parser("estimate", help="parameters, FLOPs per token and per-rank memory of a layout")

@@ -106,6 +106,12 @@ def train(args) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if under_torchrun else (args.nproc or 1)
+    if args.world_size is not None:
+        if not args.dry_run:
+            raise UsageError("--world-size plans a job with --dry-run; to train, use --nproc N or torchrun")
+        if args.world_size < 1:
+            raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
+        return _plan(cfg, args.world_size)
     if not under_torchrun:
         # Refuse bad layouts, missing data and run-directory conflicts before starting any process.
         from megacore.checkpoint.resume import refuse_lost_work
@@ -139,6 +145,29 @@ def train(args) -> int:
     return 0
 
 
+def _plan(cfg, world_size: int) -> int:
+    """train --dry-run --world-size N: the real model and parallel plan on the meta device for N ranks, in
+    this process; the data and run directory are not needed (nor checked)."""
+    from megacore.parallel.estimate import estimate, format_estimate
+    from megacore.parallel.layout import Layout
+
+    Layout.resolve(cfg, world_size)
+    _vocab_for_planning(cfg)
+    print(format_estimate(estimate(cfg, world_size)))
+    print(f"world size {world_size}: layout ok (planned on the meta device; data and run directory not checked)")
+    return 0
+
+
+def _vocab_for_planning(cfg) -> None:
+    if cfg.model.vocab_size == 0:
+        from megacore.run_dir import resolve_vocab_size
+
+        try:
+            resolve_vocab_size(cfg)
+        except FileNotFoundError:
+            cfg.model.vocab_size = cfg.data.vocab_size  # not prepared yet: the configured target
+
+
 def _without_launch_args(argv: list[str]) -> list[str]:
     """The command line each rank runs: without the options that only the launcher reads."""
     out, skip = [], False
@@ -155,14 +184,9 @@ def _without_launch_args(argv: list[str]) -> list[str]:
 def estimate(args) -> int:
     from megacore.parallel.estimate import estimate as estimate_layout
     from megacore.parallel.estimate import format_estimate
-    from megacore.run_dir import resolve_vocab_size
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.vocab_size == 0:
-        try:
-            resolve_vocab_size(cfg)
-        except FileNotFoundError:
-            cfg.model.vocab_size = cfg.data.vocab_size  # not prepared yet: the configured target
+    _vocab_for_planning(cfg)
     result = estimate_layout(cfg, args.world_size)
     print(json.dumps(result) if args.json else format_estimate(result))
     return 0

@@ -226,3 +226,29 @@ def _last_logged_step(run) -> int:
     text = path.read_text()
     lines = text.splitlines()[:-1] if not text.endswith("\n") else text.splitlines()
     return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
+
+
+def test_digests_taken_while_writing_are_the_files_sha256(tmp_path):
+    """The manifest's sha256 of each DCP file comes from the bytes on their way to disk (no read-back);
+    they equal the files' own, and a file written out of order is left to be hashed from disk."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from data_pipeline.shards import file_sha256
+    from megacore.checkpoint.digests import _HashingStream, hashing_writer, streamed_digests
+
+    writer = hashing_writer(tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"w": torch.randn(300, 70), "b": torch.arange(10)}, storage_writer=writer, no_dist=True)
+    digests = streamed_digests(writer, tmp_path / "ckpt")
+    assert digests and all(name.endswith(".distcp") for name in digests)
+    for name, info in digests.items():
+        assert info == {"bytes": (tmp_path / "ckpt" / name).stat().st_size,
+                        "sha256": file_sha256(tmp_path / "ckpt" / name)}
+    with open(tmp_path / "f", "wb") as f:
+        stream = _HashingStream(f)
+        stream.write(b"abc")
+        stream.seek(0)
+        assert not stream.sequential

@@ -25,6 +25,7 @@ LAYOUTS = {
     "fsdp2_tp2": (4, ["parallel.tp=2"]),
     "hsdp2x2_selective_ac": (4, ["parallel.dp_replicate=2", "parallel.activation_checkpointing=selective"]),
     "pp2_tp2": (4, ["parallel.pp=2", "parallel.tp=2"]),
+    "pp2_fsdp2_reshard_always": (4, ["parallel.pp=2", "parallel.fsdp_reshard=always"]),
     "pp2_tp2_dp2": (8, ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=interleaved_1f1b",
                         "train.micro_batch_size=1"]),
 }

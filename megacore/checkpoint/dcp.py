@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from data_pipeline.durable import write_json_atomic
+from megacore.checkpoint.digests import hashing_writer, rank_digests, streamed_digests
 from megacore.checkpoint.safe_load import load_dcp
 from megacore.checkpoint.store import checkpoints_root, commit_directory, prune, read_meta, step_dir_name
 from megacore.config import CheckpointConfig
@@ -47,6 +48,7 @@ class Checkpointer:
         self.run_dir, self.root = Path(run_dir), checkpoints_root(run_dir)
         self.cfg, self.rank = cfg, rank
         self._pending = None  # an async save whose files are still being written
+        self.last_commit_seconds = 0.0  # from all files written to committed, of the last save
         # Async saves run their collectives in a background thread: give them their own group.
         self._async_group = dist.new_group(backend="gloo") if cfg.async_save else None
         # One stager for the whole run: it keeps its staging buffers, so after the first save the
@@ -73,18 +75,19 @@ class Checkpointer:
         dist.barrier()
         # Captured now: the streams and loader position of this step, whenever the commit happens.
         pending = (tmp, final, {"step": step, "time": time.time(), **meta}, rng_state())
+        writer = hashing_writer(tmp)  # each file's sha256 is taken as it is written
         if self.cfg.async_save:
             state = _state(parts, optimizers)[0]
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group,
+            future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group,
                                     async_stager=self._stager)
-            self._pending = (*pending, future)
+            self._pending = (*pending, writer, future)
             return None
-        self._write_state(tmp, parts, optimizers)
-        return self._commit(*pending)
+        self._write_state(tmp, parts, optimizers, writer)
+        return self._commit(*pending, writer)
 
-    def _write_state(self, tmp: Path, parts: list[nn.Module], optimizers) -> None:
+    def _write_state(self, tmp: Path, parts: list[nn.Module], optimizers, writer) -> None:
         """Model and optimizer state of every rank into `tmp` (DCP: each rank writes its shards)."""
-        dcp.save(_state(parts, optimizers)[0], checkpoint_id=str(tmp))
+        dcp.save(_state(parts, optimizers)[0], storage_writer=writer)
 
     def _read_state(self, path: Path, meta: dict, parts: list[nn.Module], optimizers) -> None:
         """Load model (and optimizer) state into the parallelized parts; DCP reshards to this layout."""
@@ -101,14 +104,14 @@ class Checkpointer:
         """Commit the async save in flight once every rank's files are written (all ranks call this)."""
         if self._pending is None:
             return None
-        *pending, future = self._pending
+        *pending, writer, future = self._pending
         done = torch.tensor([1 if block or future.done() else 0])
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
         if not done.item():
             return None
         future.result()
         self._pending = None
-        return self._commit(*pending)
+        return self._commit(*pending, writer)
 
     def close(self) -> Path | None:
         """After the last save: wait for it, and free the async stager's buffers."""
@@ -118,14 +121,20 @@ class Checkpointer:
             self._stager = None
         return last
 
-    def _commit(self, tmp: Path, final: Path, meta: dict, rng: dict) -> Path:
+    def _commit(self, tmp: Path, final: Path, meta: dict, rng: dict, writer=None) -> Path:
+        """Every rank: its RNG file, and the manifest entries of the files it wrote (digests taken while
+        writing; one all_gather per save). Rank 0: meta.json, the manifest, the rename, retention."""
+        start = time.perf_counter()
         (tmp / "rng").mkdir(parents=True, exist_ok=True)
         write_json_atomic(tmp / "rng" / f"rank_{self.rank:05d}.json", rng)
         dist.barrier()
+        entries = [None] * dist.get_world_size()
+        dist.all_gather_object(entries, rank_digests(tmp, self.rank, streamed_digests(writer, tmp)))
         if self.rank == 0:
-            commit_directory(tmp, final, meta)
+            commit_directory(tmp, final, meta, {k: v for e in entries for k, v in e.items()})
             prune(self.run_dir, self.cfg, final)
         dist.barrier()
+        self.last_commit_seconds = time.perf_counter() - start
         return final
 
     def load(self, path: str | Path, parts: list[nn.Module], optimizers=None) -> dict:
@@ -141,6 +150,15 @@ class Checkpointer:
             # from the seed (only model.dropout draws from them in training).
             set_rng_state(json.loads(rng_file.read_text()))
         return meta
+
+
+def load_sharded_weights(parts: list[nn.Module], ckpt: Path) -> None:
+    """Model weights of a torch-backend checkpoint (any layout) into this rank's parallelized parts: DCP
+    reads only the slices that this rank's shards need."""
+    state, keys = _state(parts, None)
+    load_dcp(state, ckpt)
+    for i, part in enumerate(parts):
+        set_model_state_dict(part, {k: state["model"][k] for k in keys[i][0]}, options=_OPTIONS)
 
 
 def load_dcp_weights(model: nn.Module, ckpt: Path) -> None:

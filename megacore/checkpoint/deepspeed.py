@@ -25,8 +25,9 @@ class DeepSpeedCheckpointer(Checkpointer):
         super().__init__(run_dir, cfg, rank)
         self.engine = engine
 
-    def _write_state(self, tmp: Path, parts, optimizers) -> None:
-        # DeepSpeed writes SAVE_DIR/TAG: the temporary directory of the commit protocol.
+    def _write_state(self, tmp: Path, parts, optimizers, writer=None) -> None:
+        # DeepSpeed writes SAVE_DIR/TAG: the temporary directory of the commit protocol. (Its files are
+        # hashed at commit by the rank whose partition they hold: megacore/checkpoint/digests.py.)
         self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
 
     def _read_state(self, path: Path, meta: dict, parts, optimizers) -> None:

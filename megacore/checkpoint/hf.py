@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data_pipeline.tokenizer import Tokenizer
@@ -140,6 +141,51 @@ def read_hf_config(path: str | Path) -> dict:
     if not config_path.is_file():
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
     return json.loads(config_path.read_text())
+
+
+def _hf_tensor_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (from model.safetensors.index.json when sharded);
+    reads headers only."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            out.update({name: f for name in handle.keys()})
+    return out
+
+
+def load_hf_slices(parts: list, path: str | Path) -> None:
+    """train.init_from=HF_DIR into parallelized model parts: each rank reads only the slices of each
+    tensor that its shards hold (safetensors slices; nothing else is read), converted to fp32."""
+    from megacore.parallel.materialize import load_slices
+
+    path = Path(path)
+    config, files = read_hf_config(path), _hf_tensor_files(path)
+    for name in files:
+        if from_hf_name(name) is None:
+            raise ValueError(f"{files[name]}: unexpected tensor {name!r} for a Llama model")
+    handles: dict[Path, object] = {}
+
+    def read(name: str, shape: tuple, offset: tuple, local: tuple) -> torch.Tensor:
+        theirs = to_hf_name(name)
+        if theirs not in files and name == "output.weight" and config.get("tie_word_embeddings"):
+            theirs = to_hf_name("tok_embeddings.weight")
+        if theirs not in files:
+            raise ValueError(f"{path}: missing weight {theirs} (for {name})")
+        f = files[theirs]
+        if f not in handles:
+            handles[f] = safe_open(str(f), framework="pt")
+        piece = handles[f].get_slice(theirs)
+        if tuple(piece.get_shape()) != tuple(shape):
+            raise ValueError(f"{f}: {theirs} has shape {tuple(piece.get_shape())}, the model needs {tuple(shape)}")
+        return piece[tuple(slice(o, o + n) for o, n in zip(offset, local))].to(torch.float32)
+
+    load_slices(parts, read)
 
 
 def load_hf_into(model: Llama, path: str | Path) -> None:

@@ -1,7 +1,9 @@
 """The on-disk protocol every checkpoint follows, whatever backend wrote its files.
 
 Commit: everything is written under `step_XXXXXXXX.tmp`; once all ranks are done, rank 0 writes
-meta.json, hashes the files into manifest.json (fsynced) and renames the directory. A directory with a
+meta.json and manifest.json (every file's size and sha256, fsynced) and renames the directory. The
+digests come from the ranks that wrote the files (megacore/checkpoint/digests.py); rank 0 hashes only
+what none of them did. A directory with a
 final name and a manifest is complete; a crash at any point leaves the previous checkpoint as the
 newest. Loading verifies the manifest first, and `--resume auto` falls back to the newest good
 checkpoint, saying which one was skipped and why.
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data_pipeline.durable import fsync_dir, write_json_atomic
@@ -73,8 +76,25 @@ def verify_checkpoint(path: str | Path) -> None:
             raise CheckpointError(f"{f}: missing")
         if f.stat().st_size != info["bytes"]:
             raise CheckpointError(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']} (truncated?)")
-        if file_sha256(f) != info["sha256"]:
-            raise CheckpointError(f"{f}: sha256 mismatch (altered)")
+    digests = hash_files(path, sorted(files))
+    for name in sorted(files):
+        if digests[name]["sha256"] != files[name]["sha256"]:
+            raise CheckpointError(f"{path / name}: sha256 mismatch (altered)")
+
+
+def hash_files(root: Path, relpaths: list[str], threads: int | None = None) -> dict[str, dict]:
+    """{relpath: {bytes, sha256}} of files under `root`, on a thread pool (hashlib releases the GIL, so
+    threads hash in parallel; time grows with the bytes over the threads, not with the file count)."""
+    threads = threads or min(8, os.cpu_count() or 1)
+
+    def one(rel: str) -> tuple[str, dict]:
+        f = root / rel
+        return rel, {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+
+    if len(relpaths) <= 1 or threads == 1:
+        return dict(map(one, relpaths))
+    with ThreadPoolExecutor(threads) as pool:
+        return dict(pool.map(one, relpaths))
 
 
 def newest_good_checkpoint(run_dir: str | Path, log=print) -> Path | None:
@@ -111,12 +131,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def commit_directory(tmp: Path, final: Path, meta: dict) -> None:
-    """Once every file of `tmp` is written: meta.json, then the manifest (fsynced), the rename."""
+def commit_directory(tmp: Path, final: Path, meta: dict, digests: dict[str, dict] | None = None) -> None:
+    """Once every file of `tmp` is written: meta.json, then the manifest (fsynced), the rename. `digests`
+    holds entries the writing ranks computed; rank 0 hashes the other files."""
     write_json_atomic(tmp / META, meta)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    write_json_atomic(tmp / MANIFEST, {"files": {
-        str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}})
+    digests = dict(digests or {})
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    digests.update(hash_files(tmp, [rel for rel in files if rel not in digests]))
+    write_json_atomic(tmp / MANIFEST, {"files": {rel: digests[rel] for rel in files}})
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -14,7 +14,7 @@ from torch import nn
 
 from data_pipeline.shards import TOKENIZER, file_sha256, read_manifest
 from data_pipeline.tokenizer import Tokenizer
-from megacore.checkpoint.dcp import load_dcp_weights, save_dcp_weights
+from megacore.checkpoint.dcp import load_dcp_weights, load_sharded_weights, save_dcp_weights
 from megacore.checkpoint.store import (
     backend_of,
     commit_directory,
@@ -73,6 +73,27 @@ def init_weights_from(model: Llama, source: str) -> None:
         load_hf_into(model, source)
     else:
         load_model_weights(model, source)
+
+
+def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
+    """train.init_from on a parallelized model: every rank reads only the slices its shards hold, from a
+    Hugging Face directory (safetensors slices) or a torch-backend run/checkpoint (DCP). A DeepSpeed
+    run's weights are consolidated whole on each rank first (its files are not sliceable)."""
+    if (Path(source) / "config.json").is_file():
+        from megacore.checkpoint.hf import load_hf_slices
+
+        load_hf_slices(parts, source)
+        return
+    ckpt = resolve_checkpoint(source)
+    if backend_of(read_meta(ckpt)) == "deepspeed":
+        from megacore.checkpoint.deepspeed import consolidated_state_dict
+        from megacore.parallel.materialize import load_slices
+
+        full = consolidated_state_dict(ckpt)
+        load_slices(parts, lambda name, shape, offset, local: full[name][
+            tuple(slice(o, o + n) for o, n in zip(offset, local))])
+    else:
+        load_sharded_weights(parts, ckpt)
 
 
 def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenizer, Config, Path]:

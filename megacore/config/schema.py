@@ -29,8 +29,10 @@ class ModelConfig:
     n_kv_heads: int = 4
     # 0 means: take the vocabulary size from the tokenizer of `data.dir`.
     vocab_size: int = 0
-    # SwiGLU hidden size is 8/3 * dim rounded up to a multiple of this (as in Llama).
+    # SwiGLU hidden size is 8/3 * dim rounded up to a multiple of this (as in Llama), unless ffn_dim
+    # gives it (Llama 3 8B: 14336; 70B: 28672).
     ffn_multiple_of: int = 64
+    ffn_dim: int = 0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 1024
@@ -52,6 +54,8 @@ class ModelConfig:
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ConfigError(f"model head dim {self.dim // self.n_heads} (dim / n_heads) must be even for RoPE")
+        if self.ffn_dim < 0:
+            raise ConfigError(f"model.ffn_dim must be >= 0 (0 = 8/3 * dim rounded), got {self.ffn_dim}")
         if self.vocab_size < 0:
             raise ConfigError(f"model.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
@@ -159,6 +163,10 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # torch.compile each transformer block.
     compile: bool = False
+    # FSDP memory policy. default: reshard weights after forward (kept gathered through a pipeline
+    # step), reduce-scatter gradients once per step. always: reshard after every forward and backward
+    # and reduce-scatter on every micro-batch: memory of the shard, more communication.
+    fsdp_reshard: Literal["default", "always"] = "default"
 
     def validate(self) -> None:
         if self.dp_shard == 0 or self.dp_shard < -1:

@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import ModelConfig
+from megacore.model.init import init_slice
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
+    if cfg.ffn_dim:
+        return cfg.ffn_dim
     hidden = int(8 * cfg.dim / 3)
     return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
 
@@ -130,24 +133,33 @@ class Llama(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if self.tok_embeddings.weight.device.type != "meta":  # on meta: materialised and initialised later
+            self.init_weights()
+
+    def init_std(self, name: str) -> float | None:
+        """How parameter `name` starts: N(0, std^2) for the returned std; None: ones (norm weights).
+        Residual output projections are scaled by 1/sqrt(2 * n_layers)."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            return self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        return self.cfg.init_std
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * n_layers)."""
-        std = self.cfg.init_std
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for block in self.layers.values():
-            for lin in (block.attention.wq, block.attention.wk, block.attention.wv,
-                        block.feed_forward.w1, block.feed_forward.w3):
-                nn.init.normal_(lin.weight, std=std)
-            for lin in (block.attention.wo, block.feed_forward.w2):
-                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.cfg.n_layers))
-            block.attention_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-        self.norm.reset_parameters()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=std)
+    def init_weights(self, seed: int | None = None) -> None:
+        """Every parameter from (seed, its name, position) alone (megacore/model/init.py), so any split of
+        the model initialises to the same weights. The seed defaults to torch's current one."""
+        seed = torch.initial_seed() if seed is None else seed
+        for name, p in self.named_parameters():
+            init_slice(p, name, p.shape, [0] * p.dim(), self.init_std(name), seed)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The rotary tables, on the device the model now lives on (they are not saved in checkpoints)."""
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
+                               device=self.rope_cos.device)
+        self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from pathlib import Path
 
@@ -33,9 +34,21 @@ def local_memory(parts, optimizers) -> dict[str, int]:
     return out
 
 
-def write_memory_report(path: Path, parts, optimizers, is_main: bool) -> None:
-    """Gather every rank's real bytes into RUN_DIR/memory.json (once, after the first step)."""
-    mine = local_memory(parts, optimizers)
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def write_memory_report(path: Path, parts, optimizers, is_main: bool, resident_before_model: int | None = None) -> None:
+    """Gather every rank's real bytes into RUN_DIR/memory.json: local shards, and the process's peak
+    resident memory so far and before the model was built."""
+    mine = {**local_memory(parts, optimizers), "peak_resident": peak_resident_bytes(),
+            "resident_before_model": resident_before_model}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if is_main:
@@ -43,14 +56,16 @@ def write_memory_report(path: Path, parts, optimizers, is_main: bool) -> None:
 
 
 class MemoryReport(Hook):
-    """RUN_DIR/memory.json after the first step of each invocation, while the gradients are still held."""
+    """RUN_DIR/memory.json after the first step of each invocation, while the gradients are still held,
+    and again after its last step (the peaks then cover every step)."""
 
     def __init__(self, path: Path, is_main: bool):
         self.path, self.is_main, self.written = path, is_main, False
 
     def after_step(self, trainer, step: int, result) -> None:
-        if not self.written:
-            write_memory_report(self.path, trainer.model.parts, trainer.optimizers, self.is_main)
+        if not self.written or step == trainer.end_step:
+            write_memory_report(self.path, trainer.model.parts, trainer.optimizers, self.is_main,
+                                trainer.resident_before_model)
             self.written = True
 
 

@@ -1,11 +1,13 @@
 """`megacore estimate`: parameters, FLOPs per token and per-rank memory for a layout, without starting
 a distributed run.
 
-Parameter, gradient and optimizer bytes are computed by placing every parameter of the model (built on
-the meta device, so no memory is used) the way the parallel code does: pipeline stages keep their
-layers, tensor parallelism splits the dims of its plan, FSDP splits dim 0 of what TP left, in
-torch.chunk pieces (ceil-sized, the last rank possibly smaller). They match the real local tensors
-exactly; the test suite checks that against a run's `memory.json`. Activations are an approximation
+Parameter, gradient and optimizer bytes come from the real parallel plan applied to the model on the
+meta device (megacore/parallel/plan.py: the code a training rank runs, under a fake process group of
+the job's size), so no memory is used and any world size up to thousands plans in seconds.
+`analytic_numels` places the same parameters by arithmetic (pipeline stages keep their layers, tensor
+parallelism splits the dims of its plan, FSDP splits dim 0 of what TP left, in torch.chunk pieces:
+ceil-sized, the last rank possibly smaller); the test suite checks the two against each other and
+against the real local tensors of a run (`memory.json`). Activations are an approximation
 (Korthikanti et al., 2022, adapted to SwiGLU/GQA and our precision), not a measurement.
 """
 
@@ -39,10 +41,16 @@ def _tp_dim(name: str) -> int | None:
     return None
 
 
-def local_param_numels(cfg: Config, layout: Layout, rank: int) -> dict[str, int]:
-    """Elements of each parameter held by `rank` (names of the whole model; absent = not on this rank)."""
+def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape in the whole model (built once, on meta)."""
     with torch.device("meta"):
         model = Llama(cfg.model)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def analytic_numels(cfg: Config, layout: Layout, rank: int, shapes: dict | None = None) -> dict[str, int]:
+    """Elements of each parameter held by `rank` (names of the whole model; absent = not on this rank)."""
+    shapes = shapes if shapes is not None else param_shapes(cfg)
     c = layout.coordinates(rank)
     n_stages = layout.n_stages
     if layout.pp > 1:
@@ -53,13 +61,13 @@ def local_param_numels(cfg: Config, layout: Layout, rank: int) -> dict[str, int]
     else:
         keep_layers, first, last = set(range(cfg.model.n_layers)), True, True
     out = {}
-    for name, p in model.named_parameters():
+    for name, full in shapes.items():
         if name.startswith("layers.") and int(name.split(".")[1]) not in keep_layers:
             continue
         if (name.startswith("tok_embeddings") and not first) or \
                 (name.startswith(("norm.", "output.")) and not last):
             continue
-        shape = list(p.shape)
+        shape = list(full)
         dim = _tp_dim(name)
         if layout.tp > 1 and dim is not None:
             shape[dim] = chunk_size(shape[dim], layout.tp, c["tp"])
@@ -69,10 +77,10 @@ def local_param_numels(cfg: Config, layout: Layout, rank: int) -> dict[str, int]
     return out
 
 
-def memory_per_rank(cfg: Config, layout: Layout, rank: int) -> dict[str, float]:
-    """Bytes on `rank`: fp32 parameters and gradients, AdamW state (two moments and a step count per
-    parameter tensor), and approximate peak activations of one micro-batch."""
-    numels = local_param_numels(cfg, layout, rank)
+def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int]) -> dict[str, float]:
+    """Bytes on a rank holding `numels` of each parameter: fp32 parameters and gradients, AdamW state
+    (two moments and a step count per parameter tensor), and approximate peak activations of one
+    micro-batch."""
     elements = sum(numels.values())
     m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len
     act_bytes = 2 if cfg.train.mixed_precision == "bf16" else 4
@@ -97,11 +105,20 @@ def memory_per_rank(cfg: Config, layout: Layout, rank: int) -> dict[str, float]:
             "optimizer": 8 * elements + 4 * len(numels), "activations_approx": activations}
 
 
-def estimate(cfg: Config, world_size: int) -> dict:
+def estimate(cfg: Config, world_size: int, analytic: bool = False) -> dict:
+    """Parameters, FLOPs and every rank's bytes on `world_size` ranks: from the real plan (default), or
+    by arithmetic alone (analytic=True: no torch.distributed at all)."""
     layout = Layout.resolve(cfg, world_size)
     with torch.device("meta"):
         model = Llama(cfg.model)
-    ranks = [dict(rank=r, **memory_per_rank(cfg, layout, r)) for r in range(world_size)]
+    if analytic:
+        shapes = param_shapes(cfg)
+        numels = [analytic_numels(cfg, layout, r, shapes) for r in range(world_size)]
+    else:
+        from megacore.parallel.plan import planned_numels
+
+        numels = planned_numels(cfg, layout)
+    ranks = [dict(rank=r, **memory_per_rank(cfg, layout, numels[r])) for r in range(world_size)]
     return {
         "parameters": num_params(model),
         "parameters_without_embeddings": num_params(model, exclude_embeddings=True),

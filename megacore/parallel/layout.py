@@ -32,6 +32,9 @@ class Layout:
     # Micro-batches per optimizer step on each data-parallel rank: gradient-accumulation steps, or the
     # pipeline schedule's micro-batches when pp > 1.
     n_micro: int = 1
+    # parallel.fsdp_reshard=always: FSDP units reshard after every forward and backward and
+    # reduce-scatter gradients on every micro-batch (megacore/parallel/fsdp.py).
+    fsdp_lean: bool = False
 
     @property
     def dp_size(self) -> int:
@@ -110,4 +113,4 @@ class Layout:
             raise ConfigError("model.document_masking is not supported with parallel.pp > 1 yet")
         return cls(world_size=world_size, backend=par.backend, pp=par.pp, dp_replicate=par.dp_replicate,
                    dp_shard=dp_shard, tp=par.tp, pp_schedule=par.pp_schedule, stages_per_rank=stages_per_rank,
-                   n_micro=n_micro)
+                   n_micro=n_micro, fsdp_lean=par.fsdp_reshard == "always")

@@ -1,8 +1,9 @@
 """Applying parallelism to a model from the outside, on one device mesh pp x dp_replicate x dp_shard x tp.
 
 Order (as in torchtitan): pipeline split -> tensor parallel -> activation checkpointing -> compile ->
-FSDP/HSDP. The model is built whole on every rank with the same seed first, so every layout starts
-from identical weights.
+FSDP/HSDP -> materialise. The model arrives on the meta device and all of this happens there; only
+then does each rank allocate and initialise the shards it holds (megacore/parallel/materialize.py),
+with an initialisation that gives the same weights on every layout.
 
 `ParallelModel` is what the training loop sees: the local model parts, and forward/backward and
 evaluation over a rank's micro-batches, through the pipeline schedule when pp > 1. The device, the
@@ -23,6 +24,7 @@ from megacore.model.llama import Llama
 from megacore.parallel.activation_checkpoint import apply_activation_checkpointing
 from megacore.parallel.fsdp import apply_fsdp
 from megacore.parallel.layout import Layout
+from megacore.parallel.materialize import materialize
 from megacore.parallel.pipeline import build_schedule, split_into_stages
 from megacore.parallel.tensor_parallel import apply_tensor_parallel
 from megacore.train.loss import correct_count, loss_sum
@@ -95,8 +97,9 @@ class ParallelModel:
             return self._run_pipeline(self.schedule.step, batch)
         model, total = self.parts[0], torch.zeros((), device=self.device)
         for i, (x, y, pos) in enumerate(micro_batches(batch, self.n_micro, self.device, self.document_masking)):
-            if isinstance(model, FSDPModule):
-                # Reduce-scatter gradients once, on the last micro-batch.
+            if isinstance(model, FSDPModule) and not self.layout.fsdp_lean:
+                # Reduce-scatter gradients once, on the last micro-batch (lean: on every one, so that
+                # only sharded gradients accumulate).
                 model.set_requires_gradient_sync(i == self.n_micro - 1)
             with self.amp:
                 micro_loss = loss_sum(model(x, pos), y)
@@ -119,15 +122,15 @@ class ParallelModel:
         return float(total), float(correct)
 
 
-def parallelize(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMesh, rank: int,
-                device: torch.device) -> ParallelModel:
+def apply_parallelism(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMesh) -> list[tuple[int, Llama]]:
+    """[(stage index, part)] of this rank with parallelism applied, all still on the meta device.
+    `model` (on meta) is consumed; with pp > 1 only its config is used."""
     par = cfg.parallel
     if layout.pp > 1:
-        stages = split_into_stages(model, mesh["pp"].get_local_rank(), layout.pp, layout.stages_per_rank)
-        parts = [module for _, module in stages]
+        stages = split_into_stages(model.cfg, mesh["pp"].get_local_rank(), layout.pp, layout.stages_per_rank)
     else:
-        parts = [model]
-    for part in parts:
+        stages = [(0, model)]
+    for _, part in stages:
         if layout.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
         apply_activation_checkpointing(part, par.activation_checkpointing)
@@ -136,11 +139,23 @@ def parallelize(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMesh, ran
                 block.compile()
         if layout.dp_size > 1:
             dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
-            # Pipelining runs several micro-batch forwards before their backwards: keep weights gathered.
-            apply_fsdp(part, dp_mesh, cfg.train.mixed_precision == "bf16", reshard_after_forward=layout.pp == 1)
+            apply_fsdp(part, dp_mesh, cfg.train.mixed_precision == "bf16", pipelined=layout.pp > 1,
+                       lean=layout.fsdp_lean)
+    return stages
+
+
+def parallelize(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMesh, rank: int,
+                device: torch.device) -> ParallelModel:
+    """Parallelism applied to `model` (on the meta device, consumed), then this rank's shards allocated
+    on `device` and initialised from cfg.train.seed. Loading weights (init_from, resume) comes after,
+    into the shards."""
+    stages = apply_parallelism(model, cfg, layout, mesh)
+    del model
+    parts = [part for _, part in stages]
+    materialize(parts, device, cfg.train.seed)
     pm = ParallelModel(parts, layout, rank, device, autocast_policy(cfg, layout, device),
                        document_masking=cfg.model.document_masking)
     if layout.pp > 1:
-        pm.schedule = build_schedule(list(zip([i for i, _ in stages], parts)), layout.n_stages, layout.pp_schedule,
-                                     layout.n_micro, mesh["pp"], device, pm._pipeline_loss)
+        pm.schedule = build_schedule(stages, layout.n_stages, layout.pp_schedule, layout.n_micro, mesh["pp"], device,
+                                     pm._pipeline_loss, fsdp_lean=layout.fsdp_lean)
     return pm

@@ -1,17 +1,18 @@
 """Pipeline parallelism with `torch.distributed.pipelining`.
 
 The model's layers are cut into pp x stages_per_rank stages of (nearly) equal layer counts; stage s
-is a copy of the model that keeps only its layers, the embedding if s is first and the final norm
-and output head if s is last. Parameter names stay those of the whole model (layers are keyed by
-their global index), so checkpoints load into any other layout. Rank r of the pp dimension holds
-stages r, r + pp, r + 2 pp, ... (the looped placement of the interleaved schedules).
+is a model built on the meta device (no memory, nothing copied) that keeps only its layers, the
+embedding if s is first and the final norm and output head if s is last; it is materialised after
+parallelism is applied, so a rank only ever allocates its own stages. Parameter names stay those of
+the whole model (layers are keyed by their global index), so checkpoints load into any other layout.
+Rank r of the pp dimension holds stages r, r + pp, r + 2 pp, ... (the looped placement of the
+interleaved schedules).
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import (
     PipelineStage,
@@ -21,6 +22,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
 )
 
+from megacore.config import ModelConfig
 from megacore.model.llama import Llama
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
@@ -38,13 +40,14 @@ def stage_layers(n_layers: int, n_stages: int) -> list[list[int]]:
     return out
 
 
-def split_into_stages(model: Llama, pp_rank: int, pp_size: int, stages_per_rank: int) -> list[tuple[int, Llama]]:
-    """[(stage index, stage module)] held by this pp rank."""
+def split_into_stages(cfg: ModelConfig, pp_rank: int, pp_size: int, stages_per_rank: int) -> list[tuple[int, Llama]]:
+    """[(stage index, stage module on the meta device)] held by this pp rank."""
     n_stages = pp_size * stages_per_rank
-    layers = stage_layers(model.cfg.n_layers, n_stages)
+    layers = stage_layers(cfg.n_layers, n_stages)
     out = []
     for stage in range(pp_rank, n_stages, pp_size):
-        part = copy.deepcopy(model)
+        with torch.device("meta"):
+            part = Llama(cfg)
         for name in list(part.layers.keys()):
             if int(name) not in layers[stage]:
                 del part.layers[name]
@@ -56,10 +59,23 @@ def split_into_stages(model: Llama, pp_rank: int, pp_size: int, stages_per_rank:
     return out
 
 
+class _WithoutFSDPRoot(nn.Module):
+    """A stage as the schedule sees it when FSDP reshards on every micro-batch: PipelineStage treats an
+    FSDP root specially (weights kept gathered and gradients unsynced until the last micro-batch),
+    which is what parallel.fsdp_reshard=always exists to avoid."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args, **kwargs):
+        return self.stage(*args, **kwargs)
+
+
 def build_schedule(stages: list[tuple[int, Llama]], n_stages: int, schedule: str, n_microbatches: int,
-                   pp_mesh: DeviceMesh, device: torch.device, loss_fn):
-    pipeline_stages = [PipelineStage(module, index, n_stages, device, group=pp_mesh.get_group())
-                       for index, module in stages]
+                   pp_mesh: DeviceMesh, device: torch.device, loss_fn, fsdp_lean: bool = False):
+    pipeline_stages = [PipelineStage(_WithoutFSDPRoot(module) if fsdp_lean else module, index, n_stages, device,
+                                     group=pp_mesh.get_group()) for index, module in stages]
     cls = SCHEDULES[schedule]
     # Our loss is already normalised by the global token count: no extra division by micro-batches.
     if schedule in ("gpipe", "1f1b"):

@@ -23,13 +23,13 @@ import torch.distributed as dist
 from megacore.checkpoint.dcp import Checkpointer
 from megacore.checkpoint.resume import check_can_resume, checkpoint_to_resume, effective_resume
 from megacore.checkpoint.store import set_aside_newer
-from megacore.checkpoint.weights import check_init_from, init_weights_from
+from megacore.checkpoint.weights import check_init_from, init_weights_from, load_weights_into_shards
 from megacore.config import Config
 from megacore.distributed import DistEnv, all_reduce_sum, first_failing_rank, init_distributed, shutdown
 from megacore.errors import USER_ERRORS
 from megacore.eval.evaluate import Evaluator
 from megacore.model import Llama, flops_per_token, num_params
-from megacore.monitor.memory import MemoryReport, peak_memory_gib
+from megacore.monitor.memory import MemoryReport, peak_memory_gib, resident_bytes
 from megacore.monitor.metrics import MetricsLogger
 from megacore.monitor.profiling import StepProfiler
 from megacore.monitor.throughput import ThroughputMeter, measure_matmul_tflops
@@ -64,14 +64,18 @@ class Trainer:
         ckpt = self._choose_checkpoint(effective_resume(resume))
 
         torch.manual_seed(cfg.train.seed)
-        with torch.device(env.device):
+        self.resident_before_model = resident_bytes()
+        # On the meta device: no memory. Each rank allocates only its shards once parallelism is applied.
+        with torch.device("meta"):
             model = Llama(cfg.model)
-        if ckpt is None and cfg.train.init_from:
-            check_init_from(cfg)
-            init_weights_from(model, cfg.train.init_from)
-            self._say(f"initialised weights from {cfg.train.init_from}")
-        self.n_params = num_params(model)
+        self.n_params, self._resuming = num_params(model), ckpt is not None
         self.model, self.optimizers, self.checkpointer = self._parallelize(model)
+        del model
+        if ckpt is None and cfg.train.init_from:
+            if self.layout.backend == "torch":  # (DeepSpeed: loaded before the engine partitions)
+                check_init_from(cfg)
+                self._on_every_rank(lambda: load_weights_into_shards(self.model.parts, cfg.train.init_from))
+            self._say(f"initialised weights from {cfg.train.init_from}")
 
         # Every shard is verified when first opened: a bad one stops every rank, with one message.
         self.train_loader, eval_sets = self._on_every_rank(
@@ -248,6 +252,13 @@ class Trainer:
             from megacore.checkpoint.deepspeed import DeepSpeedCheckpointer
             from megacore.parallel.deepspeed import init_deepspeed
 
+            # ZeRO partitions once the engine exists: the model is materialised whole first (as ZeRO-1/2
+            # replicate the weights anyway), with the same initialisation as every torch layout.
+            model.to_empty(device=env.device)
+            model.init_weights(cfg.train.seed)
+            if cfg.train.init_from and not self._resuming:
+                check_init_from(cfg)
+                init_weights_from(model, cfg.train.init_from)
             pm, optimizers = init_deepspeed(model, cfg, layout, env.device)
             return pm, optimizers, DeepSpeedCheckpointer(cfg.train.run_dir, cfg.checkpoint, env.rank, pm.engine)
         mesh = layout.build_mesh(env.device.type)

@@ -1,0 +1,40 @@
+"""Run under torchrun by tests/test_init.py: build the tiny model on the meta device, parallelize it by
+the layout its overrides give, materialise and initialise each rank's shards, and write them, untrained,
+as a weights-only DCP checkpoint to OUT (each rank its own shards).
+
+    python -m torch.distributed.run --standalone --nproc-per-node N tests/init_probe.py OUT [KEY=VALUE ...]
+"""
+
+import sys
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+from megacore.config import load_config
+from megacore.distributed import init_distributed, shutdown
+from megacore.model import Llama
+from megacore.parallel import Layout, parallelize
+from megacore.parallel.materialize import resident_shards
+from tests.helpers import REPO
+
+
+def main(out: str, overrides: list[str]) -> None:
+    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
+    env = init_distributed("cpu")
+    try:
+        layout = Layout.resolve(cfg, env.world_size)
+        with torch.device("meta"):
+            model = Llama(cfg.model)
+        pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.rank, env.device)
+        assert not resident_shards(pm.parts, "meta"), "every local shard is materialised"
+        state = {}
+        for part in pm.parts:
+            state.update(get_model_state_dict(part))
+        dcp.save({"model": state}, checkpoint_id=out)
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
