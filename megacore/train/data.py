@@ -29,21 +29,22 @@ def check_data(cfg: Config) -> None:
                               f"data.seq_len + 1 = {window}; add data, raise data.val_fraction, or lower data.seq_len")
 
 
-def train_loader(cfg: Config, dp_rank: int, dp_size: int) -> PackedLoader:
-    """The training split of `data.dir`, or of each `data.mixture` directory with its weight."""
+def train_loader(cfg: Config, dp_rank: int, dp_size: int, verify_part: tuple[int, int] = (0, 1)) -> PackedLoader:
+    """The training split of `data.dir`, or of each `data.mixture` directory with its weight. With
+    verify_part=(rank, world size), each rank verifies its share of the shards (TokenStore)."""
     mixture = cfg.data.mixture_weights() or [(cfg.data.dir, 1.0)]
-    stores = [TokenStore(path, "train") for path, _ in mixture]
+    stores = [TokenStore(path, "train", verify_part) for path, _ in mixture]
     check_tokenizers(stores, cfg.data.dir, "data.mixture")
     return PackedLoader(stores, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size, cfg.train.seed,
                         weights=[w for _, w in mixture], num_workers=cfg.data.num_workers,
                         document_positions=cfg.model.document_masking)
 
 
-def eval_stores(cfg: Config) -> list[tuple[str, TokenStore]]:
+def eval_stores(cfg: Config, verify_part: tuple[int, int] = (0, 1)) -> list[tuple[str, TokenStore]]:
     """("val", data.dir's val split), then ("val_NAME", store) for each train.eval_sets entry."""
-    named = [(f"val_{name}", TokenStore(d, split)) for name, d, split in cfg.train.named_eval_sets()]
+    named = [(f"val_{name}", TokenStore(d, split, verify_part)) for name, d, split in cfg.train.named_eval_sets()]
     check_tokenizers([store for _, store in named], cfg.data.dir, "train.eval_sets")
-    return [("val", TokenStore(cfg.data.dir, "val")), *named]
+    return [("val", TokenStore(cfg.data.dir, "val", verify_part)), *named]
 
 
 def check_tokenizers(stores: list[TokenStore], data_dir: str, key: str) -> None:

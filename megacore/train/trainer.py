@@ -77,9 +77,11 @@ class Trainer:
                 self._on_every_rank(lambda: load_weights_into_shards(self.model.parts, cfg.train.init_from))
             self._say(f"initialised weights from {cfg.train.init_from}")
 
-        # Every shard is verified when first opened: a bad one stops every rank, with one message.
+        # Each rank verifies its share of the shards (every shard once in the job); a bad one stops every
+        # rank, with one message. Shards are then opened as batches need them.
+        part = (env.rank, env.world_size)
         self.train_loader, eval_sets = self._on_every_rank(
-            lambda: (train_loader(cfg, self.model.dp_rank, self.model.dp_size), eval_stores(cfg)))
+            lambda: (train_loader(cfg, self.model.dp_rank, self.model.dp_size, part), eval_stores(cfg, part)))
         self.tokenizer_sha256 = eval_sets[0][1].manifest["tokenizer"]["sha256"]
         self.evaluator = Evaluator(self.model, eval_sets, cfg)
         self.step, resumed, self.skipped_batches = 0, {}, 0
