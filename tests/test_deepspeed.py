@@ -42,6 +42,11 @@ def test_zero_stage_trains_with_the_losses_of_fsdp2(runs, name):
     assert val_ds[12]["loss"] == pytest.approx(val_fsdp[12]["loss"], rel=1e-4)
     assert [p.name for p in list_checkpoints(root / name)] == ["step_00000006", "step_00000012"]
     assert megacore("checkpoints", "verify", root / name).returncode == 0
+    if name.startswith("zero3"):
+        # Partitioned at construction (deepspeed.zero.Init): each rank holds half of the weights.
+        whole = sum(r["parameters"] for r in json.loads((root / "fsdp2" / "memory.json").read_text())["ranks"])
+        for rank in json.loads((root / name / "memory.json").read_text())["ranks"]:
+            assert rank["parameters"] == pytest.approx(whole / 2, rel=0.01)
 
 
 def test_deepspeed_stop_and_resume_continues_exactly(runs):

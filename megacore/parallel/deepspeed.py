@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megacore.config import Config
+from megacore.model.init import normal_values
+from megacore.model.llama import Llama
 from megacore.parallel.layout import Layout
 from megacore.parallel.parallelize import micro_batches
 from megacore.train.loss import correct_count, loss_sum
@@ -55,8 +57,7 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, fused=True, **kw)  # as megacore.train.optim
 
 
-def init_deepspeed(model: nn.Module, cfg: Config, layout: Layout, device: torch.device):
-    """(model, optimizer) for the training loop, with `model` wrapped by a ZeRO engine."""
+def _start_deepspeed():
     import deepspeed
 
     # DeepSpeed's shared-memory CPU allreduce is a C++ op that costs a minute of compiling on every
@@ -65,6 +66,38 @@ def init_deepspeed(model: nn.Module, cfg: Config, layout: Layout, device: torch.
     # ZeRO calls torch's older collective names on every step; the deprecation notice is not ours to act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter|all_gather)_", category=FutureWarning)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    return deepspeed
+
+
+def build_partitioned(cfg: Config, layout: Layout, device: torch.device) -> Llama:
+    """ZeRO-3: the model built under `deepspeed.zero.Init`, each parameter partitioned as soon as its
+    module exists (no rank ever holds the whole model), and each rank's partition initialised with the
+    layout-independent values of megacore/model/init.py (a partition is a range of the flattened
+    parameter): the same weights as every torch layout."""
+    deepspeed = _start_deepspeed()
+    # The dtype comes from the config's bf16 flag. (Not `dtype=`: DeepSpeed 0.19's Init ignores it on an
+    # accelerator without fp16, ours on CPU, and partitions in bf16.)
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, layout.n_micro)):
+        model = Llama(cfg.model)
+    rank = dist.get_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local, std = p.ds_tensor.view(-1), model.init_std(name)
+            start = rank * local.numel()
+            stop = min(p.ds_numel, start + local.numel())
+            if stop <= start:
+                continue
+            if std is None:
+                local[:stop - start].fill_(1.0)
+            else:
+                local[:stop - start].copy_(normal_values(cfg.train.seed, name, p.ds_numel, start, stop, std,
+                                                         local.device))
+    return model
+
+
+def init_deepspeed(model: nn.Module, cfg: Config, layout: Layout, device: torch.device):
+    """(model, optimizer) for the training loop, with `model` wrapped by a ZeRO engine."""
+    deepspeed = _start_deepspeed()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
                                            config=deepspeed_config(cfg, layout.n_micro), dist_init_required=False)
     return DeepSpeedModel(engine, layout.n_micro, device, cfg.model.document_masking), DeepSpeedOptimizer(engine)

@@ -15,8 +15,11 @@ from megacore.config import OptimConfig
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on norms (1-D weights); decay on matrices and embeddings."""
     params = [p for p in module.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+    def ndim(p) -> int:  # a ZeRO-3 partition is a flat slice; its parameter's shape is ds_shape
+        return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+    return [{"params": [p for p in params if ndim(p) >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if ndim(p) < 2], "weight_decay": 0.0}]
 
 
 class Optimizers:

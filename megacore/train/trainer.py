@@ -252,15 +252,20 @@ class Trainer:
         cfg, env, layout = self.cfg, self.env, self.layout
         if layout.backend == "deepspeed":
             from megacore.checkpoint.deepspeed import DeepSpeedCheckpointer
-            from megacore.parallel.deepspeed import init_deepspeed
+            from megacore.parallel.deepspeed import build_partitioned, init_deepspeed
 
-            # ZeRO partitions once the engine exists: the model is materialised whole first (as ZeRO-1/2
-            # replicate the weights anyway), with the same initialisation as every torch layout.
-            model.to_empty(device=env.device)
-            model.init_weights(cfg.train.seed)
-            if cfg.train.init_from and not self._resuming:
-                check_init_from(cfg)
-                init_weights_from(model, cfg.train.init_from)
+            # ZeRO-3 partitions at construction; ZeRO-1/2 replicate the weights anyway, so their model is
+            # materialised whole. Both start from the initialisation of every torch layout.
+            if cfg.parallel.zero_stage == 3 and not (cfg.train.init_from and not self._resuming):
+                model = build_partitioned(cfg, layout, env.device)
+            else:
+                model.to_empty(device=env.device)
+                model.init_weights(cfg.train.seed)
+                if cfg.train.init_from and not self._resuming:
+                    # (Loaded whole, then partitioned by the engine: init_from into ZeRO-3 partitions is
+                    # not sliced yet.)
+                    check_init_from(cfg)
+                    init_weights_from(model, cfg.train.init_from)
             pm, optimizers = init_deepspeed(model, cfg, layout, env.device)
             return pm, optimizers, DeepSpeedCheckpointer(cfg.train.run_dir, cfg.checkpoint, env.rank, pm.engine)
         mesh = layout.build_mesh(env.device.type)
