@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_init.py: build the tiny model on the meta device, parallelize it by
 the layout its overrides give, materialise and initialise each rank's shards, and write them, untrained,
-as a weights-only DCP checkpoint to OUT (each rank its own shards).
+as a weights-only DCP checkpoint to OUT (each rank its own shards). With train.init_from, the weights
+are loaded into the shards first, as the trainer does.
 
     python -m torch.distributed.run --standalone --nproc-per-node N tests/init_probe.py OUT [KEY=VALUE ...]
 """
@@ -11,6 +12,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from megacore.checkpoint.weights import load_weights_into_shards
 from megacore.config import load_config
 from megacore.distributed import init_distributed, shutdown
 from megacore.model import Llama
@@ -28,6 +30,8 @@ def main(out: str, overrides: list[str]) -> None:
             model = Llama(cfg.model)
         pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.rank, env.device)
         assert not resident_shards(pm.parts, "meta"), "every local shard is materialised"
+        if cfg.train.init_from:
+            load_weights_into_shards(pm.parts, cfg.train.init_from)
         state = {}
         for part in pm.parts:
             state.update(get_model_state_dict(part))

@@ -63,3 +63,33 @@ def test_any_slice_of_a_parameter_draws_the_values_of_the_whole(monkeypatch):
     other = torch.empty(2500)
     model_init.init_slice(other, "v2", other.shape, (0,), 1.0, seed=3)
     assert not torch.equal(other, flat), "each parameter has its own values"
+
+
+def test_init_from_a_sharded_bf16_hf_directory_reads_slices_into_tp2_fsdp2(tmp_path):
+    """train.init_from=HF_DIR with model.safetensors.index.json and bf16 tensors: every rank reads only its
+    slices of each tensor; gathered, they are the directory's weights in fp32."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from megacore.checkpoint.hf import hf_config, to_hf_name
+
+    cfg = load_config(REPO / "configs/tiny.yaml", MODEL)
+    torch.manual_seed(99)
+    source = {k: v.to(torch.bfloat16) for k, v in Llama(cfg.model).state_dict().items()}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    names = sorted(source)
+    files = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in files.items():
+        save_file({to_hf_name(k): source[k].contiguous() for k in keys}, str(hf / file))
+    (hf / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {to_hf_name(k): file for file, keys in files.items() for k in keys}}))
+    (hf / "config.json").write_text(json.dumps(hf_config(cfg.model)))
+    _probe(tmp_path / "loaded", 4, ["parallel.tp=2", f"train.init_from={hf}"])
+    with torch.device("meta"):
+        gathered = Llama(cfg.model)
+    gathered.to_empty(device="cpu")
+    load_dcp_weights(gathered, tmp_path / "loaded")
+    for key, value in gathered.state_dict().items():
+        assert torch.equal(value, source[key].float()), key
