@@ -102,10 +102,18 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenize
     run_dir = ckpt.parent.parent
     cfg = load_run_config(run_dir)
     tokenizer = Tokenizer(run_dir / TOKENIZER)
-    with torch.device(device):
-        model = Llama(cfg.model)
+    model = empty_model(cfg, device)
     load_model_weights(model, ckpt)
     return model.eval(), tokenizer, cfg, ckpt
+
+
+def empty_model(cfg: Config, device: str | torch.device = "cpu") -> Llama:
+    """The model with allocated, uninitialised weights (they are about to be loaded: no init work)."""
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    model.to_empty(device=device)
+    model.init_buffers()
+    return model
 
 
 def consolidate(source: str | Path, out: str | Path) -> Path:
@@ -117,7 +125,7 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     if list_checkpoints(out):
         raise FileExistsError(f"{out} already has checkpoints; choose a new directory")
     cfg = load_run_config(run_dir)
-    model = Llama(cfg.model)
+    model = empty_model(cfg)
     load_model_weights(model, ckpt)
     cfg.parallel = type(cfg.parallel)()  # a plain torch-backend layout; any layout can load it
     meta = {**read_meta(ckpt), "weights_only": True, "consolidated_from": str(ckpt.resolve()),
