@@ -102,6 +102,7 @@ def data_order(args) -> int:
 
 def train(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    model_from_init_dir(cfg, args.overrides)
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     if args.nproc is not None and args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
@@ -143,6 +144,23 @@ def train(args) -> int:
 
     run_training(cfg, args.resume)
     return 0
+
+
+def model_from_init_dir(cfg, overrides: list[str]) -> None:
+    """train.init_from=HF_DIR defines the model: its config.json replaces the model section (keeping the
+    training-only fields), and a model.* override that contradicts it is refused by name."""
+    from pathlib import Path
+
+    source = Path(cfg.train.init_from) if cfg.train.init_from else None
+    if source is None or not (source / "config.json").is_file():
+        return
+    from megacore.checkpoint.hf import read_hf_config
+    from megacore.checkpoint.hf_config import check_overrides, model_config_from_hf
+
+    derived = model_config_from_hf(read_hf_config(source), cfg.model, source)
+    check_overrides(derived, cfg.model, overrides, source)
+    derived.validate()
+    cfg.model = derived
 
 
 def _plan(cfg, world_size: int) -> int:

@@ -345,19 +345,21 @@ def test_init_from_and_eval_refuse_data_of_another_tokenizer_naming_both(small_r
     assert proc.returncode == 2 and ours in proc.stderr and theirs in proc.stderr
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"rope_theta": 500000.0}, "rope_theta=500000.0, this run has model.rope_theta=10000.0"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ({"attention_bias": True}, "attention_bias=True"),
-    ({"sliding_window": 4096}, "sliding_window=4096"),
-    ({"head_dim": 32}, "head_dim=32"),
+@pytest.mark.parametrize("change, extra, named", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, [], "rope_scaling"),
+    ({"attention_bias": True}, [], "attention_bias=True"),
+    ({"sliding_window": 4096}, [], "sliding_window=4096"),
+    ({"head_dim": 32}, [], "q_proj.weight of shape (64, 64), the model its config.json describes needs (128, 64)"),
+    ({}, ["model.rope_theta=20000"], "model.rope_theta=20000 contradicts train.init_from"),
 ])
-def test_hf_import_refuses_what_it_would_not_reproduce(small_run, data_dir, tmp_path, change, named):
+def test_hf_import_refuses_what_it_would_not_reproduce(small_run, data_dir, tmp_path, change, extra, named):
+    """The directory defines the model; what it asks for that we do not implement, weights that do not fit
+    its own config, and a model.* override that contradicts it are refused by name before any process."""
     hf = tmp_path / "hf"
     megacore("export-hf", small_run, hf)
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, **change}))
-    proc = megacore("train", *tiny_run_args(data_dir, tmp_path / "run", f"train.init_from={hf}"), check=False)
+    proc = megacore("train", *tiny_run_args(data_dir, tmp_path / "run", f"train.init_from={hf}", *extra), check=False)
     assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 

@@ -1,6 +1,8 @@
-"""Hugging Face format: export a checkpoint as a `LlamaForCausalLM` directory, and read one back.
+"""Hugging Face format: export a checkpoint as a directory of its family (Llama, Mistral, Qwen2, Qwen3),
+and read one back.
 
-The directory holds model.safetensors, config.json (LlamaConfig), and the sentencepiece tokenizer
+The directory holds model.safetensors, config.json (megacore/checkpoint/hf_config.py), and the
+sentencepiece tokenizer
 (tokenizer.model with tokenizer_config.json and special_tokens_map.json). Our RoPE already uses the
 rotate-half layout of `transformers`, so weights map by name with no permutation. Loading reads
 safetensors and JSON only: nothing is unpickled.
@@ -18,8 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data_pipeline.tokenizer import Tokenizer
+from megacore.checkpoint.hf_config import ARCHITECTURE_FIELDS, hf_config, model_config_from_hf
 from megacore.config import ConfigError, ModelConfig
-from megacore.model.llama import Llama, ffn_hidden_dim
+from megacore.model.llama import Llama
 
 _LAYER = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -29,6 +32,11 @@ _LAYER = {
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
 }
@@ -55,27 +63,40 @@ def from_hf_name(name: str) -> str | None:
     return None
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": cfg.dim, "intermediate_size": ffn_hidden_dim(cfg), "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.dim // cfg.n_heads, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "attention_dropout": cfg.dropout, "torch_dtype": "float32",
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
-    }
+# Export shards: transformers' default size, so that a 70B model is ~30 files, not one of 280 GB.
+MAX_SHARD_BYTES = 5 * 10**9
 
 
-def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def save_hf_weights(model: Llama, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """config.json of the model's family and its weights as safetensors: one model.safetensors, or
+    model-0000i-of-0000n.safetensors with model.safetensors.index.json beyond max_shard_bytes."""
     state = {to_hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shards, size = [{}], 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, indent=2))
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+
+
+def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_hf_weights(model, out, max_shard_bytes)
     shutil.copyfile(tokenizer.path, out / "tokenizer.model")
     sp = tokenizer.sp
     special = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id),
@@ -93,47 +114,41 @@ def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, our-named state dict) of a Hugging Face Llama directory."""
     path = Path(path)
     config = read_hf_config(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    files = sorted(set(_hf_tensor_files(path).values()))
     state = {}
     for f in files:
         for name, tensor in load_file(str(f)).items():
             ours = from_hf_name(name)
             if ours is None:
-                raise ValueError(f"{f}: unexpected tensor {name!r} for a Llama model")
+                raise ValueError(f"{f}: unexpected tensor {name!r} for a Llama-family model")
             state[ours] = tensor
     if config.get("tie_word_embeddings") and "output.weight" not in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     return config, state
 
 
-# config.json fields whose value changes the computation, and what this model computes. A field that is
-# absent means the family's default (transformers' LlamaConfig), which is what we implement.
-_IMPLEMENTED = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-                "rope_scaling": None, "sliding_window": None, "use_sliding_window": False, "pretraining_tp": 1}
-
-
 def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path) -> None:
-    """Refuse a Hugging Face model this run's model would not reproduce: other shapes, another RoPE base
-    or norm epsilon (both values named), or a feature we do not implement (named, never dropped)."""
-    expected = hf_config(cfg)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "head_dim", "tie_word_embeddings"):
-        theirs = config.get(key, {"head_dim": expected["head_dim"], "tie_word_embeddings": False}.get(key))
-        if theirs != expected[key]:
-            raise ConfigError(f"train.init_from={source}: config.json has {key}={theirs}, this run's model has "
-                              f"{expected[key]}")
-    for key, ours in (("rope_theta", cfg.rope_theta), ("rms_norm_eps", cfg.norm_eps)):
-        theirs = config.get(key, 10000.0 if key == "rope_theta" else 1e-6)
-        if float(theirs) != float(ours):
-            name = "model.rope_theta" if key == "rope_theta" else "model.norm_eps"
-            raise ConfigError(f"train.init_from={source}: config.json has {key}={theirs}, this run has "
-                              f"{name}={ours}; set {name}={theirs}")
-    for key, value in _IMPLEMENTED.items():
-        if key in config and config[key] != value and not (value is False and config[key] is None):
-            raise ConfigError(f"train.init_from={source}: config.json has {key}={config[key]!r}, which megacore's "
-                              f"Llama does not implement (it computes {key}={value!r})")
+    """Refuse a Hugging Face model that `cfg` would not reproduce: a field we do not implement (named,
+    never dropped; megacore/checkpoint/hf_config.py), an architecture field that differs from cfg's
+    (both values named), or a weight whose shape is not the model's (safetensors headers only)."""
+    derived = model_config_from_hf(config, cfg, source)
+    for field in ARCHITECTURE_FIELDS:
+        if getattr(derived, field) != getattr(cfg, field):
+            raise ConfigError(f"train.init_from={source}: config.json gives model.{field}={getattr(derived, field)!r}, "
+                              f"this run's model has {getattr(cfg, field)!r}")
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in Llama(cfg).named_parameters()}
+    files, handles = _hf_tensor_files(Path(source)), {}
+    for name, shape in shapes.items():
+        theirs = to_hf_name(name)
+        if theirs not in files:
+            raise ConfigError(f"train.init_from={source}: no tensor {theirs} (for {name})")
+        if files[theirs] not in handles:
+            handles[files[theirs]] = safe_open(str(files[theirs]), framework="pt")
+        found = tuple(handles[files[theirs]].get_slice(theirs).get_shape())
+        if found != shape:
+            raise ConfigError(f"train.init_from={source}: {files[theirs].name} has {theirs} of shape {found}, the model "
+                              f"its config.json describes needs {shape}")
 
 
 def read_hf_config(path: str | Path) -> dict:
@@ -168,7 +183,7 @@ def load_hf_slices(parts: list, path: str | Path) -> None:
     config, files = read_hf_config(path), _hf_tensor_files(path)
     for name in files:
         if from_hf_name(name) is None:
-            raise ValueError(f"{files[name]}: unexpected tensor {name!r} for a Llama model")
+            raise ValueError(f"{files[name]}: unexpected tensor {name!r} for a Llama-family model")
     handles: dict[Path, object] = {}
 
     def read(name: str, shape: tuple, offset: tuple, local: tuple) -> torch.Tensor:

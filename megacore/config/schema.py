@@ -38,6 +38,22 @@ class ModelConfig:
     max_seq_len: int = 1024
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Per-head size; 0: dim / n_heads (Qwen3 sets it explicitly).
+    head_dim: int = 0
+    # Bias on the query, key and value projections (Qwen2), and RMSNorm over each head of the queries and
+    # keys before RoPE (Qwen3).
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    # RoPE frequency scaling for long context: none, linear (positions / factor) or llama3 (Llama 3.1's
+    # wavelength-dependent scaling with its low/high frequency factors and original context length).
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+    # The Hugging Face family that export-hf writes (and that init_from=HF_DIR read): its architecture
+    # class and config fields.
+    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
     # Confine attention to each packed document (positions restart after EOS), as in pretraining
     # on packed data without cross-document contamination.
     document_masking: bool = False
@@ -45,15 +61,27 @@ class ModelConfig:
     # (0: none, as in modern pretraining; 0.05-0.1 helps small fine-tuning sets).
     dropout: float = 0.0
 
+    @property
+    def head_size(self) -> int:
+        """Per-head size: model.head_dim, or dim / n_heads."""
+        return self.head_dim or self.dim // self.n_heads
+
     def validate(self) -> None:
         _positive(self, "model", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_multiple_of", "max_seq_len")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        if self.dim % self.n_heads and not self.head_dim:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads} (or set "
+                              f"model.head_dim)")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"model head dim {self.dim // self.n_heads} (dim / n_heads) must be even for RoPE")
+        if self.head_dim < 0 or self.head_dim % 2 or (not self.head_dim and (self.dim // self.n_heads) % 2):
+            raise ConfigError(f"model.head_dim={self.head_dim} (0: dim / n_heads = {self.dim // self.n_heads}) must be "
+                              f"even for RoPE")
+        if self.rope_scaling != "none" and self.rope_scaling_factor <= 0:
+            raise ConfigError(f"model.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                              f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
         if self.ffn_dim < 0:
             raise ConfigError(f"model.ffn_dim must be >= 0 (0 = 8/3 * dim rounded), got {self.ffn_dim}")
         if self.vocab_size < 0:

@@ -54,9 +54,10 @@ def normal_values(seed: int, name: str, numel: int, start: int, stop: int, std: 
 def init_slice(local: torch.Tensor, name: str, global_shape: Sequence[int], offset: Sequence[int],
                std: float | None, seed: int) -> None:
     """Fill `local`, the slice of parameter `name` at `offset` in a tensor of `global_shape`, with its
-    initial values: N(0, std^2) drawn as above, or ones when std is None (norm weights)."""
-    if std is None:
-        local.fill_(1.0)
+    initial values: N(0, std^2) drawn as above, ones when std is None (norm weights), zeros when it
+    is 0 (biases)."""
+    if std is None or std == 0:
+        local.fill_(1.0 if std is None else 0.0)
         return
     if local.numel() == 0:
         return

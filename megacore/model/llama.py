@@ -43,9 +43,30 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with model.rope_scaling applied (as transformers'
+    `linear` and `llama3` rope types compute them)."""
+    d = cfg.head_size
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_scaling_factor
+    if cfg.rope_scaling == "llama3":
+        factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        context = cfg.rope_original_max_seq_len
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths (beyond context / low) are slowed by the factor, short ones (below context / high)
+        # kept, and the band between interpolated smoothly.
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_frequencies(cfg, device)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -62,11 +83,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = cfg.head_size
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        # Qwen3: RMSNorm over each head of the queries and keys, before RoPE.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout_p = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -75,6 +99,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
         v = self.wv(x).view(b, t, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # (b, heads, t, head_dim); SDPA repeats the key/value heads for grouped-query attention.
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
@@ -130,17 +156,19 @@ class Llama(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.tok_embeddings.weight.device.type != "meta":  # on meta: materialised and initialised later
             self.init_weights()
 
     def init_std(self, name: str) -> float | None:
-        """How parameter `name` starts: N(0, std^2) for the returned std; None: ones (norm weights).
-        Residual output projections are scaled by 1/sqrt(2 * n_layers)."""
+        """How parameter `name` starts: N(0, std^2) for the returned std; None: ones (norm weights); 0:
+        zeros (biases). Residual output projections are scaled by 1/sqrt(2 * n_layers)."""
         if name.endswith("norm.weight"):
             return None
+        if name.endswith(".bias"):
+            return 0.0
         if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
             return self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         return self.cfg.init_std
@@ -157,8 +185,7 @@ class Llama(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """The rotary tables, on the device the model now lives on (they are not saved in checkpoints)."""
-        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
-                               device=self.rope_cos.device)
+        cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
         self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -215,7 +242,7 @@ class KVCache:
 
     def __init__(self, model: Llama, batch: int, max_len: int, device=None, dtype=torch.float32):
         cfg = model.cfg
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.dim // cfg.n_heads)
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_size)
         self.max_len, self.length = max_len, 0
         self._layers = {name: LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
                                          torch.zeros(shape, device=device, dtype=dtype)) for name in model.layers}
@@ -246,9 +273,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     plus attention scores and values, 2 * 2 * seq_len * dim per layer (the PaLM convention: the causal
     mask is not credited, as in published MFU figures).
     """
-    head_dim = cfg.dim // cfg.n_heads
+    head_dim = cfg.head_size
     attn_weights = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     ffn_weights = 3 * cfg.dim * ffn_hidden_dim(cfg)
     matmul_weights = cfg.n_layers * (attn_weights + ffn_weights) + cfg.dim * cfg.vocab_size
-    attention = 4 * cfg.n_layers * seq_len * cfg.dim
+    attention = 4 * cfg.n_layers * seq_len * cfg.n_heads * head_dim
     return 3.0 * (2 * matmul_weights + attention)

@@ -87,8 +87,8 @@ def build_partitioned(cfg: Config, layout: Layout, device: torch.device) -> Llam
             stop = min(p.ds_numel, start + local.numel())
             if stop <= start:
                 continue
-            if std is None:
-                local[:stop - start].fill_(1.0)
+            if std is None or std == 0:  # norm weights: ones; biases: zeros
+                local[:stop - start].fill_(1.0 if std is None else 0.0)
             else:
                 local[:stop - start].copy_(normal_values(cfg.train.seed, name, p.ds_numel, start, stop, std,
                                                          local.device))

@@ -24,6 +24,7 @@ from megacore.parallel.pipeline import stage_layers
 
 # Parameter names (suffixes) -> dim that tensor parallelism splits; norms are replicated.
 _TP_DIM = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0, "attention.wo.weight": 1,
+           "attention.wq.bias": 0, "attention.wk.bias": 0, "attention.wv.bias": 0,
            "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "feed_forward.w2.weight": 1,
            "tok_embeddings.weight": 0, "output.weight": 0}
 
@@ -85,13 +86,13 @@ def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int]) -> dict
     m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len
     act_bytes = 2 if cfg.train.mixed_precision == "bf16" else 4
     layers_here = len({n.split(".")[1] for n in numels if n.startswith("layers.")})
-    hidden, kv = ffn_hidden_dim(m), m.dim * m.n_kv_heads // m.n_heads
+    hidden, q, kv = ffn_hidden_dim(m), m.n_heads * m.head_size, m.n_kv_heads * m.head_size
     # Per layer and token: norms, q/k/v, attention output, MLP (w1, w3, silu, product), residuals.
-    per_token = (4 * m.dim + m.dim + 2 * kv + m.dim + 4 * hidden) / layout.tp
+    per_token = (4 * m.dim + q + 2 * kv + q + 4 * hidden) / layout.tp
     if cfg.parallel.activation_checkpointing == "full":
         per_token = m.dim / layout.tp  # only the block input survives
     elif cfg.parallel.activation_checkpointing == "selective":
-        per_token = (m.dim + 2 * kv + m.dim + 2 * hidden) / layout.tp  # matmul outputs only
+        per_token = (q + 2 * kv + q + 2 * hidden) / layout.tp  # matmul outputs only
     in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B holds up to pp micro-batches per stage
     activations = b * t * per_token * layers_here * act_bytes * in_flight
     if any(n.startswith("output.") for n in numels):

@@ -104,6 +104,9 @@ class Layout:
                 f"parallel.pp_schedule={par.pp_schedule} needs at least parallel.pp={par.pp} micro-batches per step; "
                 f"train.global_batch_size={train.global_batch_size} / (micro_batch_size="
                 f"{train.micro_batch_size} x {dp_size} dp ranks) gives {n_micro}")
+        if m.qk_norm and par.tp > 1:
+            raise ConfigError("model.qk_norm (Qwen3) is not supported with parallel.tp > 1 yet; use FSDP or pipeline "
+                              "parallelism")
         if m.tie_embeddings and (par.pp > 1 or par.tp > 1):
             raise ConfigError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1 (the embedding and the "
                               "output head are placed differently)")
