@@ -1,12 +1,19 @@
 """Chat and instruction data: records -> conversations -> tokens with a per-token loss mask.
 
 Accepted JSONL records: {"prompt": ..., "response": ...} or {"messages": [{"role", "content"}, ...]}
-with roles system, user and assistant. The template uses the tokenizer's reserved special tokens:
+with roles system, user and assistant. Our own template (for tokenizers megacore trains) uses the
+tokenizer's reserved special tokens:
 
     <|system|>You are ...<|end|><|user|>Hello<|end|><|assistant|>Hi there<|end|>  (then EOS)
 
-Only what the assistant says is trained: its content and the <|end|> that closes it (so the model
-learns to stop) have loss weight 1; everything else, the role tokens included, is context (0).
+A published model's tokenizer brings its own `chat_template` (Jinja, from tokenizer_config.json), which
+is rendered as `transformers`' apply_chat_template renders it; the ids are those of the rendered text.
+
+The loss mask, either way: only what the assistant says is trained, its content and the end-of-turn
+marker that closes it (so the model learns to stop) have weight 1; everything else, the role markers
+included, is context (0). With a template, assistant turn i spans the characters from the end of the
+conversation rendered up to it with the generation prompt to the end of the conversation rendered
+through it; a token is trained when its characters lie in such a span.
 """
 
 from __future__ import annotations
@@ -39,31 +46,94 @@ def conversation(record, where: str) -> list[dict]:
     return out
 
 
-def special_id(sp, piece: str) -> int:
-    pid = sp.piece_to_id(piece)
-    if pid == sp.unk_id():
+def special_id(tokenizer, piece: str) -> int:
+    pid = tokenizer.token_id(piece)
+    if pid is None:
         raise ChatFormatError(f"the tokenizer has no {piece} token (prepare it with megacore, which reserves them)")
     return pid
 
 
-def render(sp, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of a conversation, EOS appended (weight 0)."""
+def render(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of a conversation, EOS appended (weight 0) unless the template ends with it."""
+    if tokenizer.chat_template:
+        ids, mask = _render_template(tokenizer, messages)
+        return (ids, mask) if ids and ids[-1] == tokenizer.eos_id else (ids + [tokenizer.eos_id], mask + [0])
     ids, mask = [], []
-    end = special_id(sp, END)
+    end = special_id(tokenizer, END)
     for m in messages:
-        content = sp.encode(m["content"])
+        content = tokenizer.encode(m["content"])
         trained = 1 if m["role"] == "assistant" else 0
-        ids += [special_id(sp, f"<|{m['role']}|>"), *content, end]
+        ids += [special_id(tokenizer, f"<|{m['role']}|>"), *content, end]
         mask += [0, *[trained] * len(content), trained]
-    return ids + [sp.eos_id()], mask + [0]
+    return ids + [tokenizer.eos_id], mask + [0]
 
 
-def prompt(sp, messages: list[dict]) -> list[int]:
+def prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids that ask for the next assistant turn (for generation)."""
+    if tokenizer.chat_template:
+        return tokenizer.encode(apply_template(tokenizer, messages, add_generation_prompt=True))
     ids = []
     for m in messages:
-        ids += [special_id(sp, f"<|{m['role']}|>"), *sp.encode(m["content"]), special_id(sp, END)]
-    return ids + [special_id(sp, "<|assistant|>")]
+        ids += [special_id(tokenizer, f"<|{m['role']}|>"), *tokenizer.encode(m["content"]), special_id(tokenizer, END)]
+    return ids + [special_id(tokenizer, "<|assistant|>")]
+
+
+def stop_ids(tokenizer) -> set[int]:
+    """Ids that end an assistant turn: EOS, and the template's end-of-turn token (<|end|> for ours)."""
+    if not tokenizer.chat_template:
+        return {special_id(tokenizer, END), tokenizer.eos_id}
+    turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    start = len(apply_template(tokenizer, turn[:1], add_generation_prompt=True)) + len("y")
+    ids = tokenizer.encode(apply_template(tokenizer, turn)[start:])  # what the template puts after the turn
+    return {tokenizer.eos_id, *ids[:1]}
+
+
+def apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template rendered as transformers renders it (sandboxed Jinja, trim_blocks, lstrip_blocks,
+    loop controls, raise_exception, the special tokens as variables)."""
+    return _compiled(tokenizer.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                      tools=None, documents=None, **tokenizer.special)
+
+
+def _render_template(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    text = apply_template(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = apply_template(tokenizer, messages[:i], add_generation_prompt=True)
+        through = apply_template(tokenizer, messages[:i + 1])
+        if not (text.startswith(before) and text.startswith(through)):
+            raise ChatFormatError("the chat template renders a conversation's beginning differently from the whole "
+                                  "conversation: the assistant's tokens cannot be located for the loss mask")
+        spans.append((len(before), len(through)))
+    ids, offsets = tokenizer.spans(text)
+    mask = [int(any(lo <= s and e <= hi for lo, hi in spans)) for s, e in offsets]
+    return ids, mask
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def _compiled(template: str):
+    if template not in _TEMPLATES:
+        from datetime import datetime
+
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ChatFormatError(f"the chat template refused the conversation: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+        try:
+            _TEMPLATES[template] = env.from_string(template)
+        except TemplateError as e:
+            raise ChatFormatError(f"the tokenizer's chat_template does not compile: {e}") from None
+    return _TEMPLATES[template]
 
 
 def contents(document: str) -> str:

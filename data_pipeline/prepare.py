@@ -42,7 +42,7 @@ from data_pipeline.shards import (
     write_shard,
 )
 from data_pipeline.sources import SourceStats, iter_documents, source_identity, source_listing
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 TOKENIZER_SIDECAR = "tokenizer.json"
 SETTINGS = ("sources", "text_unit", "text_field", "format", "tokenizer_from", "normalize", "min_doc_chars",
@@ -96,7 +96,7 @@ def prepare(data_cfg, log=print) -> dict:
     # fork on Linux: no threads are alive here (sentencepiece's have finished), workers start at once
     # and work from notebooks too; spawn elsewhere.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(workers, context, _init_worker, (str(out / TOKENIZER),)) as pool:
+    with ProcessPoolExecutor(workers, context, _init_worker, (str(tokenizer.path),)) as pool:
         def submit(split: str) -> None:
             if len(jobs) >= 2 * workers:
                 jobs[-2 * workers].result()  # bound the documents held in flight
@@ -151,8 +151,9 @@ def prepare(data_cfg, log=print) -> dict:
         # Manifests written before this key existed are prepared again on the next run (same shards
         # where the sources did not change: every finished shard is reused).
         "sources": sources,
-        "tokenizer": {"file": TOKENIZER, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
-                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id},
+        "tokenizer": {"file": tokenizer.path.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
+                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                      **({"files": [f.name for f in tokenizer.files]} if len(tokenizer.files) > 1 else {})},
         "dtype": dtype.name,
         "splits": splits,
         "source_fingerprint": source_digest.hexdigest()[:16],
@@ -179,14 +180,18 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
     """Reuse the tokenizer of an earlier run over the same inputs and settings, or train one on the
     first tokenizer_sample_mb of cleaned training text."""
     if data_cfg.tokenizer_from:
-        source = Path(data_cfg.tokenizer_from)
-        source = source / TOKENIZER if source.is_dir() else source
-        if not source.is_file():
-            raise FileNotFoundError(f"data.tokenizer_from={data_cfg.tokenizer_from}: no tokenizer model there")
-        if source.resolve() != (out / TOKENIZER).resolve():
-            shutil.copyfile(source, out / TOKENIZER)
+        # A megacore data or run directory (tokenizer.model), a published model's directory
+        # (tokenizer.json with tokenizer_config.json), or a tokenizer file: copied next to the shards.
+        try:
+            source = load_tokenizer(data_cfg.tokenizer_from)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data.tokenizer_from={data_cfg.tokenizer_from}: no tokenizer.json or "
+                                    f"tokenizer.model there") from None
+        for f in source.files:
+            if f.resolve() != (out / f.name).resolve():
+                shutil.copyfile(f, out / f.name)
         log(f"using the tokenizer of {data_cfg.tokenizer_from}")
-        return Tokenizer(out / TOKENIZER)
+        return load_tokenizer(out / source.path.name)
     key = {"settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
            "sources": source_listing(data_cfg.sources)}
     sidecar = out / TOKENIZER_SIDECAR
@@ -239,7 +244,10 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+    # A forked worker: the `tokenizers` library's own thread pool must not start here (the workers are the
+    # parallelism).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
 def _write_shard_job(path: str, texts: list[str], dtype: str, tokenizer_sha256: str, chat: bool = False) -> dict:
@@ -254,12 +262,11 @@ def _write_shard_job(path: str, texts: list[str], dtype: str, tokenizer_sha256: 
     sidecar.unlink(missing_ok=True)
     mask = None
     if chat:
-        rendered = [render(_worker_tokenizer.sp, json.loads(text)) for text in texts]
+        rendered = [render(_worker_tokenizer, json.loads(text)) for text in texts]
         encoded = [ids for ids, _ in rendered]
         mask = np.fromiter(itertools.chain.from_iterable(m for _, m in rendered), dtype=np.uint8)
     else:
-        # One thread per worker: the workers are the parallelism.
-        encoded = _worker_tokenizer.sp.encode(texts, add_eos=True, num_threads=1)
+        encoded = _worker_tokenizer.encode_batch(texts, add_eos=True)
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.dtype(dtype), count=int(lengths.sum()))
     shard = write_shard(path, values, lengths, mask)

@@ -1,9 +1,17 @@
-"""SentencePiece tokenizer: training on documents, and a small wrapper used by the loader and the model."""
+"""Tokenizers: our SentencePiece model (trained on the corpus), and a published model's Hugging Face
+`tokenizer.json` (byte-level BPE as in Llama 3 and Qwen, through the `tokenizers` library) with its
+`tokenizer_config.json` (special tokens, chat template). Both give the same interface: ids of text
+without special tokens, exact decoding, BOS/EOS/pad ids, the id of a special piece, and the files that
+make up the tokenizer (copied with the data and the run, hashed together into its sha256).
+
+`load_tokenizer(path)` takes a file, a data or run directory, or a published model's directory.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -63,20 +71,133 @@ def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_t
     )
 
 
+HF_TOKENIZER, HF_TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+SENTENCEPIECE = "tokenizer.model"
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a file or directory: tokenizer.json (with tokenizer_config.json) if present,
+    else tokenizer.model."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / HF_TOKENIZER).is_file():
+            return HFTokenizer(path)
+        path = path / SENTENCEPIECE
+    if path.name == HF_TOKENIZER:
+        return HFTokenizer(path.parent)
+    return Tokenizer(path)
+
+
 class Tokenizer:
+    """A sentencepiece model: ours (no chat template: data_pipeline/chat.py's own, with the reserved
+    tokens), or a published model's tokenizer.model, whose tokenizer_config.json beside it, when it has
+    a chat template, becomes part of the tokenizer."""
+
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         self.path = path
+        # Part of the tokenizer only when it brings a chat template (export-hf writes one without: the
+        # tokenizer stays the model file, with its hash).
+        config_path = path.parent / HF_TOKENIZER_CONFIG
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self._config = config_path if config.get("chat_template") else None
         data = path.read_bytes()
-        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.sha256 = hashlib.sha256(b"".join(f.read_bytes() for f in self.files)).hexdigest()
         self.sp = spm.SentencePieceProcessor(model_proto=data)
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        self.chat_template = config.get("chat_template")
+        self.special = {name: self.sp.id_to_piece(i) if i >= 0 else None
+                        for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
+                                        ("pad_token", self.pad_id), ("unk_token", self.sp.unk_id()))}
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path, self._config] if self._config else [self.path]
+
+    def spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, (start, end) character span of each) of `text` (for chat templates' loss masks)."""
+        proto = self.sp.encode(text, out_type="immutable_proto")
+        # sentencepiece gives byte offsets; the templates' spans are in characters.
+        char_of = [0] * (len(text.encode("utf-8")) + 1)
+        position = 0
+        for i, ch in enumerate(text):
+            for _ in range(len(ch.encode("utf-8"))):
+                char_of[position] = i
+                position += 1
+        char_of[position] = len(text)
+        return [p.id for p in proto.pieces], [(char_of[p.begin], char_of[p.end]) for p in proto.pieces]
+
+    def encode_batch(self, texts: list[str], add_eos: bool = False) -> list[list[int]]:
+        return self.sp.encode(texts, add_eos=add_eos, num_threads=1)  # (prepare's workers are the parallelism)
+
+    def token_id(self, piece: str) -> int | None:
+        pid = self.sp.piece_to_id(piece)
+        return None if pid == self.sp.unk_id() else pid
+
+
+
+class HFTokenizer:
+    """A published model's tokenizer.json, with the special tokens and chat template of its
+    tokenizer_config.json. Text is encoded without special tokens (documents get EOS from the loader's
+    rules, chat data from the template)."""
+
+    def __init__(self, directory: str | Path):
+        from tokenizers import Tokenizer as Backend
+
+        self.directory = Path(directory)
+        self.path = self.directory / HF_TOKENIZER
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer not found: {self.path}")
+        config_path = self.directory / HF_TOKENIZER_CONFIG
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.backend = Backend.from_file(str(self.path))
+        self.sha256 = hashlib.sha256(b"".join(f.read_bytes() for f in self.files)).hexdigest()
+        self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+        self.chat_template = config.get("chat_template")
+        self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        self.bos_id = self._id(self.special["bos_token"])
+        self.eos_id = self._id(self.special["eos_token"])
+        self.pad_id = self._id(self.special["pad_token"])
+        if self.eos_id is None:
+            raise ValueError(f"{config_path}: no eos_token that {self.path} knows: documents need an end-of-text id")
+        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+        self.bos_id = -1 if self.bos_id is None else self.bos_id
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for f in (self.path, self.directory / HF_TOKENIZER_CONFIG) if f.is_file()]
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], add_eos: bool = False) -> list[list[int]]:
+        out = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return [ids + [self.eos_id] for ids in out] if add_eos else out
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_id(self, piece: str) -> int | None:
+        return self.backend.token_to_id(piece)
+
+    def spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, (start, end) character span of each) of `text` (for chat templates' loss masks)."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string, or {"content": ...} (AddedToken)."""
+    return value.get("content") if isinstance(value, dict) else value

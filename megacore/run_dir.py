@@ -2,6 +2,7 @@
 
     RUN_DIR/config.yaml       the resolved config (vocab size filled in)
     RUN_DIR/tokenizer.model   the tokenizer the run was trained with, so eval/generate need no data dir
+                              (tokenizer.json and tokenizer_config.json for a published model's)
     RUN_DIR/metrics.jsonl     one line per logged step
     RUN_DIR/checkpoints/      step_XXXXXXXX/ sharded checkpoints
 """
@@ -33,7 +34,9 @@ def write_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG)
-    shutil.copyfile(Path(cfg.data.dir) / TOKENIZER, run_dir / TOKENIZER)
+    tokenizer = read_manifest(cfg.data.dir)["tokenizer"]
+    for name in tokenizer.get("files", [tokenizer.get("file", TOKENIZER)]):
+        shutil.copyfile(Path(cfg.data.dir) / name, run_dir / name)
     return run_dir
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import HFTokenizer, Tokenizer
 from megacore.checkpoint.hf_config import ARCHITECTURE_FIELDS, hf_config, model_config_from_hf
 from megacore.config import ConfigError, ModelConfig
 from megacore.model.llama import Llama
@@ -97,6 +97,11 @@ def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_byt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_hf_weights(model, out, max_shard_bytes)
+    if isinstance(tokenizer, HFTokenizer):
+        # A published model's tokenizer: its own files, chat template included, as they came in.
+        for f in tokenizer.files:
+            shutil.copyfile(f, out / f.name)
+        return out
     shutil.copyfile(tokenizer.path, out / "tokenizer.model")
     sp = tokenizer.sp
     special = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from data_pipeline.shards import TOKENIZER, file_sha256, read_manifest
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import HF_TOKENIZER, Tokenizer, load_tokenizer
 from megacore.checkpoint.dcp import load_dcp_weights, load_sharded_weights, save_dcp_weights
 from megacore.checkpoint.store import (
     backend_of,
@@ -50,8 +50,9 @@ def check_init_from(cfg: Config) -> None:
         from megacore.checkpoint.hf import check_hf_config, read_hf_config
 
         check_hf_config(read_hf_config(source), cfg.model, source)
-        tokenizer = source / TOKENIZER  # the sentencepiece model export-hf writes; other tokenizers: not compared
-        theirs = file_sha256(tokenizer) if tokenizer.is_file() else None
+        has_tokenizer = (source / HF_TOKENIZER).is_file() or (source / TOKENIZER).is_file()
+        tokenizer = source
+        theirs = load_tokenizer(source).sha256 if has_tokenizer else None
     else:
         ckpt = source if (source / "meta.json").is_file() else latest_checkpoint(source)
         if ckpt is None:
@@ -101,7 +102,7 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenize
     ckpt = resolve_checkpoint(path)
     run_dir = ckpt.parent.parent
     cfg = load_run_config(run_dir)
-    tokenizer = Tokenizer(run_dir / TOKENIZER)
+    tokenizer = load_tokenizer(run_dir)
     model = empty_model(cfg, device)
     load_model_weights(model, ckpt)
     return model.eval(), tokenizer, cfg, ckpt
@@ -135,7 +136,8 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_config(cfg, out / CONFIG)
-    shutil.copyfile(run_dir / TOKENIZER, out / TOKENIZER)
+    for f in load_tokenizer(run_dir).files:
+        shutil.copyfile(f, out / f.name)
     save_dcp_weights(model, tmp)
     commit_directory(tmp, final, meta)
     return final

@@ -65,15 +65,15 @@ def generate_text(model: Llama, tokenizer: Tokenizer, prompt: str, *, chat_turn:
                   stop: Iterable[str] = (), max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
                   top_p: float = 0.95, seed: int = 0, use_cache: bool = True) -> str:
     """The prompt and its continuation; or, with chat_turn, the assistant's reply to `prompt` as one user
-    turn of the chat template, ending at <|end|> (or EOS)."""
+    turn of the chat template (ours, or a published tokenizer's), ending at its end-of-turn token (or EOS)."""
     if chat_turn:
-        prompt_ids = chat.prompt(tokenizer.sp, [{"role": "user", "content": prompt}])
-        stop_ids = {chat.special_id(tokenizer.sp, chat.END), tokenizer.eos_id}
+        prompt_ids = chat.prompt(tokenizer, [{"role": "user", "content": prompt}])
+        stop_ids = chat.stop_ids(tokenizer)
     else:
         # Training documents are separated by EOS, so an empty prompt starts "at a document boundary".
         prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
-        stop_ids = {tokenizer.sp.piece_to_id(piece) for piece in stop}
-        if tokenizer.sp.unk_id() in stop_ids:
+        stop_ids = {tokenizer.token_id(piece) for piece in stop}
+        if None in stop_ids:
             raise ConfigError(f"--stop {list(stop)}: each must be one token of this tokenizer, e.g. '<|end|>'")
     new = sample(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids=stop_ids,
                  generator=torch.Generator().manual_seed(seed), use_cache=use_cache)
