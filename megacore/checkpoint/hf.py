@@ -97,8 +97,9 @@ def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_byt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_hf_weights(model, out, max_shard_bytes)
-    if isinstance(tokenizer, HFTokenizer):
-        # A published model's tokenizer: its own files, chat template included, as they came in.
+    if isinstance(tokenizer, HFTokenizer) or tokenizer.chat_template:
+        # A published model's tokenizer (tokenizer.json, or tokenizer.model with a chat template): its own
+        # files, as they came in.
         for f in tokenizer.files:
             shutil.copyfile(f, out / f.name)
         return out
