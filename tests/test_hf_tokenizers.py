@@ -93,6 +93,8 @@ def test_fine_tune_an_imported_model_with_its_tokenizer_on_2_ranks_and_export(pu
     for name, layout in (("fsdp2", []), ("tp2", ["parallel.tp=2"])):
         proc = megacore("train", *common, f"train.run_dir={tmp_path / name}", *layout, "--nproc", "2")
         assert "initialised weights from" in proc.stdout
+    assert "bits_per_byte" in megacore("eval", tmp_path / "fsdp2").stdout
+    megacore("generate", tmp_path / "fsdp2", "--chat", "--prompt", "Who goes there?", "--max-new-tokens", "5")
     out = tmp_path / "export"
     megacore("export-hf", tmp_path / "fsdp2", out)
     ours, tokenizer, cfg, _ = load_trained(tmp_path / "fsdp2")
