@@ -59,8 +59,9 @@ class Checkpointer:
                         if cfg.async_save else None)
 
     def should_save(self, step: int, end_step: int, stopping: bool = False) -> bool:
-        """Every checkpoint.every steps, at the end of this invocation, and when the run stops early."""
-        return step % self.cfg.every == 0 or step == end_step or stopping
+        """Every checkpoint.every steps, at the end of this invocation, and when the run stops early
+        (never with checkpoint.enabled=false)."""
+        return self.cfg.enabled and (step % self.cfg.every == 0 or step == end_step or stopping)
 
     def save(self, step: int, parts: list[nn.Module], optimizers, meta: dict) -> Path | None:
         """Write a checkpoint of this step. Synchronous: returns its committed path. Async: returns None

@@ -306,6 +306,9 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    # false: no checkpoint at all, not even at the end (benchmarks, smoke tests; a requeued run then
+    # starts over).
+    enabled: bool = True
     every: int = 100
     # Keep the newest `keep_last` checkpoints (0 keeps all), and also every step divisible by keep_every.
     keep_last: int = 2
