@@ -76,10 +76,14 @@ SENTENCEPIECE = "tokenizer.model"
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a file or directory: tokenizer.json (with tokenizer_config.json) if present,
-    else tokenizer.model."""
+    """The tokenizer of a file or directory: a prepared data directory's (its manifest names it), else a
+    Hugging Face tokenizer.json (with tokenizer_config.json) if present, else tokenizer.model."""
     path = Path(path)
     if path.is_dir():
+        manifest = path / "manifest.json"
+        if manifest.is_file():
+            # (A data directory's own tokenizer.json, if any, is the record of how its tokenizer was trained.)
+            return load_tokenizer(path / json.loads(manifest.read_text())["tokenizer"]["file"])
         if (path / HF_TOKENIZER).is_file():
             return HFTokenizer(path)
         path = path / SENTENCEPIECE
