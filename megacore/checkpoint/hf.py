@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data_pipeline.tokenizer import HFTokenizer, Tokenizer
-from megacore.checkpoint.hf_config import ARCHITECTURE_FIELDS, hf_config, model_config_from_hf
+from megacore.checkpoint.hf_config import ARCHITECTURE_FIELDS, effective, hf_config, model_config_from_hf
 from megacore.config import ConfigError, ModelConfig
 from megacore.model.llama import Llama
 
@@ -139,9 +139,9 @@ def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path) -> None:
     (both values named), or a weight whose shape is not the model's (safetensors headers only)."""
     derived = model_config_from_hf(config, cfg, source)
     for field in ARCHITECTURE_FIELDS:
-        if getattr(derived, field) != getattr(cfg, field):
-            raise ConfigError(f"train.init_from={source}: config.json gives model.{field}={getattr(derived, field)!r}, "
-                              f"this run's model has {getattr(cfg, field)!r}")
+        if effective(derived, field) != effective(cfg, field):
+            raise ConfigError(f"train.init_from={source}: config.json gives model.{field}={effective(derived, field)!r}, "
+                              f"this run's model has {effective(cfg, field)!r}")
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in Llama(cfg).named_parameters()}
     files, handles = _hf_tensor_files(Path(source)), {}

@@ -25,6 +25,15 @@ ARCHITECTURE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                        "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                        "rope_original_max_seq_len", "family")
 
+def effective(cfg: ModelConfig, field: str):
+    """The value of an architecture field as the model uses it (ffn_dim 0 and head_dim 0 are derived)."""
+    if field == "ffn_dim":
+        return ffn_hidden_dim(cfg)
+    if field == "head_dim":
+        return cfg.head_size
+    return getattr(cfg, field)
+
+
 # Read below, or no effect on the computation (token ids, initialisation of a fresh model, bookkeeping).
 _READ = {"model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
          "num_key_value_heads", "vocab_size", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
@@ -135,7 +144,7 @@ def check_overrides(derived: ModelConfig, loaded: ModelConfig, overrides: list[s
     for override in overrides:
         key = override.split("=", 1)[0].strip()
         field = key[len("model."):]
-        if key.startswith("model.") and field in ARCHITECTURE_FIELDS and getattr(loaded, field) != getattr(derived,
-                                                                                                           field):
+        if key.startswith("model.") and field in ARCHITECTURE_FIELDS and effective(loaded, field) != effective(derived,
+                                                                                                               field):
             raise ConfigError(f"{override} contradicts train.init_from={source}, whose config.json gives "
                               f"{key}={getattr(derived, field)!r}; the directory defines the model: drop the override")
