@@ -109,6 +109,9 @@ class TokenStore:
 
     def _shard(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(token values, loss mask or None) of shard i, memory-mapped; at most MAX_OPEN_SHARDS kept."""
+        entry = self._maps.get(i)
+        if entry is not None and len(self._maps) < MAX_OPEN_SHARDS:
+            return entry  # nothing to evict yet: no recency to keep, no lock
         with self._lock:
             if i in self._maps:
                 self._maps.move_to_end(i)
