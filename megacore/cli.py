@@ -9,8 +9,8 @@
     megacore checkpoints consolidate RUN_DIR|CKPT OUT
     megacore export-hf RUN_DIR|CKPT OUT
     megacore estimate CONFIG [key=value ...] [--world-size N] [--json]
-    megacore eval RUN_DIR|CKPT [--split val | --data-dir DIR | --text FILE ...] [--batches N]
-    megacore generate RUN_DIR|CKPT [--prompt TEXT] [--chat] [--max-new-tokens N] [--temperature T] [--top-k K]
+    megacore eval RUN_DIR|CKPT|HF_DIR [--split val | --data-dir DIR | --text FILE ...] [--batches N]
+    megacore generate RUN_DIR|CKPT|HF_DIR [--prompt TEXT] [--chat] [--max-new-tokens N] [--temperature T] [--top-k K]
                      [--top-p P] [--stop TEXT] [--no-cache]
     megacore plot RUN_DIR [--out FILE]
     megacore launch render|submit|status|cancel|logs|local JOB.yaml

@@ -130,9 +130,11 @@ def test_fine_tune_an_imported_model_with_its_tokenizer_on_2_ranks_and_export(fa
         proc = megacore("train", *common, f"train.run_dir={tmp_path / f'run{i}'}", *layout, "--nproc", "2")
         assert "initialised weights from" in proc.stdout
     run = tmp_path / "run0"
-    if family == "qwen2":  # the commands of the workflow, once
+    if family == "qwen2":  # the commands of the workflow, once; eval and generate also take the published dir
         assert "bits_per_byte" in megacore("eval", run).stdout
         megacore("generate", run, "--chat", "--prompt", "Who goes there?", "--max-new-tokens", "5")
+        assert "bits_per_byte" in megacore("eval", model_dir, "--data-dir", chat_data, "--batches", "2").stdout
+        megacore("generate", model_dir, "--chat", "--prompt", "Who goes there?", "--max-new-tokens", "5")
     out = tmp_path / "export"
     megacore("export-hf", run, out)
     ours, tokenizer, cfg, _ = load_trained(run)

@@ -98,7 +98,10 @@ def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
 
 
 def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenizer, Config, Path]:
-    """Model (eval mode), tokenizer and config from a run directory or one of its checkpoints."""
+    """Model (eval mode), tokenizer and config from a run directory or one of its checkpoints, or from a
+    published model's Hugging Face directory (its config.json defines the model)."""
+    if (Path(path) / "config.json").is_file():
+        return load_published(path, device)
     ckpt = resolve_checkpoint(path)
     run_dir = ckpt.parent.parent
     cfg = load_run_config(run_dir)
@@ -106,6 +109,19 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenize
     model = empty_model(cfg, device)
     load_model_weights(model, ckpt)
     return model.eval(), tokenizer, cfg, ckpt
+
+
+def load_published(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenizer, Config, Path]:
+    """A Hugging Face directory as `load_trained` gives a run: the model its config.json describes, with
+    its weights and tokenizer; the rest of the config is the defaults."""
+    from megacore.checkpoint.hf import load_hf_into, read_hf_config
+    from megacore.checkpoint.hf_config import model_config_from_hf
+
+    path, cfg = Path(path), Config()
+    cfg.model = model_config_from_hf(read_hf_config(path), cfg.model, path)
+    model = empty_model(cfg, device)
+    load_hf_into(model, path)
+    return model.eval(), load_tokenizer(path), cfg, path
 
 
 def empty_model(cfg: Config, device: str | torch.device = "cpu") -> Llama:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -96,7 +97,8 @@ def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = No
             if store.manifest["tokenizer"]["sha256"] != tokenizer.sha256:
                 raise ConfigError(f"--data-dir {store.data_dir} is tokenized with tokenizer sha256 "
                                   f"{store.manifest['tokenizer']['sha256']}, but {ckpt} was trained with "
-                                  f"{tokenizer.sha256}: prepare it with data.tokenizer_from={ckpt.parent.parent}")
+                                  f"{tokenizer.sha256}: prepare it with data.tokenizer_from="
+                                  f"{ckpt if (Path(ckpt) / 'config.json').is_file() else ckpt.parent.parent}")
         result = _evaluate_one_process(model, cfg, store, batch_size, batches)
     return {"checkpoint": str(ckpt), "split": split, **result}
 
