@@ -17,7 +17,7 @@ from megacore.config import load_config
 from megacore.distributed import init_distributed, shutdown
 from megacore.model import Llama
 from megacore.parallel import Layout, parallelize
-from megacore.parallel.materialize import resident_shards
+from megacore.parallel.materialize import local_parameters
 from tests.helpers import REPO
 
 
@@ -29,7 +29,9 @@ def main(out: str, overrides: list[str]) -> None:
         with torch.device("meta"):
             model = Llama(cfg.model)
         pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.rank, env.device)
-        assert not resident_shards(pm.parts, "meta"), "every local shard is materialised"
+        on_meta = [name for part in pm.parts for name, local, _, _ in local_parameters(part) if local.is_meta]
+        on_meta += [name for part in pm.parts for name, b in part.named_buffers() if b.is_meta]
+        assert not on_meta, f"every local shard and buffer is materialised: {on_meta}"
         if cfg.train.init_from:
             load_weights_into_shards(pm.parts, cfg.train.init_from)
         state = {}

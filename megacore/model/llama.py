@@ -39,9 +39,6 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
 
 def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with model.rope_scaling applied (as transformers'

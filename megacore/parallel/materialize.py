@@ -65,8 +65,3 @@ def load_slices(parts: list[nn.Module], read) -> None:
         for name, local, shape, offset in local_parameters(part):
             local.copy_(read(name, shape, offset, tuple(local.shape)))
 
-
-def resident_shards(parts: list[nn.Module], device_type: str) -> list[str]:
-    """Names of parameters and buffers whose local tensors are on `device_type` (e.g. still on meta)."""
-    found = [name for part in parts for name, local, _, _ in local_parameters(part) if local.device.type == device_type]
-    return found + [name for part in parts for name, b in part.named_buffers() if b.device.type == device_type]
