@@ -61,10 +61,20 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Sums over ranks, read back to the host (a device sync: for evaluation, not the train step)."""
+    t = values.to(device, torch.float64) if isinstance(values, torch.Tensor) else \
+        torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def host_all_reduce_sum(values: list[int]) -> list[int]:
+    """Sums over ranks of host-side integers (token counts from the loader, stop votes) through a CPU
+    tensor: on CUDA jobs the process group's gloo side carries it, so the GPU is never waited on."""
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.numpy().tolist()
 
 
 def first_failing_rank(failed: bool, device: torch.device) -> int | None:

@@ -27,9 +27,9 @@ TEXT = "KING.\n    def f(x):\n        return x  # 床前明月光，疑是地上
 
 FAMILIES = {"llama3": ("LlamaConfig", {"rope_theta": 500000.0, "rope_scaling": {
                  "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 64}}, [[], ["parallel.tp=2"]]),
+                 "original_max_position_embeddings": 64}}, [[]]),
             "mistral": ("MistralConfig", {"sliding_window": None}, [[]]),
-            "qwen2": ("Qwen2Config", {}, [[], ["parallel.tp=2"]]),
+            "qwen2": ("Qwen2Config", {}, [[], ["parallel.tp=2"]]),  # (one family under TP: qkv biases sharded)
             "qwen3": ("Qwen3Config", {"head_dim": 32}, [[]])}  # (q/k norm with TP is refused for now)
 
 

@@ -106,9 +106,10 @@ class Checkpointer:
         if self._pending is None:
             return None
         *pending, writer, future = self._pending
+        # A host tensor (gloo on CUDA jobs too): read through numpy, the device is not involved.
         done = torch.tensor([1 if block or future.done() else 0])
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        if not done.item():
+        if not done.numpy()[0]:
             return None
         future.result()
         self._pending = None

@@ -189,8 +189,9 @@ class ParallelConfig:
     pp_stages_per_rank: int = 0  # 0: 1 for gpipe/1f1b, 2 for interleaved schedules
     # Activation checkpointing: none, full (recompute each block), selective (keep matmul outputs).
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    # torch.compile each transformer block.
-    compile: bool = False
+    # torch.compile each transformer block and the output head's chunked loss. auto: on CUDA, not on
+    # CPU (megacore/device.py).
+    compile: Literal["auto", True, False] = "auto"
     # FSDP memory policy. default: reshard weights after forward (kept gathered through a pipeline
     # step), reduce-scatter gradients once per step. always: reshard after every forward and backward
     # and reduce-scatter on every micro-batch: memory of the shard, more communication.
@@ -214,7 +215,7 @@ class ParallelConfig:
                               ("dp_replicate", "ZeRO shards over all ranks; use backend=torch for HSDP")):
                 if getattr(self, name) != 1:
                     raise ConfigError(f"parallel.{name}={getattr(self, name)} with parallel.backend=deepspeed: {why}")
-            if self.compile or self.activation_checkpointing != "none":
+            if self.compile is True or self.activation_checkpointing != "none":
                 raise ConfigError("parallel.compile and parallel.activation_checkpointing are backend=torch features "
                                   "(not wired into DeepSpeed's engine)")
         elif self.offload_optimizer or self.offload_params:
@@ -265,8 +266,16 @@ class TrainConfig:
     micro_batch_size: int = 8
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # bf16 on CPU is ~90x slower here (no bf16 units): keep fp32 for CPU runs.
-    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 on GPUs that have it, fp32 on CPUs (no bf16 units here: bf16 is ~90x slower).
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # TF32 for fp32 matmuls on CUDA (no effect on CPU).
+    tf32: bool = True
+    # float8 training of the block linears through torchao (optional extra `megacore[float8]`), with
+    # FSDP's float8 all-gather; needs a GPU with compute capability >= 8.9.
+    float8: bool = False
+    # Python's garbage collector runs every this many steps on every rank, and never in between (a
+    # collection at a random point stalls one rank, and every collective waits for it); 0: Python decides.
+    gc_every: int = 50
     eval_every: int = 100
     eval_batches: int = 8
     # More evaluation sets besides data.dir's val split, "NAME=DIR" (its val split) or "NAME=DIR:SPLIT",
@@ -277,8 +286,8 @@ class TrainConfig:
     # Initial weights for a fresh run: a Hugging Face Llama directory or a megacore run/checkpoint
     # directory (weights only; optimizer and schedule start fresh). Ignored when resuming.
     init_from: str = ""
-    # Peak TFLOP/s per rank for MFU; 0 measures a matmul at start (right on CPU; on GPUs give the
-    # datasheet figure, e.g. 989 for H100 SXM bf16 dense).
+    # Peak TFLOP/s per rank for MFU; 0: the GPU's dense datasheet peak (megacore/device.py), or on a
+    # CPU (or an unknown GPU) a matmul measured at start.
     peak_tflops: float = 0.0
 
     def validate(self) -> None:
@@ -287,6 +296,13 @@ class TrainConfig:
             raise ConfigError(f"train.stop_after must be in [1, train.steps={self.steps}], got {self.stop_after}")
         if self.early_stop_patience < 0:
             raise ConfigError(f"train.early_stop_patience must be >= 0, got {self.early_stop_patience}")
+        if self.gc_every < 0:
+            raise ConfigError(f"train.gc_every must be >= 0 (0: Python decides), got {self.gc_every}")
+        if self.float8:
+            import importlib.util
+
+            if importlib.util.find_spec("torchao") is None:
+                raise ConfigError("train.float8=true needs torchao: pip install 'megacore[float8]'")
         _local_path("train.run_dir", self.run_dir)
         _local_path("train.init_from", self.init_from)
         for i, (_, directory, _) in enumerate(self.named_eval_sets()):
@@ -356,6 +372,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> Config:
+        if self.train.float8 and (self.parallel.backend != "torch" or self.parallel.tp > 1):
+            raise ConfigError("train.float8=true needs parallel.backend=torch and parallel.tp=1 (float8 tensor-parallel "
+                              "plans are not wired in)")
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         if self.data.seq_len > self.model.max_seq_len:

@@ -28,14 +28,17 @@ def evaluate(pm, loader: PackedLoader, max_batches: int) -> dict[str, float]:
     per token, so it compares across tokenizers.
     """
     pm.train(False)
-    total, correct, count = 0.0, 0.0, 0
+    # Sums stay on the device until the one all-reduce at the end.
+    sums = torch.zeros(3, dtype=torch.float64, device=pm.device)
     for _ in range(min(max_batches, loader.batches_per_epoch)):
         batch = loader.next_batch()
         loss, right = pm.eval_loss(batch)
         if pm.reports_loss:
-            total, correct = total + loss, correct + right
-        count += int((batch["labels"] != IGNORE_INDEX).sum()) if pm.counts_tokens else 0
-    total, correct, count = all_reduce_sum([total, correct, count], pm.device)
+            sums[0] += loss
+            sums[1] += right
+        if pm.counts_tokens:
+            sums[2] += (batch["labels"] != IGNORE_INDEX).sum()
+    total, correct, count = all_reduce_sum(sums, pm.device)
     pm.train(True)
     if count == 0:  # a chat split whose first batches hold prompts only
         return {"loss": math.nan, "perplexity": math.nan, "bits_per_byte": math.nan, "accuracy": math.nan, "tokens": 0}

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacore.config import ModelConfig
+from megacore.model.attention import DocumentMask, attention
 from megacore.model.init import init_slice
+from megacore.model.loss import linear_cross_entropy
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         self.dropout_p = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+                attn_mask: DocumentMask | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
@@ -103,12 +105,7 @@ class Attention(nn.Module):
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         if cache is not None:
             k, v, attn_mask = cache.update(k, v)
-        gqa = q.shape[1] != k.shape[1]
-        p = self.dropout_p if self.training else 0.0
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, enable_gqa=gqa)
+        out = attention(q, k, v, attn_mask, self.dropout_p if self.training else 0.0)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -124,6 +121,19 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class OutputHead(nn.Linear):
+    """The vocabulary projection. Called with labels, it returns (summed loss, correct predictions)
+    computed a chunk of tokens at a time (megacore/model/loss.py), never the whole batch's logits; the
+    loss runs inside the head's own forward, so whatever wraps the head (FSDP) sees one call."""
+
+    compile_loss = False  # set by parallelize when parallel.compile is on
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h.flatten(0, 1), self.weight, labels.flatten(), compiled=self.compile_loss)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -134,7 +144,7 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+                attn_mask: DocumentMask | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         # The cache goes by keyword: tensor-parallel plans match the positional inputs.
         x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, attn_mask, cache=cache))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
@@ -150,7 +160,7 @@ class Llama(nn.Module):
         # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = OutputHead(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(cfg)
@@ -186,9 +196,11 @@ class Llama(nn.Module):
         self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, labels: torch.Tensor | None = None):
         """tokens (batch, seq) -> logits (batch, seq, vocab); a pipeline stage without embeddings takes
-        and a stage without the output head returns hidden states (batch, seq, dim).
+        and a stage without the output head returns hidden states (batch, seq, dim). With labels
+        (batch, seq), a model with the output head returns (summed loss, correct predictions) instead of
+        logits (OutputHead); a stage without it ignores them.
 
         position_ids (batch, seq) default to 0..seq-1; with model.document_masking they also confine
         attention to each document (a position 0 starts a new one). With a KVCache (generation), tokens
@@ -208,13 +220,13 @@ class Llama(nn.Module):
             cos, sin = self.rope_cos[None], self.rope_sin[None]
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        mask = None
-        if self.cfg.document_masking and position_ids is not None:
-            mask = document_causal_mask(position_ids)
+        mask = DocumentMask(position_ids) if self.cfg.document_masking and position_ids is not None else None
         for block in self.layers.values():
             h = block(h, cos, sin, mask)
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        return self.output(h) if labels is None else self.output(h, labels)
 
 
 class LayerCache:
@@ -246,14 +258,6 @@ class KVCache:
 
     def layer(self, name: str) -> LayerCache:
         return self._layers[name]
-
-
-def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, seq, seq) boolean mask: causal, and only within the document of each query."""
-    doc = (position_ids == 0).cumsum(-1)
-    t = position_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -2,8 +2,9 @@
 
 With logging.profile_start=N the steps N .. N+profile_steps-1 run under the profiler on every rank.
 Each rank writes a Chrome/Perfetto trace (RUN_DIR/profile/rank{R}.trace.json); rank 0 writes
-RUN_DIR/profile/summary.json and prints the communication share. The communication share is the part
-of the profiled wall time during which a collective was in flight on that rank (the union of the
+RUN_DIR/profile/summary.json and prints the communication share and the host syncs per step
+(megacore/monitor/host_syncs.py). The communication share is the part of the profiled wall time
+during which a collective was in flight on that rank (the union of the
 gloo/NCCL collective intervals, so overlapping ones count once), whether or not compute overlapped it.
 """
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from data_pipeline.durable import write_json_atomic
+from megacore.monitor.host_syncs import count_in_profile
 from megacore.train.hooks import Hook
 
 
@@ -36,17 +38,22 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(prof: profile, wall_s: float, top: int = 15) -> dict:
-    """This rank's profile: collective time (union), its share of the wall time, and the top ops by self time."""
+def summarize(prof: profile, wall_s: float, steps: int = 1, device_type: str = "cpu", top: int = 15) -> dict:
+    """This rank's profile: collective time (union), its share of the wall time, host syncs per step
+    (megacore/monitor/host_syncs.py; the train step makes none, a logging step reads its metrics), and
+    the top ops by self time."""
     intervals, self_time = [], {}
-    for e in prof.events():
+    events = prof.events()
+    for e in events:
         if _is_collective(e.name):
             intervals.append((e.time_range.start / 1e6, e.time_range.end / 1e6))
         self_time[e.name] = self_time.get(e.name, 0.0) + (e.self_cpu_time_total + e.self_device_time_total) / 1e6
     comm = union_seconds(intervals)
     ops = sorted(self_time.items(), key=lambda kv: -kv[1])[:top]
+    syncs = count_in_profile(events, device_type)
     return {"wall_s": round(wall_s, 4), "communication_s": round(comm, 4),
             "communication_share": round(comm / wall_s, 4) if wall_s > 0 else 0.0,
+            "host_syncs": syncs, "host_syncs_per_step": round(syncs / steps, 2),
             "top_self_time_s": {name: round(s, 4) for name, s in ops}}
 
 
@@ -72,8 +79,9 @@ class StepProfiler(Hook):
         summary = self.finish(step)
         if summary is not None:
             share = max(r["communication_share"] for r in summary["ranks"])
+            syncs = max(r["host_syncs_per_step"] for r in summary["ranks"])
             print(f"profiled steps {summary['ranks'][0]['steps']}: communication {share:.1%} of the time (busiest "
-                  f"rank); traces and summary in {self.dir}", flush=True)
+                  f"rank), {syncs:g} host syncs per step; traces and summary in {self.dir}", flush=True)
 
     def finish(self, step: int) -> dict | None:
         """Stop after the last profiled step, write this rank's trace; every rank's summary on rank 0."""
@@ -85,7 +93,8 @@ class StepProfiler(Hook):
         self._prof.__exit__(None, None, None)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._prof.export_chrome_trace(str(self.dir / f"rank{self.rank}.trace.json"))
-        mine = {"rank": self.rank, "steps": [self.start, self.last], **summarize(self._prof, wall)}
+        mine = {"rank": self.rank, "steps": [self.start, self.last],
+                **summarize(self._prof, wall, self.last - self.start + 1, self.device.type)}
         self._prof = None
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)

@@ -13,12 +13,12 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from megacore.model.attention import attention_kernels
 from megacore.model.llama import Llama
 
-_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-         torch.ops.aten._scaled_dot_product_flash_attention.default,
-         torch.ops.aten._scaled_dot_product_efficient_attention.default,
-         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+# Matmuls, and every attention kernel SDPA or FlexAttention may pick on this machine (flash, memory-
+# efficient, cuDNN on sm90, the CPU flash kernel, FlexAttention's higher-order op).
+_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default, *attention_kernels()}
 
 
 def _policy(ctx, op, *args, **kwargs):

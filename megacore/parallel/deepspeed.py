@@ -20,7 +20,6 @@ from megacore.model.init import normal_values
 from megacore.model.llama import Llama
 from megacore.parallel.layout import Layout
 from megacore.parallel.parallelize import micro_batches
-from megacore.train.loss import correct_count, loss_sum
 from megacore.train.optim import param_groups
 
 
@@ -116,26 +115,26 @@ class DeepSpeedModel:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def forward_backward(self, batch: dict, scale: float) -> float:
+    def forward_backward(self, batch: dict, scale: float) -> torch.Tensor:
         """Backward of sum(token losses) * scale, as the torch backend; DeepSpeed averages over ranks
         like FSDP, and its own 1/accumulation scaling is turned off because `scale` already normalises."""
         total = torch.zeros((), device=self.device)
         for i, (x, y, pos) in enumerate(micro_batches(batch, self.n_micro, self.device, self.document_masking)):
-            micro_loss = loss_sum(self.engine(x, pos), y)
+            micro_loss, _ = self.engine(x, pos, labels=y)  # the head's chunked loss (OutputHead)
             self.engine.backward(micro_loss * scale, scale_wrt_gas=False)
             if i < self.n_micro - 1:
                 self.engine.step()  # an accumulation micro-step: DeepSpeed steps only at the boundary
             total += micro_loss.detach()
-        return float(total)
+        return total
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict) -> tuple[float, float]:
+    def eval_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for x, y, pos in micro_batches(batch, self.n_micro, self.device, self.document_masking):
-            logits = self.engine(x, pos)
-            total += loss_sum(logits, y)
-            correct += correct_count(logits, y)
-        return float(total), float(correct)
+            micro_loss, micro_correct = self.engine(x, pos, labels=y)
+            total += micro_loss
+            correct += micro_correct
+        return total, correct
 
 
 class DeepSpeedOptimizer:

@@ -84,7 +84,8 @@ def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int]) -> dict
     micro-batch."""
     elements = sum(numels.values())
     m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len
-    act_bytes = 2 if cfg.train.mixed_precision == "bf16" else 4
+    # (auto counts as bf16: plans are made for GPUs, where auto is bf16)
+    act_bytes = 4 if cfg.train.mixed_precision == "fp32" else 2
     layers_here = len({n.split(".")[1] for n in numels if n.startswith("layers.")})
     hidden, q, kv = ffn_hidden_dim(m), m.n_heads * m.head_size, m.n_kv_heads * m.head_size
     # Per layer and token: norms, q/k/v, attention output, MLP (w1, w3, silu, product), residuals.

@@ -112,8 +112,6 @@ class Layout:
                               "output head are placed differently)")
         if par.backend == "deepspeed" and cfg.checkpoint.async_save:
             raise ConfigError("checkpoint.async_save is not supported with parallel.backend=deepspeed")
-        if par.pp > 1 and m.document_masking:
-            raise ConfigError("model.document_masking is not supported with parallel.pp > 1 yet")
         return cls(world_size=world_size, backend=par.backend, pp=par.pp, dp_replicate=par.dp_replicate,
                    dp_shard=dp_shard, tp=par.tp, pp_schedule=par.pp_schedule, stages_per_rank=stages_per_rank,
                    n_micro=n_micro, fsdp_lean=par.fsdp_reshard == "always")

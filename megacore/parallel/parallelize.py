@@ -1,7 +1,7 @@
 """Applying parallelism to a model from the outside, on one device mesh pp x dp_replicate x dp_shard x tp.
 
-Order (as in torchtitan): pipeline split -> tensor parallel -> activation checkpointing -> compile ->
-FSDP/HSDP -> materialise. The model arrives on the meta device and all of this happens there; only
+Order (as in torchtitan): pipeline split -> float8 -> tensor parallel -> activation checkpointing ->
+compile -> FSDP/HSDP -> materialise. The model arrives on the meta device and all of this happens there; only
 then does each rank allocate and initialise the shards it holds (megacore/parallel/materialize.py),
 with an initialisation that gives the same weights on every layout.
 
@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from megacore.config import Config
 from megacore.model.llama import Llama
@@ -39,13 +41,21 @@ def autocast_policy(cfg: Config, layout: Layout, device: torch.device) -> contex
 
 
 def micro_batches(batch: dict, n_micro: int, device, document_masking: bool) -> list[tuple]:
-    """(inputs, labels, position_ids or None) of each micro-batch, on the device."""
+    """(inputs, labels, position_ids or None) of each micro-batch, on the device (a no-op for a batch
+    already there: the trainer's batches arrive one step ahead, megacore/train/data.py)."""
     inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
     positions = batch["position_ids"].to(device).chunk(n_micro) if document_masking else [None] * n_micro
     return list(zip(inputs.chunk(n_micro), labels.chunk(n_micro), positions))
 
 
 class ParallelModel:
+    """Forward/backward and evaluation over a rank's micro-batches. Losses stay on the device: nothing
+    here reads a value back to the host (the trainer reads them at logging steps).
+
+    The loss: without tensor parallelism the output head computes it a chunk of tokens at a time
+    (OutputHead, megacore/model/loss.py); with it, the head's logits stay sharded over the vocabulary
+    and cross-entropy runs on the shards (torch's loss_parallel), never gathering full logits."""
+
     def __init__(self, parts: list[nn.Module], layout: Layout, rank: int, device: torch.device,
                  amp: contextlib.AbstractContextManager | None = None, document_masking: bool = False, schedule=None):
         self.parts, self.layout, self.schedule = parts, layout, schedule
@@ -57,8 +67,11 @@ class ParallelModel:
         self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp_size
         self.has_first = any(p.tok_embeddings is not None for p in parts)
         self.has_last = any(p.output is not None for p in parts)
+        self.loss_parallel = layout.tp > 1
+        # The loss from full fp32 logits (the path before the chunked head): bench/gpu.py's reference.
+        self.full_logits_loss = False
         self._scale = 1.0  # the pipeline loss function's gradient scale for the current step
-        self._correct = 0.0  # correct next tokens counted by the pipeline loss function in evaluation
+        self._correct = torch.zeros((), device=device)  # counted by the pipeline loss function in evaluation
 
     @property
     def reports_loss(self) -> bool:
@@ -73,24 +86,53 @@ class ParallelModel:
         for p in self.parts:
             p.train(mode)
 
-    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():  # evaluation: also count the correct next tokens
-            self._correct += float(correct_count(output, target))
-        return loss_sum(output, target) * self._scale
+    def _context(self):
+        """The amp policy, and loss_parallel under tensor parallelism (forward and backward both)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.amp)
+        if self.loss_parallel:
+            stack.enter_context(loss_parallel())
+        return stack
 
-    def _run_pipeline(self, run, batch: dict) -> float:
+    def _loss(self, model: nn.Module, x, y, pos) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed token loss, correct predictions) of one micro-batch."""
+        if not (self.loss_parallel or self.full_logits_loss):
+            return model(x, pos, labels=y)
+        logits = model(x, pos)
+        full = logits.full_tensor() if isinstance(logits, DTensor) else logits
+        correct = correct_count(full, y) if not torch.is_grad_enabled() else torch.zeros((), device=y.device)
+        return _local(loss_sum(logits, y)), correct
+
+    def _pipeline_loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, tuple):  # the last stage's OutputHead computed (loss, correct) itself
+            loss, correct = output
+        else:
+            loss = _local(loss_sum(output, target))
+            correct = correct_count(output.full_tensor(), target) if not torch.is_grad_enabled() else 0
+        if not torch.is_grad_enabled():
+            self._correct += correct
+        return loss * self._scale
+
+    def _run_pipeline(self, run, batch: dict) -> torch.Tensor:
         """One schedule step/eval; returns this rank's unscaled loss sum (0 off the last stage)."""
         inputs, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
         losses: list[torch.Tensor] = []
         target = labels if self.has_last else None
-        with self.amp:
+        # Every stage gets the micro-batch's position ids (document masking) and labels (the last stage's
+        # head computes the loss from them; other stages ignore them).
+        kwargs = {"position_ids": batch["position_ids"].to(self.device)} if self.document_masking else {}
+        if not self.loss_parallel:
+            kwargs["labels"] = labels
+        with self._context():
             if self.has_first:
-                run(inputs, target=target, losses=losses)
+                run(inputs, target=target, losses=losses, return_outputs=False, **kwargs)
             else:
-                run(target=target, losses=losses)
-        return float(sum(l.detach().float() for l in losses)) / self._scale if losses else 0.0
+                run(target=target, losses=losses, return_outputs=False, **kwargs)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([l.detach().float() for l in losses]).sum() / self._scale
 
-    def forward_backward(self, batch: dict, scale: float) -> float:
+    def forward_backward(self, batch: dict, scale: float) -> torch.Tensor:
         """Backward of sum(token losses) * scale over this rank's batch; returns its unscaled loss sum."""
         self._scale = scale
         if self.schedule is not None:
@@ -101,40 +143,52 @@ class ParallelModel:
                 # Reduce-scatter gradients once, on the last micro-batch (lean: on every one, so that
                 # only sharded gradients accumulate).
                 model.set_requires_gradient_sync(i == self.n_micro - 1)
-            with self.amp:
-                micro_loss = loss_sum(model(x, pos), y)
-            (micro_loss * scale).backward()
+            with self._context():
+                micro_loss, _ = self._loss(model, x, y, pos)
+                (micro_loss * scale).backward()
             total += micro_loss.detach()
-        return float(total)
+        return total
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict) -> tuple[float, float]:
+    def eval_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's summed token loss and count of correctly predicted targets, without gradients."""
-        self._scale, self._correct = 1.0, 0.0
+        self._scale, self._correct = 1.0, torch.zeros((), device=self.device)
         if self.schedule is not None:
             return self._run_pipeline(self.schedule.eval, batch), self._correct
         total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for x, y, pos in micro_batches(batch, self.n_micro, self.device, self.document_masking):
-            with self.amp:
-                logits = self.parts[0](x, pos)
-                total += loss_sum(logits, y)
-                correct += correct_count(logits, y)
-        return float(total), float(correct)
+            with self._context():
+                micro_loss, micro_correct = self._loss(self.parts[0], x, y, pos)
+            total += micro_loss
+            correct += micro_correct
+        return total, correct
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A loss_parallel result (a replicated DTensor) as a plain tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def apply_parallelism(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMesh) -> list[tuple[int, Llama]]:
     """[(stage index, part)] of this rank with parallelism applied, all still on the meta device.
     `model` (on meta) is consumed; with pp > 1 only its config is used."""
     par = cfg.parallel
+    compile_ = par.compile is True  # ("auto" is resolved for the device by the trainer; elsewhere: eager)
     if layout.pp > 1:
         stages = split_into_stages(model.cfg, mesh["pp"].get_local_rank(), layout.pp, layout.stages_per_rank)
     else:
         stages = [(0, model)]
     for _, part in stages:
+        if part.output is not None:
+            part.output.compile_loss = compile_
+        if cfg.train.float8:
+            from megacore.parallel.float8 import apply_float8
+
+            apply_float8(part, fsdp=layout.dp_size > 1)
         if layout.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
         apply_activation_checkpointing(part, par.activation_checkpointing)
-        if par.compile:
+        if compile_:
             for block in part.layers.values():
                 block.compile()
         if layout.dp_size > 1:

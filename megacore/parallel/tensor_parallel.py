@@ -4,7 +4,8 @@ As in Megatron-LM and torchtitan: the residual stream is sharded along the seque
 (norms run on sequence shards); attention and the MLP gather the sequence, run column-parallel input
 projections (wq/wk/wv, w1/w3: each rank a slice of heads or hidden units) and row-parallel output
 projections (wo, w2) that reduce-scatter back to sequence shards. The embedding is row-parallel over
-the vocabulary and the output head column-parallel, gathered to full logits for the loss.
+the vocabulary and the output head column-parallel; its logits stay sharded over the vocabulary and
+cross-entropy runs on the shards (torch's loss_parallel, megacore/parallel/parallelize.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh) -> None:
     if model.norm is not None:
         top_plan["norm"] = SequenceParallel()
     if model.output is not None:
-        top_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+        # Logits stay sharded over the vocabulary: the loss runs on the shards (loss_parallel).
+        top_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, top_plan)
 
     # Block inputs after the first stage arrive as local sequence shards too.

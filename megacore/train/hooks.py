@@ -21,17 +21,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one optimizer step produced, the same on every rank."""
+    """What one optimizer step produced, the same on every rank. The loss and gradient norm are kept
+    as device tensors (so the step never waits on the device); reading `loss` or `grad_norm` copies
+    them to the host, which the trainer does at logging steps only."""
 
     step: int
     lr: float
-    loss: float  # mean token loss over the global batch
-    grad_norm: float  # before clipping
+    loss_sum: torch.Tensor | float  # summed token loss over the global batch
+    grad_norm_value: torch.Tensor | float  # before clipping
     tokens: int  # target tokens in the global batch
     stop_votes: int  # ranks asking to stop (signal or STOP file)
+
+    @property
+    def loss(self) -> float:
+        """Mean token loss over the global batch (nan for a batch without targets)."""
+        return float(self.loss_sum) / self.tokens if self.tokens else float("nan")
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_value)
 
 
 class Hook:

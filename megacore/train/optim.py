@@ -25,8 +25,9 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 class Optimizers:
     """One AdamW per model part (pipeline stages on this rank), clipped and stepped together."""
 
-    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, pp_group=None):
+    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, pp_group=None, float8_fsdp: bool = False):
         self.parts, self.grad_clip, self.pp_group = parts, cfg.grad_clip, pp_group
+        self.float8_fsdp = float8_fsdp  # float8 weights gathered by FSDP: their scales after each step
         # The fused kernel updates every parameter in one pass: ~4x faster than foreach on CPU
         # (bench/train_step.py), and it takes FSDP's and TP's DTensor shards as they are.
         self.optimizers = [torch.optim.AdamW(param_groups(part, cfg.weight_decay), lr=cfg.lr,
@@ -38,11 +39,16 @@ class Optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def step(self) -> float:
-        """Clip the global gradient norm (when optim.grad_clip > 0) and step; returns the norm before clipping."""
+    def step(self) -> torch.Tensor:
+        """Clip the global gradient norm (when optim.grad_clip > 0) and step; returns the norm before
+        clipping, on the device (clipping scales by it there: no host sync)."""
         norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.grad_clip, self.pp_group)
         for opt in self.optimizers:
             opt.step()
+        if self.float8_fsdp:
+            from megacore.parallel.float8 import precompute_float8_scales
+
+            precompute_float8_scales(self.parts)
         return norm
 
     def zero_grad(self) -> None:
@@ -61,7 +67,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> float:
+def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
     """Global gradient norm over every rank's shards and stages; clips in place when max_norm > 0."""
     params = [p for p in parameters if p.grad is not None]
     total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
@@ -75,4 +81,4 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> float:
         total = total.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return float(total)
+    return total

@@ -25,20 +25,22 @@ from megacore.checkpoint.resume import check_can_resume, checkpoint_to_resume, e
 from megacore.checkpoint.store import set_aside_newer
 from megacore.checkpoint.weights import check_init_from, init_weights_from, load_weights_into_shards
 from megacore.config import Config
-from megacore.distributed import DistEnv, all_reduce_sum, first_failing_rank, init_distributed, shutdown
+from megacore.device import check_float8, configure, resolve_auto
+from megacore.device import peak_tflops as peak_tflops_of
+from megacore.distributed import DistEnv, first_failing_rank, host_all_reduce_sum, init_distributed, shutdown
 from megacore.errors import USER_ERRORS
 from megacore.eval.evaluate import Evaluator
 from megacore.model import Llama, flops_per_token, num_params
 from megacore.monitor.memory import MemoryReport, peak_memory_gib, resident_bytes
 from megacore.monitor.metrics import MetricsLogger
 from megacore.monitor.profiling import StepProfiler
-from megacore.monitor.throughput import ThroughputMeter, measure_matmul_tflops
+from megacore.monitor.throughput import ThroughputMeter
 from megacore.monitor.wandb_run import WandbRun
 from megacore.parallel import Layout, parallelize
 from megacore.run_dir import resolve_vocab_size, write_run_dir
-from megacore.train.data import check_data, eval_stores, train_loader
+from megacore.train.data import DeviceBatches, check_data, eval_stores, train_loader
+from megacore.train.garbage import GarbageCollection
 from megacore.train.hooks import StepResult
-from megacore.train.loss import IGNORE_INDEX
 from megacore.train.optim import Optimizers, lr_at
 from megacore.train.preemption import StopRequest
 
@@ -54,6 +56,9 @@ def train(cfg: Config, resume: str = "none", hooks: tuple = ()) -> dict:
 class Trainer:
     def __init__(self, cfg: Config, resume: str, env: DistEnv, hooks: tuple = ()):
         self.cfg, self.env = cfg, env
+        resolve_auto(cfg, env.device)  # (before the run directory records the config)
+        configure(cfg, env.device)
+        check_float8(cfg, env.device)
         self.layout = Layout.resolve(cfg, env.world_size)
         resolve_vocab_size(cfg)
         check_data(cfg)
@@ -82,32 +87,34 @@ class Trainer:
         part = (env.rank, env.world_size)
         self.train_loader, eval_sets = self._on_every_rank(
             lambda: (train_loader(cfg, self.model.dp_rank, self.model.dp_size, part), eval_stores(cfg, part)))
+        self.batches = DeviceBatches(self.train_loader, env.device, cfg.model.document_masking)
         self.tokenizer_sha256 = eval_sets[0][1].manifest["tokenizer"]["sha256"]
         self.evaluator = Evaluator(self.model, eval_sets, cfg)
         self.step, resumed, self.skipped_batches = 0, {}, 0
         if ckpt is not None:
             resumed = self.checkpointer.load(ckpt, self.model.parts, self.optimizers)
-            self.train_loader.load_state_dict(resumed["loader"])
+            self.batches.load_state_dict(resumed["loader"])
             self.step = resumed["step"]
             self._say(f"resumed from {ckpt} at step {self.step}")
 
         self.wandb = WandbRun(cfg, run_dir, resumed.get("wandb_run_id")) if env.is_main else None
         self.metrics = MetricsLogger(run_dir, env.is_main, cfg.train.steps, cfg.logging.log_every, self.wandb,
                                      continues_from=self.step)
-        peak_tflops = cfg.train.peak_tflops or measure_matmul_tflops(
-            env.device, torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float32)
+        peak_tflops, peak_source = peak_tflops_of(cfg, env.device)
         self.throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.data.seq_len), peak_tflops, env.world_size)
         self.stop_request = StopRequest(run_dir, env.is_main)
         self.end_step = cfg.train.stop_after or cfg.train.steps
         self.profiler = StepProfiler(run_dir, cfg.logging.profile_start, cfg.logging.profile_steps, env.rank,
                                      env.device)
-        self.hooks = [self.profiler, MemoryReport(Path(run_dir) / "memory.json", env.is_main), *hooks]
+        self.gc = GarbageCollection(cfg.train.gc_every)
+        self.hooks = [self.profiler, MemoryReport(Path(run_dir) / "memory.json", env.is_main), self.gc, *hooks]
         if self.step == 0:
             self._say(f"model: {self.n_params / 1e6:.2f}M parameters, {self.throughput.flops_per_token / 1e6:.1f} "
                       f"MFLOP/token; {env.world_size} rank(s) as {self.layout.describe()}; global batch "
                       f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens in {self.layout.n_micro} "
-                      f"micro-batch(es) per dp rank; MFU against {peak_tflops:.3f} TFLOP/s per rank "
-                      f"({torch.get_num_threads()} CPU threads each)")
+                      f"micro-batch(es) per dp rank; {cfg.train.mixed_precision}"
+                      f"{', compiled' if cfg.parallel.compile else ''}; MFU against {peak_tflops:.3f} TFLOP/s per "
+                      f"rank, {peak_source} ({torch.get_num_threads()} CPU threads each)")
 
     def fit(self) -> dict:
         """Train from self.step to end_step, or until a stop request or early stop; returns the last step,
@@ -136,26 +143,29 @@ class Trainer:
         return {"step": step, "stop_reason": stop_reason, "train": train_metrics, "eval": eval_results}
 
     def train_step(self, step: int) -> StepResult:
-        """One optimizer step over the global batch. Besides the model's own collectives: one all-reduce of
-        the target token count with the ranks' stop votes, one of the loss, and the gradient norm's."""
-        pm, device = self.model, self.env.device
+        """One optimizer step over the global batch. Nothing in it waits on the device: the target-token
+        count and stop votes are host values (the loader's labels, signals) summed over a CPU tensor; the
+        loss and gradient norm stay device tensors in the result. Besides the model's own collectives: that
+        host all-reduce, one device all-reduce of the loss, and the gradient norm's."""
+        pm = self.model
         stop_here = self.stop_request.requested_here()
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
         self.optimizers.zero_grad()
         self.optimizers.set_lr(lr)
-        batch = self.train_loader.next_batch()
-        local_tokens = int((batch["labels"] != IGNORE_INDEX).sum()) if pm.counts_tokens else 0
-        global_tokens, votes = (int(v) for v in all_reduce_sum([local_tokens, float(stop_here)], device))
+        batch, local_tokens = self.batches.next()
+        global_tokens, votes = host_all_reduce_sum([local_tokens if pm.counts_tokens else 0, int(stop_here)])
         if global_tokens == 0:
             # No targets anywhere in the global batch (chat data whose windows hold prompts only): nothing
             # to learn; every rank skips it alike, and the count is logged.
             self.skipped_batches += 1
-            return StepResult(step=step, lr=lr, loss=float("nan"), grad_norm=0.0, tokens=0, stop_votes=votes)
+            return StepResult(step=step, lr=lr, loss_sum=float("nan"), grad_norm_value=0.0, tokens=0,
+                              stop_votes=votes)
         # FSDP averages gradients over dp ranks; scaling by dp_size makes the result sum / global_tokens.
         local_loss = pm.forward_backward(batch, pm.dp_size / global_tokens)
-        (total,) = all_reduce_sum([local_loss if pm.reports_loss else 0.0], device)
+        total = local_loss.detach().clone() if pm.reports_loss else torch.zeros_like(local_loss)
+        dist.all_reduce(total)
         grad_norm = self.optimizers.step()
-        return StepResult(step=step, lr=lr, loss=total / global_tokens, grad_norm=grad_norm, tokens=global_tokens,
+        return StepResult(step=step, lr=lr, loss_sum=total, grad_norm_value=grad_norm, tokens=global_tokens,
                           stop_votes=votes)
 
     # -- the loop's pieces, in the order fit() calls them --
@@ -166,7 +176,7 @@ class Trainer:
 
     def _log_train(self, result: StepResult) -> dict:
         metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, **self.throughput.take(),
-                   "epoch": self.train_loader.epoch, "epoch_progress": self.train_loader.epoch_progress,
+                   "epoch": self.batches.epoch, "epoch_progress": self.batches.epoch_progress,
                    "peak_memory_gib": peak_memory_gib(self.env.device), "skipped_batches": self.skipped_batches}
         self.metrics.log(result.step, metrics)
         return metrics
@@ -190,7 +200,7 @@ class Trainer:
         return "requested" if result.stop_votes > 0 else None
 
     def _save(self, step: int) -> None:
-        meta = {"loader": self.train_loader.state_dict(), "config": self.cfg.to_dict(),
+        meta = {"loader": self.batches.state_dict(), "config": self.cfg.to_dict(),
                 "world_size": self.env.world_size, "tokenizer_sha256": self.tokenizer_sha256,
                 "wandb_run_id": self.wandb.id if self.wandb is not None else None}
         start = time.perf_counter()
@@ -202,13 +212,14 @@ class Trainer:
 
     def _close(self, stop_reason: str | None) -> None:
         self.profiler.close()
+        self.gc.close()
         self._say_committed(self.checkpointer.close())
         if stop_reason == "requested":
             self.stop_request.mark_stopped(self.step)  # after the commit: the batch script requeues on this
             self._say(f"stopped at step {self.step} on request (preemption or time limit); continue with "
                       f"--resume auto")
         self.metrics.close()
-        self.train_loader.close()
+        self.batches.close()
 
     # -- building --
 
@@ -270,7 +281,8 @@ class Trainer:
             return pm, optimizers, DeepSpeedCheckpointer(cfg.train.run_dir, cfg.checkpoint, env.rank, pm.engine)
         mesh = layout.build_mesh(env.device.type)
         pm = parallelize(model, cfg, layout, mesh, env.rank, env.device)
-        optimizers = Optimizers(pm.parts, cfg.optim, mesh["pp"].get_group() if layout.pp > 1 else None)
+        optimizers = Optimizers(pm.parts, cfg.optim, mesh["pp"].get_group() if layout.pp > 1 else None,
+                                float8_fsdp=cfg.train.float8 and layout.dp_size > 1)
         return pm, optimizers, Checkpointer(cfg.train.run_dir, cfg.checkpoint, env.rank)
 
     def _say(self, message: str) -> None:

@@ -1,0 +1,98 @@
+"""What the training device can do, and the defaults that follow: precision, TF32, compile, float8,
+and the peak TFLOP/s that MFU is measured against.
+
+`train.mixed_precision=auto` is bf16 where the device computes it natively (CUDA GPUs from Ampere on)
+and fp32 elsewhere (CPUs like ours have no bf16 units: bf16 matmuls run ~90x slower there).
+`parallel.compile=auto` compiles on CUDA (blocks, and the loss with the output head), not on CPU (a
+cold compile costs ~30 s there, more than a short CPU run gains). fp32 matmuls on CUDA use TF32
+unless `train.tf32=false`.
+
+MFU on CUDA is measured against the device's dense peak from its datasheet (no sparsity), looked up
+by device name; `train.peak_tflops` overrides it, and an unknown GPU or a CPU falls back to a matmul
+measured at start (on a CPU that is the honest peak: a vendor number ignores the clock and threads the
+rank really has).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megacore.config import Config
+from megacore.errors import ConfigError
+
+# Dense TFLOP/s per GPU: (bf16, tf32). Longer, more specific names first (H100 PCIe before H100).
+PEAK_TFLOPS: list[tuple[str, float, float]] = [
+    ("GB200", 2500.0, 1250.0),
+    ("B200", 2250.0, 1100.0),
+    ("H200", 989.0, 494.5),
+    ("GH200", 989.0, 494.5),
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100 NVL", 835.0, 417.5),
+    ("H100", 989.0, 494.5),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H800", 989.0, 494.5),
+    ("A100", 312.0, 156.0),
+    ("A800", 312.0, 156.0),
+    ("L40S", 362.0, 183.0),
+    ("L4", 121.0, 60.0),
+    ("A10G", 70.0, 35.0),
+    ("A10", 125.0, 62.5),
+    ("MI300X", 1307.0, 653.7),
+    ("MI250X", 383.0, 191.5),
+]
+
+FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper onward have float8 tensor cores
+
+
+def peak_from_name(name: str, bf16: bool) -> float | None:
+    for key, bf16_peak, tf32_peak in PEAK_TFLOPS:
+        if key in name:
+            return bf16_peak if bf16 else tf32_peak
+    return None
+
+
+def resolve_auto(cfg: Config, device: torch.device) -> None:
+    """Replace `auto` in train.mixed_precision and parallel.compile by what `device` should run."""
+    cuda = device.type == "cuda"
+    if cfg.train.mixed_precision == "auto":
+        cfg.train.mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if cfg.parallel.compile == "auto":
+        cfg.parallel.compile = cuda and cfg.parallel.backend == "torch"
+
+
+def configure(cfg: Config, device: torch.device) -> None:
+    """Settings of the process for this device: TF32 for fp32 matmuls and convolutions on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+
+
+def check_float8(cfg: Config, device: torch.device) -> None:
+    """train.float8 needs torchao and a GPU with float8 tensor cores; refused with the reason elsewhere."""
+    if not cfg.train.float8:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"train.float8=true needs a CUDA GPU with compute capability >= "
+                          f"{'.'.join(map(str, FLOAT8_MIN_CAPABILITY))} (H100, H200, L40S, B200); this run is on "
+                          f"{device.type}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLOAT8_MIN_CAPABILITY:
+        raise ConfigError(f"train.float8=true needs compute capability >= 8.9; {torch.cuda.get_device_name(device)} "
+                          f"has {capability[0]}.{capability[1]}")
+
+
+def peak_tflops(cfg: Config, device: torch.device) -> tuple[float, str]:
+    """(peak TFLOP/s per rank for MFU, where it came from)."""
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops, "train.peak_tflops"
+    bf16 = cfg.train.mixed_precision == "bf16"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if not bf16 and not cfg.train.tf32:
+            peak = None  # plain fp32: no table entry, measure
+        else:
+            peak = peak_from_name(name, bf16)
+        if peak is not None:
+            return peak, f"{name} dense {'bf16' if bf16 else 'tf32'} datasheet"
+    from megacore.monitor.throughput import measure_matmul_tflops
+
+    return measure_matmul_tflops(device, torch.bfloat16 if bf16 else torch.float32), "measured matmul"
