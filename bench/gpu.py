@@ -17,8 +17,12 @@ sequence length, in the same process:
 
     python bench/gpu.py            # on one H100/H200: about 6-8 minutes
     python bench/gpu.py --smoke    # tiny shapes on whatever device is here (CPU: a few seconds, eager)
+    python bench/gpu.py --size small --device cpu   # dim 256, 32k vocabulary, seq 1024: CPU figures
 
 MFU is against the device's dense datasheet peak (megacore/device.py), or on CPU a measured matmul.
+peak GiB: CUDA's peak allocation of the variant (weights, optimizer state, activations); step GiB: the
+peak allocated during one training step above what was held before it (on CPU from torch.profiler's
+memory events), the part that the loss and attention variants change.
 """
 
 from __future__ import annotations
@@ -40,9 +44,18 @@ from megacore.device import check_float8, configure, peak_tflops, resolve_auto  
 from megacore.distributed import init_distributed, shutdown  # noqa: E402
 from megacore.model import Llama, flops_per_token  # noqa: E402
 from megacore.monitor.host_syncs import HostSyncCounter  # noqa: E402
+from megacore.monitor.memory import peak_allocated_during  # noqa: E402
 from megacore.parallel import Layout, parallelize  # noqa: E402
 from megacore.train.optim import Optimizers  # noqa: E402
 
+PEAKS: dict = {}
+# Model shapes besides configs/llama3_1b.yaml's own (size 1b).
+SIZES = {"1b": [],
+         "small": ["model.dim=256", "model.n_layers=4", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=768",
+                   "model.vocab_size=32768"],
+         "smoke": ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=192",
+                   "model.vocab_size=1024"]}
+SEQS = {"1b": [2048, 8192], "small": [1024], "smoke": [128]}
 VARIANTS = {
     "eager": dict(compile=False, fused=False),
     "compile": dict(compile=True, fused=False),
@@ -64,9 +77,7 @@ def config(args, variant: dict, seq: int):
                  f"parallel.activation_checkpointing={variant.get('ac', 'none')}",
                  f"model.document_masking={str(variant.get('docmask', False)).lower()}",
                  f"train.float8={str(variant.get('float8', False)).lower()}", "train.mixed_precision=auto"]
-    if args.smoke:
-        overrides += ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=192",
-                      "model.vocab_size=1024"]
+    overrides += SIZES[args.size]
     return load_config(REPO / "configs/llama3_1b.yaml", overrides)
 
 
@@ -146,24 +157,32 @@ def run_variant(args, name: str, variant: dict, seq: int, env) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     with HostSyncCounter() as syncs:
         step()
+    step_bytes = peak_allocated_during(step, device)
     kernel = attention_kernel(step, device)
-    peak, source = peak_tflops(cfg, device)
+    key = (cfg.train.mixed_precision, cfg.train.tf32)
+    if key not in PEAKS:  # measured once per precision (on CPU): every row divides by the same peak
+        PEAKS[key] = peak_tflops(cfg, device)
+    peak, source = PEAKS[key]
     tps = tokens / seconds
     mfu = tps * flops_per_token(cfg.model, seq) / 1e12 / peak
-    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"variant": name + note, "seq": seq, "tokens_per_s": tps, "mfu": mfu, "peak_gib": memory, "kernel": kernel,
+    total = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
+    return {"variant": name + note, "seq": seq, "tokens_per_s": tps, "mfu": mfu, "peak_gib": total,
+            "step_gib": step_bytes / 2**30, "kernel": kernel,
             "host_syncs": syncs.count, "peak_source": source, "precision": cfg.train.mixed_precision}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps: checks the script runs")
+    parser.add_argument("--size", default="1b", choices=list(SIZES), help="model shapes (default: the 1B model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--compile-on-cpu", action="store_true", help="also run the compiled variants on CPU")
     args = parser.parse_args()
-    args.seqs = [128] if args.smoke else [2048, 8192]
-    args.warmup, args.steps = (1, 2) if args.smoke else (5, 10)
+    if args.smoke:
+        args.size = "smoke"
+    args.seqs = SEQS[args.size]
+    args.warmup, args.steps = {"smoke": (1, 2), "small": (2, 5), "1b": (5, 10)}[args.size]
     env = init_distributed(args.device)
     chosen = [v for v in args.variants.split(",") if v]
     unknown = [v for v in chosen if v not in VARIANTS]
@@ -171,11 +190,11 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}")
-    print("| variant | seq | micro-batch | tokens/s | vs eager | MFU | peak GiB | attention | host syncs/step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | seq | micro-batch | tokens/s | vs eager | MFU | peak GiB | step GiB | attention | host syncs/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     try:
         for seq in args.seqs:
-            args.batch = 1 if args.smoke else (4 if seq <= 2048 else 1)
+            args.batch = {"smoke": 1, "small": 2}.get(args.size, 4 if seq <= 2048 else 1)
             reference = None
             for variant in chosen:
                 with contextlib.suppress(torch.OutOfMemoryError) if env.device.type == "cuda" else \
@@ -185,13 +204,14 @@ def main() -> None:
                     if env.device.type == "cuda":
                         torch.cuda.empty_cache()
                     if "skipped" in row:
-                        print(f"| {variant} | {seq} | {args.batch} | skipped: {row['skipped']} | | | | | |", flush=True)
+                        print(f"| {variant} | {seq} | {args.batch} | skipped: {row['skipped']} | | | | | | |", flush=True)
                         continue
                     if reference is None:
                         reference = row["tokens_per_s"]
                         print(f"MFU against {row['peak_source']} ({row['precision']})")
                     print(f"| {row['variant']} | {seq} | {args.batch} | {row['tokens_per_s']:,.0f} | "
-                          f"{row['tokens_per_s'] / reference:.2f}x | {row['mfu']:.1%} | {row["peak_gib"]:.1f} | "
+                          f"{row['tokens_per_s'] / reference:.2f}x | {row['mfu']:.1%} | {row['peak_gib']} | "
+                          f"{row['step_gib']:.3f} | "
                           f"{row['kernel']} | {row['host_syncs']} |", flush=True)
     finally:
         shutdown()

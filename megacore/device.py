@@ -66,6 +66,14 @@ def configure(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
 
 
+def check_supported(cfg: Config, device: torch.device) -> None:
+    """What this device cannot run of the config, refused with the reason before the model is built."""
+    if device.type == "cuda" and cfg.model.document_masking and cfg.model.dropout > 0:
+        raise ConfigError("model.document_masking on CUDA runs FlexAttention, which has no attention dropout: set "
+                          "model.dropout=0")
+    check_float8(cfg, device)
+
+
 def check_float8(cfg: Config, device: torch.device) -> None:
     """train.float8 needs torchao and a GPU with float8 tensor cores; refused with the reason elsewhere."""
     if not cfg.train.float8:

@@ -14,6 +14,7 @@ from megacore.model import Llama
 from megacore.model import attention as attention_module
 from megacore.model.loss import linear_cross_entropy
 from megacore.monitor.host_syncs import HostSyncCounter
+from megacore.monitor.memory import peak_allocated_during
 from megacore.train.loss import loss_sum
 
 
@@ -220,22 +221,6 @@ def test_train_step_makes_no_host_sync_and_logging_steps_read_their_metrics(data
     assert hook.between[1] == [] and hook.between[4] == []
 
 
-def peak_allocated_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes while fn() runs, from torch.profiler's memory events."""
-    import json
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max(totals) - totals[0]
-
-
 def test_chunked_loss_lowers_the_peak_memory_of_a_training_step():
     torch.manual_seed(0)
     model = Llama(tiny(vocab_size=32768, max_seq_len=1024, n_layers=1))
@@ -250,8 +235,9 @@ def test_chunked_loss_lowers_the_peak_memory_of_a_training_step():
         model(tokens, labels=labels)[0].backward()
 
     full_logits_step(), chunked_step()  # gradients allocated once, as in training
-    before, after = peak_allocated_bytes(full_logits_step), peak_allocated_bytes(chunked_step)
-    assert after <= 0.7 * before, (before, after)
+    cpu = torch.device("cpu")
+    before, after = peak_allocated_during(full_logits_step, cpu), peak_allocated_during(chunked_step, cpu)
+    assert after <= 0.7 * before, (before, after)  # measured here: 390 MiB -> 70 MiB
 
 
 def test_gpu_benchmark_smoke_runs_every_variant_on_this_machine():

@@ -82,22 +82,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentM
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
-    if dropout_p > 0:
-        raise ValueError("model.dropout > 0 is not supported with model.document_masking")
     if use_flex(q.device):
         from torch.nn.attention.flex_attention import flex_attention
 
+        if dropout_p > 0:  # (refused before training starts: megacore/device.py)
+            raise ValueError("FlexAttention has no attention dropout: model.dropout with model.document_masking")
         return _compiled(flex_attention)(q, k, v, block_mask=mask.block_mask(), enable_gqa=gqa)
-    return per_document_attention(q, k, v, mask.spans(), gqa)
+    return per_document_attention(q, k, v, mask.spans(), gqa, dropout_p)
 
 
 @torch.compiler.disable  # the loop depends on each batch's documents: compiling it would recompile per batch
-def per_document_attention(q, k, v, spans: list[list[tuple[int, int]]], gqa: bool) -> torch.Tensor:
+def per_document_attention(q, k, v, spans: list[list[tuple[int, int]]], gqa: bool, dropout_p: float = 0.0):
     rows = []
     for row, docs in enumerate(spans):
         qr, kr, vr = q[row:row + 1], k[row:row + 1], v[row:row + 1]
         outs = [F.scaled_dot_product_attention(qr[:, :, s:e], kr[:, :, s:e], vr[:, :, s:e], is_causal=True,
-                                               enable_gqa=gqa) for s, e in docs]
+                                               dropout_p=dropout_p, enable_gqa=gqa) for s, e in docs]
         rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 

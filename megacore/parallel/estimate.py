@@ -19,6 +19,7 @@ import torch
 
 from megacore.config import Config
 from megacore.model.llama import Llama, ffn_hidden_dim, flops_per_token, num_params
+from megacore.model.loss import chunk_rows
 from megacore.parallel.layout import Layout
 from megacore.parallel.pipeline import stage_layers
 
@@ -81,7 +82,7 @@ def analytic_numels(cfg: Config, layout: Layout, rank: int, shapes: dict | None 
 def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int]) -> dict[str, float]:
     """Bytes on a rank holding `numels` of each parameter: fp32 parameters and gradients, AdamW state
     (two moments and a step count per parameter tensor), and approximate peak activations of one
-    micro-batch."""
+    micro-batch with the loss's logits and FSDP's gathered units."""
     elements = sum(numels.values())
     m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len
     # (auto counts as bf16: plans are made for GPUs, where auto is bf16)
@@ -97,7 +98,17 @@ def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int]) -> dict
     in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B holds up to pp micro-batches per stage
     activations = b * t * per_token * layers_here * act_bytes * in_flight
     if any(n.startswith("output.") for n in numels):
-        activations += b * t * m.vocab_size * 4 * 2  # fp32 logits and their gradient
+        if layout.tp > 1:  # loss parallel: fp32 logits of this rank's vocabulary shard and their gradient
+            activations += b * t * m.vocab_size / layout.tp * 4 * 2
+        else:  # the head's chunked loss: one chunk of fp32 logits, and the hidden states' gradient
+            activations += chunk_rows(m.vocab_size) * m.vocab_size * 4 + b * t * m.dim * 4
+    if layout.dp_size > 1 and layout.backend == "torch":
+        # FSDP's gathered weights (approx.): the norm + head unit, kept gathered from its forward through
+        # its backward, and two blocks (the one computing and the next, prefetched).
+        param_bytes = 2 if cfg.train.mixed_precision != "fp32" else 4
+        block = m.dim * m.head_size * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.dim * hidden + 2 * m.dim
+        head = m.vocab_size * m.dim if any(n.startswith("output.") for n in numels) else 0
+        activations += (head + 2 * block) / layout.tp * param_bytes
     grad_elements = elements
     if layout.tp > 1 and layout.dp_size == 1 and "tok_embeddings.weight" in numels:
         # The row-parallel embedding's backward yields a replicated (full-vocabulary) gradient; with

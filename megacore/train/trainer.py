@@ -25,7 +25,7 @@ from megacore.checkpoint.resume import check_can_resume, checkpoint_to_resume, e
 from megacore.checkpoint.store import set_aside_newer
 from megacore.checkpoint.weights import check_init_from, init_weights_from, load_weights_into_shards
 from megacore.config import Config
-from megacore.device import check_float8, configure, resolve_auto
+from megacore.device import check_supported, configure, resolve_auto
 from megacore.device import peak_tflops as peak_tflops_of
 from megacore.distributed import DistEnv, first_failing_rank, host_all_reduce_sum, init_distributed, shutdown
 from megacore.errors import USER_ERRORS
@@ -58,7 +58,7 @@ class Trainer:
         self.cfg, self.env = cfg, env
         resolve_auto(cfg, env.device)  # (before the run directory records the config)
         configure(cfg, env.device)
-        check_float8(cfg, env.device)
+        check_supported(cfg, env.device)
         self.layout = Layout.resolve(cfg, env.world_size)
         resolve_vocab_size(cfg)
         check_data(cfg)
