@@ -15,7 +15,7 @@ sequence length, in the same process:
     compile+fused+full_ac       + full activation checkpointing
     compile+fused+float8        + float8 block linears (torchao; refused without sm89+)
 
-    python bench/gpu.py            # on one H100/H200: about 6-8 minutes
+    python bench/gpu.py            # on one H100/H200: about 6-8 minutes (on a CPU: --size small)
     python bench/gpu.py --smoke    # tiny shapes on whatever device is here (CPU: a few seconds, eager)
     python bench/gpu.py --size small --device cpu   # dim 256, 32k vocabulary, seq 1024: CPU figures
 
@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+from report import record  # noqa: E402
 
 from megacore.config import ConfigError, load_config  # noqa: E402
 from megacore.device import check_float8, configure, peak_tflops, resolve_auto  # noqa: E402
@@ -174,13 +176,16 @@ def run_variant(args, name: str, variant: dict, seq: int, env) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 steps: checks the script runs")
-    parser.add_argument("--size", default="1b", choices=list(SIZES), help="model shapes (default: the 1B model)")
+    parser.add_argument("--size", choices=list(SIZES), help="model shapes (default: 1b on a GPU, small on CPU)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--compile-on-cpu", action="store_true", help="also run the compiled variants on CPU")
     args = parser.parse_args()
     if args.smoke:
         args.size = "smoke"
+    elif args.size is None:
+        cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        args.size = "1b" if cuda else "small"
     args.seqs = SEQS[args.size]
     args.warmup, args.steps = {"smoke": (1, 2), "small": (2, 5), "1b": (5, 10)}[args.size]
     env = init_distributed(args.device)
@@ -207,8 +212,13 @@ def main() -> None:
                         print(f"| {variant} | {seq} | {args.batch} | skipped: {row['skipped']} | | | | | | |", flush=True)
                         continue
                     if reference is None:
-                        reference = row["tokens_per_s"]
+                        reference, ref_row = row["tokens_per_s"], row
                         print(f"MFU against {row['peak_source']} ({row['precision']})")
+                    elif not args.smoke:
+                        record(f"gpu.py {row['variant']}, seq {seq} ({name})",
+                               f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, step {row['step_gib']:.3f} GiB",
+                               f"eager: {reference:,.0f} tokens/s, step {ref_row['step_gib']:.3f} GiB",
+                               f"{row['tokens_per_s'] / reference:.2f}x", "MFU >= 45% (1B, seq 2048, compile, bf16)")
                     print(f"| {row['variant']} | {seq} | {args.batch} | {row['tokens_per_s']:,.0f} | "
                           f"{row['tokens_per_s'] / reference:.2f}x | {row['mfu']:.1%} | {row['peak_gib']} | "
                           f"{row['step_gib']:.3f} | "

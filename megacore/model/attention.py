@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 
 class DocumentMask:
-    """Which document each position belongs to: (batch, seq) ids, from position ids."""
+    """Which document each position belongs to: (batch, seq) ids, from position ids. What the device's
+    kernel needs is built here, once per forward and outside any compiled block: the block mask on
+    CUDA; on CPU the document spans are read when first needed."""
 
     def __init__(self, position_ids: torch.Tensor):
         self.position_ids = position_ids
@@ -30,6 +32,8 @@ class DocumentMask:
         self.doc_ids = (position_ids == 0).cumsum(-1)
         self._spans: list[list[tuple[int, int]]] | None = None
         self._block_mask = None
+        if use_flex(position_ids.device):
+            self.block_mask()
 
     @property
     def shape(self) -> tuple[int, int]:

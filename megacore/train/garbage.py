@@ -25,5 +25,9 @@ class GarbageCollection(Hook):
             gc.collect(1)
 
     def close(self) -> None:
+        """At the end of training: automatic collection back on, and one full collection now, so that
+        cyclic garbage (engines, process-group handles) is freed before the process group is destroyed,
+        not during interpreter shutdown."""
         if self.every > 0:
             gc.enable()
+            gc.collect()
