@@ -85,7 +85,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) $(CHITCHAT) slurm lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # Benchmarks print ratios against a reference run in the same script, then one table of all of them
 # (bench/report.py); figures go in BENCHMARKS.md.
