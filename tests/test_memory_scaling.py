@@ -16,7 +16,7 @@ from tests.helpers import megacore
 # 60 blocks of 3.2M parameters (dim 512) + embeddings: 195M parameters, 12 bytes each for the weights and
 # AdamW's two moments. Short sequences: activations are not what this measures.
 BIG = ["model.dim=512", "model.n_layers=60", "model.n_heads=8", "model.n_kv_heads=8", "data.seq_len=32",
-       "train.micro_batch_size=1", "train.global_batch_size=4", "train.steps=2", "train.eval_every=1000",
+       "train.micro_batch_size=1", "train.global_batch_size=4", "train.steps=1", "train.eval_every=1000",
        "checkpoint.enabled=false"]
 
 

@@ -14,6 +14,7 @@ same gradients.
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -48,7 +49,14 @@ from megacore.train.preemption import StopRequest
 def train(cfg: Config, resume: str = "none", hooks: tuple = ()) -> dict:
     env = init_distributed(cfg.train.device)
     try:
-        return Trainer(cfg, resume, env, hooks).fit()
+        trainer = Trainer(cfg, resume, env, hooks)
+        result = trainer.fit()
+        # Teardown order: the model, engine and loader (cyclic references: DeepSpeed's engine, process
+        # subgroups) are freed now, while the process group exists, not by the interpreter at exit
+        # after it is destroyed (an abort at exit, "terminate called without an active exception").
+        del trainer
+        gc.collect()
+        return result
     finally:
         shutdown()
 
