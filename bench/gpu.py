@@ -19,6 +19,8 @@ sequence length, in the same process:
     python bench/gpu.py --smoke    # tiny shapes on whatever device is here (CPU: a few seconds, eager)
     python bench/gpu.py --size small --device cpu   # dim 256, 32k vocabulary, seq 1024: CPU figures
 
+Each compiled variant compiles afresh (inductor's cache makes repeats cheaper); variants still to run
+once --budget-s (480 s) has passed are listed as skipped, so the script ends within about 8 minutes.
 MFU is against the device's dense datasheet peak (megacore/device.py), or on CPU a measured matmul.
 peak GiB: CUDA's peak allocation of the variant (weights, optimizer state, activations); step GiB: the
 peak allocated during one training step above what was held before it (on CPU from torch.profiler's
@@ -28,7 +30,6 @@ memory events), the part that the loss and attention variants change.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import sys
 import time
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--compile-on-cpu", action="store_true", help="also run the compiled variants on CPU")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="skip the variants left once this many seconds have passed (default 8 minutes)")
     args = parser.parse_args()
     if args.smoke:
         args.size = "smoke"
@@ -197,32 +200,37 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}")
     print("| variant | seq | micro-batch | tokens/s | vs eager | MFU | peak GiB | step GiB | attention | host syncs/step |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    started = time.perf_counter()
     try:
         for seq in args.seqs:
             args.batch = {"smoke": 1, "small": 2}.get(args.size, 4 if seq <= 2048 else 1)
             reference = None
             for variant in chosen:
-                with contextlib.suppress(torch.OutOfMemoryError) if env.device.type == "cuda" else \
-                        contextlib.nullcontext():
+                if time.perf_counter() - started > args.budget_s:
+                    print(f"| {variant} | {seq} | {args.batch} | skipped: past --budget-s {args.budget_s:g} | | | | | | |")
+                    continue
+                try:
                     row = run_variant(args, variant, VARIANTS[variant], seq, env)
-                    gc.collect()  # the variant's model and optimizer state, before the next one
-                    if env.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    if "skipped" in row:
-                        print(f"| {variant} | {seq} | {args.batch} | skipped: {row['skipped']} | | | | | | |", flush=True)
-                        continue
-                    if reference is None:
-                        reference, ref_row = row["tokens_per_s"], row
-                        print(f"MFU against {row['peak_source']} ({row['precision']})")
-                    elif not args.smoke:
-                        record(f"gpu.py {row['variant']}, seq {seq} ({name})",
-                               f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, step {row['step_gib']:.3f} GiB",
-                               f"eager: {reference:,.0f} tokens/s, step {ref_row['step_gib']:.3f} GiB",
-                               f"{row['tokens_per_s'] / reference:.2f}x", "MFU >= 45% (1B, seq 2048, compile, bf16)")
-                    print(f"| {row['variant']} | {seq} | {args.batch} | {row['tokens_per_s']:,.0f} | "
-                          f"{row['tokens_per_s'] / reference:.2f}x | {row['mfu']:.1%} | {row['peak_gib']} | "
-                          f"{row['step_gib']:.3f} | "
-                          f"{row['kernel']} | {row['host_syncs']} |", flush=True)
+                except torch.OutOfMemoryError:
+                    row = {"skipped": "out of memory"}
+                gc.collect()  # the variant's model and optimizer state, before the next one
+                if env.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if "skipped" in row:
+                    print(f"| {variant} | {seq} | {args.batch} | skipped: {row['skipped']} | | | | | | |", flush=True)
+                    continue
+                if reference is None:
+                    reference, ref_row = row["tokens_per_s"], row
+                    print(f"MFU against {row['peak_source']} ({row['precision']})")
+                elif not args.smoke:
+                    record(f"gpu.py {row['variant']}, seq {seq} ({name})",
+                           f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%}, step {row['step_gib']:.3f} GiB",
+                           f"eager: {reference:,.0f} tokens/s, step {ref_row['step_gib']:.3f} GiB",
+                           f"{row['tokens_per_s'] / reference:.2f}x", "MFU >= 45% (1B, seq 2048, compile, bf16)")
+                print(f"| {row['variant']} | {seq} | {args.batch} | {row['tokens_per_s']:,.0f} | "
+                      f"{row['tokens_per_s'] / reference:.2f}x | {row['mfu']:.1%} | {row['peak_gib']} | "
+                      f"{row['step_gib']:.3f} | "
+                      f"{row['kernel']} | {row['host_syncs']} |", flush=True)
     finally:
         shutdown()
 
