@@ -13,6 +13,8 @@ whatever the sequence length or micro-batch; the number of chunks grows with the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IGNORE_INDEX = -100  # labels that carry no loss (data_pipeline.loader.IGNORE_INDEX)
@@ -91,11 +93,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     return loss, correct
 
 
-_COMPILED = None
-
-
+@functools.cache
 def _compiled_chunk():
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_chunk_loss_and_grad_logits)
-    return _COMPILED
+    return torch.compile(_chunk_loss_and_grad_logits)

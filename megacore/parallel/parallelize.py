@@ -98,17 +98,11 @@ class ParallelModel:
         """(summed token loss, correct predictions) of one micro-batch."""
         if not (self.loss_parallel or self.full_logits_loss):
             return model(x, pos, labels=y)
-        logits = model(x, pos)
-        full = logits.full_tensor() if isinstance(logits, DTensor) else logits
-        correct = correct_count(full, y) if not torch.is_grad_enabled() else torch.zeros((), device=y.device)
-        return _local(loss_sum(logits, y)), correct
+        return _loss_from_logits(model(x, pos), y)
 
     def _pipeline_loss(self, output, target: torch.Tensor) -> torch.Tensor:
-        if isinstance(output, tuple):  # the last stage's OutputHead computed (loss, correct) itself
-            loss, correct = output
-        else:
-            loss = _local(loss_sum(output, target))
-            correct = correct_count(output.full_tensor(), target) if not torch.is_grad_enabled() else 0
+        # The last stage's OutputHead computed (loss, correct) itself, or (TP) returned sharded logits.
+        loss, correct = output if isinstance(output, tuple) else _loss_from_logits(output, target)
         if not torch.is_grad_enabled():
             self._correct += correct
         return loss * self._scale
@@ -164,9 +158,15 @@ class ParallelModel:
         return total, correct
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A loss_parallel result (a replicated DTensor) as a plain tensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
+def _loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, correct predictions) from logits: vocabulary-sharded under TP (loss_parallel; the
+    accuracy count, in evaluation only, gathers them), or full (bench/gpu.py's reference)."""
+    loss = loss_sum(logits, labels)
+    loss = loss.to_local() if isinstance(loss, DTensor) else loss
+    if torch.is_grad_enabled():
+        return loss, torch.zeros((), device=labels.device)
+    full = logits.full_tensor() if isinstance(logits, DTensor) else logits
+    return loss, correct_count(full, labels)
 
 
 def apply_parallelism(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMesh) -> list[tuple[int, Llama]]:
