@@ -6,8 +6,10 @@ tokenizer's reserved special tokens:
 
     <|system|>You are ...<|end|><|user|>Hello<|end|><|assistant|>Hi there<|end|>  (then EOS)
 
-A published model's tokenizer brings its own `chat_template` (Jinja, from tokenizer_config.json), which
-is rendered as `transformers`' apply_chat_template renders it; the ids are those of the rendered text.
+A published model's tokenizer brings its own chat template (Jinja: `chat_template.jinja`, or the
+`chat_template` of tokenizer_config.json; data_pipeline/tokenizer.py reads it where transformers does),
+which is rendered as `transformers`' apply_chat_template renders it; the ids are those of the rendered text.
+A tokenizer with neither a template nor megacore's reserved tokens is refused before anything is written.
 
 The loss mask, either way: only what the assistant says is trained, its content and the end-of-turn
 marker that closes it (so the model learns to stop) have weight 1; everything else, the role markers
@@ -20,12 +22,33 @@ from __future__ import annotations
 
 import json
 
+from data_pipeline.errors import DataPipelineError
+from data_pipeline.tokenizer import CHAT_TEMPLATE_PLACES
+
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
 
 
-class ChatFormatError(ValueError):
-    pass
+class ChatFormatError(DataPipelineError):
+    """Chat records, or a tokenizer, that cannot make a conversation's tokens."""
+
+
+def check_chat_tokenizer(tokenizer, what: str) -> None:
+    """Refuse, before anything is written, a tokenizer that cannot render a conversation: one with no chat
+    template (looked for where transformers looks) that is not a megacore tokenizer with the reserved
+    tokens. A template that does not compile is refused too. `what` names the setting that chose it."""
+    if tokenizer.chat_template:
+        _compiled(tokenizer.chat_template)
+        return
+    if all(tokenizer.token_id(piece) is not None for piece in (*(f"<|{r}|>" for r in ROLES), END)):
+        return
+    named = (f" (it has templates {sorted(tokenizer.chat_templates)}, none named 'default')"
+             if tokenizer.chat_templates else "")
+    raise ChatFormatError(
+        f"{what}: the tokenizer in {tokenizer.directory} has no chat template{named}: looked at "
+        f"{', '.join(CHAT_TEMPLATE_PLACES)} there. Use a chat model's tokenizer (its chat_template.jinja), "
+        f"add a template (tokenizer.chat_template = ...; tokenizer.save_pretrained(DIR) in transformers), or "
+        f"prepare with a tokenizer megacore trains (it reserves {', '.join(f'<|{r}|>' for r in ROLES)} and {END})")
 
 
 def conversation(record, where: str) -> list[dict]:
@@ -49,7 +72,8 @@ def conversation(record, where: str) -> list[dict]:
 def special_id(tokenizer, piece: str) -> int:
     pid = tokenizer.token_id(piece)
     if pid is None:
-        raise ChatFormatError(f"the tokenizer has no {piece} token (prepare it with megacore, which reserves them)")
+        raise ChatFormatError(f"the tokenizer in {tokenizer.directory} has no chat template and no {piece} token "
+                              f"(megacore's own tokenizers reserve it)")
     return pid
 
 

@@ -19,7 +19,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.chat import contents, render
+from data_pipeline.chat import check_chat_tokenizer, contents, render
 from data_pipeline.cleaning import Cleaner
 from data_pipeline.durable import write_json_atomic
 from data_pipeline.shards import (
@@ -42,7 +41,7 @@ from data_pipeline.shards import (
     write_shard,
 )
 from data_pipeline.sources import SourceStats, iter_documents, source_identity, source_listing
-from data_pipeline.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from data_pipeline.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
 
 TOKENIZER_SIDECAR = "tokenizer.json"
 SETTINGS = ("sources", "text_unit", "text_field", "format", "tokenizer_from", "normalize", "min_doc_chars",
@@ -153,7 +152,7 @@ def prepare(data_cfg, log=print) -> dict:
         "sources": sources,
         "tokenizer": {"file": tokenizer.path.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-                      **({"files": [f.name for f in tokenizer.files]} if len(tokenizer.files) > 1 else {})},
+                      **({"files": tokenizer.file_names} if len(tokenizer.files) > 1 else {})},
         "dtype": dtype.name,
         "splits": splits,
         "source_fingerprint": source_digest.hexdigest()[:16],
@@ -187,9 +186,9 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
         except FileNotFoundError:
             raise FileNotFoundError(f"data.tokenizer_from={data_cfg.tokenizer_from}: no tokenizer.json or "
                                     f"tokenizer.model there") from None
-        for f in source.files:
-            if f.resolve() != (out / f.name).resolve():
-                shutil.copyfile(f, out / f.name)
+        if data_cfg.format == "chat":
+            check_chat_tokenizer(source, f"data.format=chat with data.tokenizer_from={data_cfg.tokenizer_from}")
+        copy_tokenizer(source, out)
         log(f"using the tokenizer of {data_cfg.tokenizer_from}")
         return load_tokenizer(out / source.path.name)
     key = {"settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},

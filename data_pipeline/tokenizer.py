@@ -1,8 +1,10 @@
 """Tokenizers: our SentencePiece model (trained on the corpus), and a published model's Hugging Face
 `tokenizer.json` (byte-level BPE as in Llama 3 and Qwen, through the `tokenizers` library) with its
-`tokenizer_config.json` (special tokens, chat template). Both give the same interface: ids of text
-without special tokens, exact decoding, BOS/EOS/pad ids, the id of a special piece, and the files that
-make up the tokenizer (copied with the data and the run, hashed together into its sha256).
+`tokenizer_config.json` (special tokens) and chat template (read where transformers reads it:
+`chat_template.jinja`, `additional_chat_templates/`, or the config's `chat_template` field). Both give
+the same interface: ids of text without special tokens, exact decoding, BOS/EOS/pad ids, the id of a
+special piece, and the files that make up the tokenizer (copied with the data and the run, keeping
+their places in the directory, and hashed together into its sha256).
 
 `load_tokenizer(path)` takes a file, a data or run directory, or a published model's directory.
 """
@@ -13,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -73,6 +76,36 @@ def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_t
 
 HF_TOKENIZER, HF_TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 SENTENCEPIECE = "tokenizer.model"
+# Where transformers (5.x) keeps chat templates: files first, then tokenizer_config.json's field.
+CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
+CHAT_TEMPLATE_PLACES = (CHAT_TEMPLATE_FILE, f"{CHAT_TEMPLATE_DIR}/*.jinja",
+                        f"the chat_template field of {HF_TOKENIZER_CONFIG}")
+
+
+def read_chat_templates(directory: Path, config: dict) -> tuple[dict[str, str], list[Path]]:
+    """(name -> template, the template files) of a tokenizer directory, as transformers' tokenizers load
+    them: `chat_template.jinja` ("default") and `additional_chat_templates/NAME.jinja` take priority over
+    tokenizer_config.json's `chat_template`, a string ("default") or a list of {"name", "template"}."""
+    files = [directory / CHAT_TEMPLATE_FILE] if (directory / CHAT_TEMPLATE_FILE).is_file() else []
+    if (directory / CHAT_TEMPLATE_DIR).is_dir():
+        files += sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))
+    if files:
+        return {("default" if f.name == CHAT_TEMPLATE_FILE else f.name.removesuffix(".jinja")):
+                f.read_text(encoding="utf-8") for f in files}, files
+    field = config.get("chat_template")
+    if isinstance(field, list):
+        return {t["name"]: t["template"] for t in field}, []
+    return ({"default": field} if field else {}), []
+
+
+def copy_tokenizer(tokenizer, dest: Path) -> None:
+    """The tokenizer's files into directory `dest`, each at its place relative to the tokenizer's directory
+    (a published model's additional chat templates keep their folder), so that `dest` loads the same."""
+    for name in tokenizer.file_names:
+        source, target = tokenizer.directory / name, Path(dest) / name
+        if source.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
 
 
 def load_tokenizer(path: str | Path):
@@ -94,25 +127,27 @@ def load_tokenizer(path: str | Path):
 
 class Tokenizer:
     """A sentencepiece model: ours (no chat template: data_pipeline/chat.py's own, with the reserved
-    tokens), or a published model's tokenizer.model, whose tokenizer_config.json beside it, when it has
-    a chat template, becomes part of the tokenizer."""
+    tokens), or a published model's tokenizer.model, whose tokenizer_config.json and chat template files
+    beside it, when it has a chat template, become part of the tokenizer."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
-        self.path = path
-        # Part of the tokenizer only when it brings a chat template (export-hf writes one without: the
-        # tokenizer stays the model file, with its hash).
+        self.path, self.directory = path, path.parent
         config_path = path.parent / HF_TOKENIZER_CONFIG
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self._config = config_path if config.get("chat_template") else None
+        self.chat_templates, template_files = read_chat_templates(self.directory, config)
+        # The config is part of the tokenizer only with a chat template (export-hf writes one without: the
+        # tokenizer stays the model file, with its hash).
+        with_template = [config_path] if self.chat_templates and config_path.is_file() else []
+        self.files = [path, *with_template, *template_files]
         data = path.read_bytes()
         self.sha256 = hashlib.sha256(b"".join(f.read_bytes() for f in self.files)).hexdigest()
         self.sp = spm.SentencePieceProcessor(model_proto=data)
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
-        self.chat_template = config.get("chat_template")
+        self.chat_template = self.chat_templates.get("default")
         self.special = {name: self.sp.id_to_piece(i) if i >= 0 else None
                         for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                                         ("pad_token", self.pad_id), ("unk_token", self.sp.unk_id()))}
@@ -124,8 +159,8 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     @property
-    def files(self) -> list[Path]:
-        return [self.path, self._config] if self._config else [self.path]
+    def file_names(self) -> list[str]:
+        return [str(f.relative_to(self.directory)) for f in self.files]
 
     def spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """(ids, (start, end) character span of each) of `text` (for chat templates' loss masks)."""
@@ -150,9 +185,9 @@ class Tokenizer:
 
 
 class HFTokenizer:
-    """A published model's tokenizer.json, with the special tokens and chat template of its
-    tokenizer_config.json. Text is encoded without special tokens (documents get EOS from the loader's
-    rules, chat data from the template)."""
+    """A published model's tokenizer.json, with the special tokens of its tokenizer_config.json and its chat
+    template. Text is encoded without special tokens (documents get EOS from the loader's rules, chat data
+    from the template)."""
 
     def __init__(self, directory: str | Path):
         from tokenizers import Tokenizer as Backend
@@ -163,10 +198,12 @@ class HFTokenizer:
             raise FileNotFoundError(f"tokenizer not found: {self.path}")
         config_path = self.directory / HF_TOKENIZER_CONFIG
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.chat_templates, template_files = read_chat_templates(self.directory, config)
+        self.files = [self.path, *([config_path] if config_path.is_file() else []), *template_files]
         self.backend = Backend.from_file(str(self.path))
         self.sha256 = hashlib.sha256(b"".join(f.read_bytes() for f in self.files)).hexdigest()
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
-        self.chat_template = config.get("chat_template")
+        self.chat_template = self.chat_templates.get("default")
         self.special = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.bos_id = self._id(self.special["bos_token"])
         self.eos_id = self._id(self.special["eos_token"])
@@ -180,8 +217,8 @@ class HFTokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
     @property
-    def files(self) -> list[Path]:
-        return [f for f in (self.path, self.directory / HF_TOKENIZER_CONFIG) if f.is_file()]
+    def file_names(self) -> list[str]:
+        return [str(f.relative_to(self.directory)) for f in self.files]
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids

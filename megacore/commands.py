@@ -31,7 +31,7 @@ def data_inspect(args) -> int:
     import numpy as np
 
     from data_pipeline.shards import read_manifest, read_shard
-    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
 
     manifest = read_manifest(args.dir)
     print(f"{args.dir}: fingerprint {manifest['fingerprint']}, tokenizer vocab {manifest['tokenizer']['vocab_size']} "
@@ -44,7 +44,7 @@ def data_inspect(args) -> int:
     if args.split not in manifest["splits"]:
         raise DataError(f"{args.dir}: no split {args.split!r}")
     values, offsets = read_shard(Path(args.dir) / manifest["splits"][args.split]["shards"][0]["file"])
-    tokenizer = Tokenizer(Path(args.dir) / manifest["tokenizer"]["file"])
+    tokenizer = load_tokenizer(args.dir)
     lengths = np.diff(offsets)
     print(f"  {args.split} document length (tokens): min {lengths.min()}, median {int(np.median(lengths))}, "
           f"max {lengths.max()}")
@@ -57,16 +57,15 @@ def data_verify(args) -> int:
     from data_pipeline.shards import file_sha256, read_manifest, read_shard
 
     manifest = read_manifest(args.dir)
-    problems = []
-    files = [(Path(args.dir) / manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"], None)]
-    files += [(Path(args.dir) / s["file"], s["sha256"], s["tokens"])
+    problems = _tokenizer_problems(Path(args.dir), manifest["tokenizer"])
+    shards = [(Path(args.dir) / s["file"], s["sha256"], s["tokens"])
               for info in manifest["splits"].values() for s in info["shards"]]
-    for path, sha, tokens in files:
+    for path, sha, tokens in shards:
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif file_sha256(path) != sha:
             problems.append(f"{path}: sha256 mismatch (file altered or truncated)")
-        elif tokens is not None:
+        else:
             try:
                 if len(read_shard(path)[0]) != tokens:
                     problems.append(f"{path}: token count differs from the manifest")
@@ -74,8 +73,22 @@ def data_verify(args) -> int:
                 problems.append(str(e))
     if problems:
         raise DataError("verification failed:\n  " + "\n  ".join(problems))
-    print(f"{args.dir}: {len(files)} files verified")
+    print(f"{args.dir}: {len(shards) + len(manifest['tokenizer'].get('files', [None]))} files verified")
     return 0
+
+
+def _tokenizer_problems(data_dir: Path, record: dict) -> list[str]:
+    """The tokenizer's files (a published model's has several: config, chat template) against the one
+    sha256 the manifest records for all of them together."""
+    from data_pipeline.tokenizer import load_tokenizer
+
+    names = record.get("files", [record["file"]])
+    missing = [f"{data_dir / name}: missing" for name in names if not (data_dir / name).is_file()]
+    if missing:
+        return missing
+    if load_tokenizer(data_dir).sha256 != record["sha256"]:
+        return [f"{data_dir / record['file']}: sha256 mismatch (tokenizer files {', '.join(names)} altered)"]
+    return []
 
 
 def data_order(args) -> int:

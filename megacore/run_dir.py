@@ -2,7 +2,7 @@
 
     RUN_DIR/config.yaml       the resolved config (vocab size filled in)
     RUN_DIR/tokenizer.model   the tokenizer the run was trained with, so eval/generate need no data dir
-                              (tokenizer.json and tokenizer_config.json for a published model's)
+                              (tokenizer.json, tokenizer_config.json, chat_template.jinja for a published model's)
     RUN_DIR/metrics.jsonl     one line per logged step
     RUN_DIR/checkpoints/      step_XXXXXXXX/ sharded checkpoints
 """
@@ -35,7 +35,8 @@ def write_run_dir(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG)
     tokenizer = read_manifest(cfg.data.dir)["tokenizer"]
-    for name in tokenizer.get("files", [tokenizer.get("file", TOKENIZER)]):
+    for name in tokenizer.get("files", [tokenizer.get("file", TOKENIZER)]):  # (relative: chat templates' folder)
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(cfg.data.dir) / name, run_dir / name)
     return run_dir
 

@@ -2,8 +2,8 @@
 and read one back.
 
 The directory holds model.safetensors, config.json (megacore/checkpoint/hf_config.py), and the
-sentencepiece tokenizer
-(tokenizer.model with tokenizer_config.json and special_tokens_map.json). Our RoPE already uses the
+tokenizer: ours as tokenizer.model with tokenizer_config.json and special_tokens_map.json, a published
+model's as its files came (tokenizer.json, tokenizer_config.json, chat_template.jinja). Our RoPE already uses the
 rotate-half layout of `transformers`, so weights map by name with no permutation. Loading reads
 safetensors and JSON only: nothing is unpickled.
 """
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.tokenizer import HFTokenizer, Tokenizer
+from data_pipeline.tokenizer import HFTokenizer, Tokenizer, copy_tokenizer
 from megacore.checkpoint.hf_config import ARCHITECTURE_FIELDS, effective, hf_config, model_config_from_hf
 from megacore.config import ConfigError, ModelConfig
 from megacore.model.llama import Llama
@@ -97,11 +97,10 @@ def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_byt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_hf_weights(model, out, max_shard_bytes)
-    if isinstance(tokenizer, HFTokenizer) or tokenizer.chat_template:
+    if isinstance(tokenizer, HFTokenizer) or tokenizer.chat_templates:
         # A published model's tokenizer (tokenizer.json, or tokenizer.model with a chat template): its own
-        # files, as they came in.
-        for f in tokenizer.files:
-            shutil.copyfile(f, out / f.name)
+        # files, as they came in (the chat template in chat_template.jinja or in tokenizer_config.json).
+        copy_tokenizer(tokenizer, out)
         return out
     shutil.copyfile(tokenizer.path, out / "tokenizer.model")
     sp = tokenizer.sp

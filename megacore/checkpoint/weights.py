@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from data_pipeline.shards import TOKENIZER, file_sha256, read_manifest
-from data_pipeline.tokenizer import HF_TOKENIZER, Tokenizer, load_tokenizer
+from data_pipeline.tokenizer import HF_TOKENIZER, Tokenizer, copy_tokenizer, load_tokenizer
 from megacore.checkpoint.dcp import load_dcp_weights, load_sharded_weights, save_dcp_weights
 from megacore.checkpoint.store import (
     backend_of,
@@ -152,8 +152,7 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_config(cfg, out / CONFIG)
-    for f in load_tokenizer(run_dir).files:
-        shutil.copyfile(f, out / f.name)
+    copy_tokenizer(load_tokenizer(run_dir), out)
     save_dcp_weights(model, tmp)
     commit_directory(tmp, final, meta)
     return final

@@ -67,6 +67,7 @@ def generate_text(model: Llama, tokenizer: Tokenizer, prompt: str, *, chat_turn:
     """The prompt and its continuation; or, with chat_turn, the assistant's reply to `prompt` as one user
     turn of the chat template (ours, or a published tokenizer's), ending at its end-of-turn token (or EOS)."""
     if chat_turn:
+        chat.check_chat_tokenizer(tokenizer, "generate --chat")
         prompt_ids = chat.prompt(tokenizer, [{"role": "user", "content": prompt}])
         stop_ids = chat.stop_ids(tokenizer)
     else:
