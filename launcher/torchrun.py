@@ -1,7 +1,14 @@
-"""Running `megacore` under torchrun on this machine (`megacore train --nproc N`)."""
+"""Running `megacore` under torchrun on this machine (`megacore train --nproc N`).
+
+torchrun runs inside this module's `main` (`python -m launcher.torchrun TORCHRUN_ARGS`) so that the
+launch is ours: when a rank stops on an error the user can act on (megacore: error: ..., exit 2), the
+user sees that one message and exit status 2, not torchrun's agent logs, traceback and failure table;
+any other failure (a crash, a kill) keeps torchrun's whole report.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -14,14 +21,19 @@ from pathlib import Path
 # agents give every rendezvous round a fresh store. `train --nproc` and the sbatch template set it.
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
+# A rank that stops on an error the user can act on writes its message into this directory (one file per
+# rank) instead of printing it; the launcher prints each distinct message once.
+ERROR_DIR_ENV = "MEGACORE_ERROR_DIR"
 
-def torchrun_argv(nproc: int, cli_args: list[str], max_restarts: int = 0) -> list[str]:
-    """torchrun with a private rendezvous on a free local port (--standalone), running `megacore CLI_ARGS`.
+
+def torchrun_args(nproc: int, cli_args: list[str], max_restarts: int = 0) -> list[str]:
+    """torchrun's arguments: a private rendezvous on a free local port (--standalone), running
+    `megacore CLI_ARGS`.
 
     With max_restarts > 0, a failed rank (a crash, a kill -9) makes torchrun restart the whole group,
     which then resumes from the newest good checkpoint."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            f"--max-restarts={max_restarts}", "-m", "megacore.cli", *cli_args]
+    return ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "-m", "megacore.cli",
+            *cli_args]
 
 
 def threads_per_rank(nproc: int) -> int:
@@ -29,18 +41,56 @@ def threads_per_rank(nproc: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // nproc)
 
 
-# A rank that stops on an error the user can act on (megacore: error: ..., exit 2) writes its message
-# here; torchrun itself only exits 1, so `run_local` passes the 2 on.
-ERROR_FILE_ENV = "MEGACORE_ERROR_FILE"
-
-
 def run_local(nproc: int, cli_args: list[str], max_restarts: int = 0) -> int:
-    """Run and wait; returns torchrun's exit status (non-zero if any rank failed for good; 2 when a rank
-    stopped on a usage, config or data error). A user's OMP_NUM_THREADS wins over the even share of
-    the cores."""
-    with tempfile.TemporaryDirectory(prefix="megacore-") as tmp:
-        error_file = Path(tmp) / "error"
-        env = {"OMP_NUM_THREADS": str(threads_per_rank(nproc)), **os.environ, **TORCHRUN_ENV,
-               ERROR_FILE_ENV: str(error_file)}
-        status = subprocess.call(torchrun_argv(nproc, cli_args, max_restarts), env=env)
-        return 2 if status != 0 and error_file.is_file() else status
+    """Run and wait; returns the launch's exit status: 0, 2 when a rank stopped on a usage, config or data
+    error, else torchrun's (non-zero when a rank failed for good). A user's OMP_NUM_THREADS wins over the
+    even share of the cores."""
+    with tempfile.TemporaryDirectory(prefix="megacore-errors-") as errors:
+        env = {"OMP_NUM_THREADS": str(threads_per_rank(nproc)), **os.environ, **TORCHRUN_ENV, ERROR_DIR_ENV: errors}
+        return subprocess.call([sys.executable, "-m", "launcher.torchrun",
+                                *torchrun_args(nproc, cli_args, max_restarts)], env=env)
+
+
+def report_user_error(message: str) -> bool:
+    """Called by a rank that stops on a user error: under `run_local`, hand the message to the launcher
+    (True); otherwise (plain torchrun, Slurm) the rank prints it itself (False)."""
+    errors = os.environ.get(ERROR_DIR_ENV)
+    if not errors or not Path(errors).is_dir():
+        return False
+    path = Path(errors) / f"rank-{os.environ.get('RANK', '0')}"
+    partial = path.with_suffix(".tmp")
+    partial.write_text(message)
+    partial.replace(path)  # the launcher never reads half a message
+    return True
+
+
+def user_errors(errors: Path) -> list[str]:
+    """The distinct messages of the ranks that stopped on a user error, the first one's first."""
+    files = sorted(errors.glob("rank-*[0-9]"), key=lambda p: p.stat().st_mtime_ns)
+    return list(dict.fromkeys(p.read_text() for p in files))
+
+
+def main(argv: list[str]) -> int:
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    errors = Path(os.environ[ERROR_DIR_ENV])
+    # Once a rank has reported a user error, the agent's logs about stopping the others are noise. (torch
+    # gives `torch` and `torch.distributed` handlers of their own.)
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict) if name.startswith("torch")]
+    for handler in {h for logger in loggers for h in logger.handlers}:
+        handler.addFilter(lambda record: not user_errors(errors))
+    try:
+        torchrun.main(argv)
+    except ChildFailedError:
+        messages = user_errors(errors)
+        if not messages:
+            raise  # torchrun's own report: traceback and failure table
+        for message in messages:
+            print(f"megacore: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

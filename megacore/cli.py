@@ -23,7 +23,6 @@ subcommand, are in megacore/commands.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megacore import commands
@@ -150,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except USER_ERRORS as e:
-        print(f"megacore: error: {e}", file=sys.stderr, flush=True)
-        if os.environ.get("MEGACORE_ERROR_FILE"):  # a rank under `megacore train --nproc`: tell the launcher
-            with open(os.environ["MEGACORE_ERROR_FILE"], "a") as f:
-                f.write(f"{e}\n")
+        from launcher.torchrun import report_user_error
+
+        if not report_user_error(str(e)):  # (a rank under `megacore train --nproc` tells the launcher)
+            print(f"megacore: error: {e}", file=sys.stderr, flush=True)
         return USAGE_ERROR
 
 
