@@ -38,6 +38,7 @@ from data_pipeline.shards import (
     fingerprint,
     read_manifest,
     token_dtype,
+    upgrade_v1_settings,
     write_shard,
 )
 from data_pipeline.sources import SourceStats, iter_documents, source_identity, source_listing
@@ -47,8 +48,8 @@ TOKENIZER_SIDECAR = "tokenizer.json"
 SETTINGS = ("sources", "text_unit", "text_field", "format", "tokenizer_from", "normalize", "min_doc_chars",
             "max_doc_chars", "dedup", "strict_utf8", "tokenizer_type", "vocab_size", "character_coverage",
             "tokenizer_sample_mb", "val_fraction", "shard_mb")
-# Settings added after the first manifest version, with the value that earlier preparations used.
-SETTING_DEFAULTS = {"character_coverage": 0.9995}
+# The tokenizer sidecar's format: 2 records data.character_coverage as set (null: megacore chooses).
+SIDECAR_VERSION = 2
 
 
 def split_of(digest: bytes, val_fraction: float) -> str:
@@ -67,7 +68,7 @@ def prepare(data_cfg, log=print) -> dict:
         old = read_manifest(out)
     except (FileNotFoundError, ValueError):
         old = {}
-    if {**SETTING_DEFAULTS, **old.get("settings", {})} == settings and old.get("sources") == sources:
+    if old.get("settings") == settings and old.get("sources") == sources:
         log(f"{out}: already prepared from these sources with these settings "
             f"({old['splits']['train']['tokens']:,} train tokens)")
         return old
@@ -191,7 +192,7 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
         copy_tokenizer(source, out)
         log(f"using the tokenizer of {data_cfg.tokenizer_from}")
         return load_tokenizer(out / source.path.name)
-    key = {"settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
+    key = {"version": SIDECAR_VERSION, "settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
            "sources": source_listing(data_cfg.sources)}
     sidecar = out / TOKENIZER_SIDECAR
     if (out / TOKENIZER).is_file() and sidecar.is_file() and _same_tokenizer_key(json.loads(sidecar.read_text()), key):
@@ -213,7 +214,7 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
         raise ValueError(f"no training documents in {data_cfg.sources}")
     t0 = time.time()
     tokenizer = train_tokenizer(sample, out / TOKENIZER, data_cfg.vocab_size, data_cfg.tokenizer_type,
-                                data_cfg.character_coverage)
+                                data_cfg.character_coverage, log)
     write_json_atomic(sidecar, key)
     log(f"trained {data_cfg.tokenizer_type} tokenizer on {size / 2**20:.1f} MB, vocab {tokenizer.vocab_size} "
         f"({time.time() - t0:.1f}s)")
@@ -224,7 +225,9 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
 
 
 def _same_tokenizer_key(old: dict, new: dict) -> bool:
-    return {**old, "settings": {**SETTING_DEFAULTS, **old.get("settings", {})}} == new
+    if "version" not in old:  # version 1, written before data.character_coverage could be null
+        old = {"version": SIDECAR_VERSION, **old, "settings": upgrade_v1_settings(old.get("settings", {}))}
+    return old == new
 
 
 def _remove_stale_shards(out: Path, splits: dict) -> None:

@@ -20,7 +20,8 @@ from data_pipeline.errors import ShardError
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
-MANIFEST_VERSION = 1
+# 2: data.character_coverage may be null (megacore chooses); version 1 manifests are upgraded when read.
+MANIFEST_VERSION = 2
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -76,9 +77,23 @@ def read_manifest(data_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if manifest.get("version") == 1:
+        manifest = {**manifest, "version": 2, "settings": upgrade_v1_settings(manifest.get("settings"))}
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version {manifest.get('version')!r}")
+        raise ValueError(f"{path}: unsupported manifest version {manifest.get('version')!r} (this megacore reads "
+                         f"1 and {MANIFEST_VERSION}; a newer megacore wrote it, or prepare it again)")
     return manifest
+
+
+def upgrade_v1_settings(settings: dict | None) -> dict | None:
+    """Preparation settings recorded before data.character_coverage could be left to megacore (null):
+    the coverage was sentencepiece's 0.9995 unless set (and absent in the oldest), and such a
+    preparation exists only where the characters fit at 0.9995, which is exactly what null chooses
+    there. So 0.9995 reads as null, and the same settings today prepare nothing again."""
+    if settings is None:
+        return None
+    return {**settings, "character_coverage": None if settings.get("character_coverage", 0.9995) == 0.9995
+            else settings["character_coverage"]}
 
 
 def fingerprint(tokenizer_sha256: str, splits: dict) -> str:

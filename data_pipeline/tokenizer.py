@@ -11,14 +11,17 @@ their places in the directory, and hashed together into its sha256).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from data_pipeline.durable import atomic_write
@@ -29,21 +32,62 @@ DEFAULT_CHARACTER_COVERAGE = 0.9995  # sentencepiece's
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
-def train_tokenizer(documents: Iterable[str], out_path: Path, vocab_size: int, model_type: str = "bpe",
-                    character_coverage: float = DEFAULT_CHARACTER_COVERAGE) -> Tokenizer:
-    """Train on `documents` and write the model atomically to `out_path`."""
+def train_tokenizer(documents: list[str], out_path: Path, vocab_size: int, model_type: str = "bpe",
+                    character_coverage: float | None = None, log=print) -> Tokenizer:
+    """Train on `documents` and write the model atomically to `out_path`. With character_coverage None,
+    sentencepiece's default, unless the characters that covers leave the vocabulary no room: then the
+    coverage of the most frequent characters that fill half of it (`coverage_that_fits`), said in `log`."""
     model = io.BytesIO()
-    try:
-        _train(documents, model, vocab_size, model_type, character_coverage)
-    except RuntimeError as e:
-        reason = str(e).split("] ")[-1].split(" Increase vocab_size")[0]
-        hint = (" (raise data.vocab_size, or lower data.character_coverage, e.g. to 0.99: the remaining "
-                "characters are spelled in bytes)" if "required_chars" in reason else "")
-        raise ValueError(f"tokenizer training failed for data.vocab_size={vocab_size}, data.character_coverage="
-                         f"{character_coverage}: {reason}{hint}") from None
+    coverage, kept = (DEFAULT_CHARACTER_COVERAGE if character_coverage is None else character_coverage), None
+    while True:
+        try:
+            _train(documents, model, vocab_size, model_type, coverage)
+            break
+        except RuntimeError as e:
+            reason = str(e).split("] ")[-1].split(" Increase vocab_size")[0]
+            sizes = re.search(r"required_chars\. (\d+) vs (\d+)", reason)
+            if character_coverage is not None or sizes is None or (kept is not None and kept <= 1):
+                hint = (" (raise data.vocab_size, or lower data.character_coverage, e.g. to 0.99, or leave it unset "
+                        "for megacore to choose: the remaining characters are spelled in bytes)" if sizes else "")
+                raise ValueError(f"tokenizer training failed for data.vocab_size={vocab_size}, data.character_coverage="
+                                 f"{coverage}: {reason}{hint}") from None
+            # sentencepiece counts characters in its own sample: if it still needs more pieces, keep fewer.
+            room = None if kept is None else kept - (int(sizes[2]) - int(sizes[1]))
+            coverage, kept, distinct = coverage_that_fits(documents, vocab_size, room)
+    if kept is not None:
+        log(f"data.character_coverage is not set, and the {distinct:,} distinct characters of the tokenizer sample "
+            f"need more pieces than data.vocab_size={vocab_size} holds at sentencepiece's default "
+            f"{DEFAULT_CHARACTER_COVERAGE}: used {coverage:.6g} (the {kept:,} most frequent characters; rarer ones "
+            f"are spelled in UTF-8 bytes, and decoding stays exact)")
     with atomic_write(out_path, "wb") as f:
         f.write(model.getvalue())
     return Tokenizer(out_path)
+
+
+# Pieces sentencepiece reserves before any character: unk, bos, eos, pad, the chat tokens, 256 bytes.
+RESERVED_PIECES = 4 + len(CHAT_TOKENS) + 256
+
+
+def coverage_that_fits(documents: list[str], vocab_size: int, room: int | None = None) -> tuple[float, int, int]:
+    """(character_coverage, characters kept, distinct characters). sentencepiece keeps the most frequent
+    characters until their share of all characters reaches the coverage; here they may fill `room`
+    pieces, by default half of those left after the reserved ones, so that the other half holds merges
+    (words, frequent pairs): a rare character dropped costs its few occurrences a few byte pieces each."""
+    counts = collections.Counter()
+    for document in documents:  # (counted in C, a document at a time: seconds for a whole tokenizer sample)
+        counts.update(document)
+    frequencies = sorted(counts.values(), reverse=True)
+    kept = min((vocab_size - RESERVED_PIECES) // 2 if room is None else room, len(frequencies))
+    if kept < 1:
+        raise ValueError(f"data.vocab_size={vocab_size} leaves no pieces for characters after the "
+                         f"{RESERVED_PIECES} reserved ones; raise data.vocab_size")
+    share = float(np.cumsum(frequencies, dtype=np.float64)[kept - 1] / sum(frequencies))
+    # sentencepiece stops adding characters once their share (a double) reaches the coverage (a float32):
+    # the largest float32 not above the share of the kept ones stops right after them.
+    coverage = np.float32(share)
+    if coverage > share:
+        coverage = np.nextafter(coverage, np.float32(0))
+    return float(coverage), kept, len(frequencies)
 
 
 def _train(documents: Iterable[str], model: io.BytesIO, vocab_size: int, model_type: str,

@@ -52,3 +52,22 @@ def test_preparing_the_same_source_again_gives_the_same_dataset(tmp_path):
     new = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert new["tokenizer"]["sha256"] == old["tokenizer"]["sha256"]
     assert new["fingerprint"] == old["fingerprint"]
+
+
+def test_data_prepared_before_the_coverage_could_be_left_unset_is_still_up_to_date(prepared_copy):
+    # What a version-1 manifest and tokenizer sidecar recorded: sentencepiece's 0.9995 (or no key at all).
+    from tests.helpers import PLAYS_URL
+
+    manifest = json.loads((prepared_copy / "manifest.json").read_text())
+    manifest["version"], manifest["settings"]["character_coverage"] = 1, 0.9995
+    (prepared_copy / "manifest.json").write_text(json.dumps(manifest))
+    sidecar = json.loads((prepared_copy / "tokenizer.json").read_text())
+    del sidecar["version"], sidecar["settings"]["character_coverage"]
+    (prepared_copy / "tokenizer.json").write_text(json.dumps(sidecar))
+    out = megacore("data", "prepare", "configs/tiny.yaml", f"data.dir={prepared_copy}", f"data.sources=[{PLAYS_URL}]",
+                   "data.vocab_size=512").stdout
+    assert "already prepared" in out, out
+    (prepared_copy / "manifest.json").unlink()  # (the shards then the tokenizer are checked, not the manifest)
+    out = megacore("data", "prepare", "configs/tiny.yaml", f"data.dir={prepared_copy}", f"data.sources=[{PLAYS_URL}]",
+                   "data.vocab_size=512").stdout
+    assert "reusing" in out and "trained" not in out, out

@@ -235,7 +235,7 @@ def test_the_console_line_is_short_and_starts_with_the_eta(tiny_args):
     assert "val loss" in lines[-1] and "bpb" in lines[-1]
 
 
-def test_cjk_text_with_a_small_vocabulary_trains_with_a_lower_character_coverage(tmp_path):
+def test_cjk_text_with_a_small_vocabulary_gets_a_coverage_that_fits_unless_one_is_set(tmp_path):
     # 6,000 characters in a Zipf-like mix: more than a 3,000-piece vocabulary can give each one a piece.
     rng = np.random.default_rng(0)
     chars = np.array([chr(0x4E00 + i) for i in range(6000)])
@@ -243,14 +243,21 @@ def test_cjk_text_with_a_small_vocabulary_trains_with_a_lower_character_coverage
     lines = ["".join(rng.choice(chars, size=60, p=weights / weights.sum())) + "。" for _ in range(3000)]
     (tmp_path / "poems.txt").write_text("\n\n".join(lines))
     prep = ["data", "prepare", "configs/tiny.yaml", f"data.sources=[{tmp_path / 'poems.txt'}]", "data.vocab_size=3000"]
-    refused = megacore(*prep, f"data.dir={tmp_path / 'a'}", check=False)
-    assert refused.returncode == 2 and "data.character_coverage" in refused.stderr
+    chosen = megacore(*prep, f"data.dir={tmp_path / 'auto'}").stdout
+    assert "data.character_coverage is not set" in chosen and "1,368 most frequent characters" in chosen, chosen
+    explicit = megacore(*prep, f"data.dir={tmp_path / 'a'}", "data.character_coverage=0.9995", check=False)
+    assert explicit.returncode == 2 and "data.character_coverage=0.9995" in explicit.stderr, "a set value is kept"
     megacore(*prep, f"data.dir={tmp_path / 'b'}", "data.character_coverage=0.99")
-    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.tokenizer import RESERVED_PIECES, Tokenizer
 
-    tokenizer = Tokenizer(tmp_path / "b" / "tokenizer.model")
-    rare = lines[0] + chr(0x4E00 + 5999) * 3
-    assert tokenizer.decode(tokenizer.encode(rare)) == rare, "rare characters are spelled in bytes"
+    for name in ("auto", "b"):
+        tokenizer = Tokenizer(tmp_path / name / "tokenizer.model")
+        rare = lines[0] + chr(0x4E00 + 5999) * 3
+        assert tokenizer.decode(tokenizer.encode(rare)) == rare, "rare characters are spelled in bytes"
+    auto = Tokenizer(tmp_path / "auto" / "tokenizer.model")
+    singles = sum(len(auto.sp.id_to_piece(i)) == 1 and not auto.sp.is_byte(i) for i in range(auto.vocab_size))
+    assert singles <= (3000 - RESERVED_PIECES) // 2 + 1 and auto.vocab_size == 3000  # (+1: the "▁" piece)
+    assert "already prepared" in megacore(*prep, f"data.dir={tmp_path / 'auto'}").stdout
 
 
 # 10. CI cannot pass without the Slurm tests

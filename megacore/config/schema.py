@@ -118,9 +118,10 @@ class DataConfig:
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 2048
     # Share of the sample's characters that get their own pieces (sentencepiece's character_coverage);
-    # the rest are spelled in UTF-8 bytes (byte fallback), so decoding stays exact. Lower it (e.g. 0.995)
-    # for CJK text with a small vocabulary (0.99 or 0.995), which otherwise cannot hold every character.
-    character_coverage: float = 0.9995
+    # the rest are spelled in UTF-8 bytes (byte fallback), so decoding stays exact. null (the default):
+    # sentencepiece's 0.9995, unless those characters leave the vocabulary no room (CJK text with a small
+    # vocabulary): then the most frequent characters that fill half of it (`data prepare` says which).
+    character_coverage: float | None = None
     # The tokenizer trains on the first this-many MB of cleaned training text.
     tokenizer_sample_mb: float = 256.0
     val_fraction: float = 0.05
@@ -146,7 +147,7 @@ class DataConfig:
         for name in ("min_doc_chars", "prepare_workers", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 < self.character_coverage <= 1.0:
+        if self.character_coverage is not None and not 0.0 < self.character_coverage <= 1.0:
             raise ConfigError(f"data.character_coverage must be in (0, 1], got {self.character_coverage}")
         _local_path("data.dir", self.dir)
         _local_path("data.tokenizer_from", self.tokenizer_from)
