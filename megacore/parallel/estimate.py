@@ -104,11 +104,12 @@ def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int]) -> dict
             activations += chunk_rows(m.vocab_size) * m.vocab_size * 4 + b * t * m.dim * 4
     if layout.dp_size > 1 and layout.backend == "torch":
         # FSDP's gathered weights (approx.): the norm + head unit, kept gathered from its forward through
-        # its backward, and two blocks (the one computing and the next, prefetched).
+        # its backward, and two blocks (the one computing and the next, prefetched); in the backward, one
+        # block's unsharded gradients and the reduce-scatter's input they are copied into (two more).
         param_bytes = 2 if cfg.train.mixed_precision != "fp32" else 4
         block = m.dim * m.head_size * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.dim * hidden + 2 * m.dim
         head = m.vocab_size * m.dim if any(n.startswith("output.") for n in numels) else 0
-        activations += (head + 2 * block) / layout.tp * param_bytes
+        activations += (head + 4 * block) / layout.tp * param_bytes
     grad_elements = elements
     if layout.tp > 1 and layout.dp_size == 1 and "tok_embeddings.weight" in numels:
         # The row-parallel embedding's backward yields a replicated (full-vocabulary) gradient; with

@@ -65,10 +65,10 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str, env: DistEnv, hooks: tuple = ()):
         self.cfg, self.env = cfg, env
         resolve_auto(cfg, env.device)  # (before the run directory records the config)
-        configure(cfg, env.device)
         check_supported(cfg, env.device)
         self.layout = Layout.resolve(cfg, env.world_size)
         resolve_vocab_size(cfg)
+        configure(cfg, env.device)  # (its CPU allocator setting follows the model's shapes, vocabulary included)
         check_data(cfg)
         run_dir = cfg.train.run_dir
         if env.is_main:
