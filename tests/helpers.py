@@ -35,6 +35,15 @@ def megacore(*args: str, cwd: Path | None = None, check: bool = True, timeout: i
     return proc
 
 
+def rank_processes(launcher_pid: int) -> list:
+    """The ranks of a running `megacore train --nproc N` (psutil processes): the children of the torchrun
+    agent that megacore's launcher runs (launcher/torchrun.py)."""
+    import psutil
+
+    agents = psutil.Process(launcher_pid).children()
+    return [p for agent in agents for p in agent.children()]
+
+
 def tiny_run_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """`megacore train` arguments for the tiny model on `data_dir`, writing `run_dir`, then `extra`."""
     return ["configs/tiny.yaml", *TINY, f"data.dir={data_dir}", f"train.run_dir={run_dir}", *extra]

@@ -13,7 +13,7 @@ import torch
 from megacore.checkpoint.dcp import rng_state, set_rng_state
 from megacore.checkpoint.store import list_checkpoints
 from megacore.checkpoint.weights import load_trained
-from tests.helpers import REPO, assert_same_weights, megacore, read_metrics, tiny_run_args
+from tests.helpers import REPO, assert_same_weights, megacore, rank_processes, read_metrics, tiny_run_args
 
 COMMON = ["train.steps=8", "checkpoint.every=4", "train.eval_every=100", "checkpoint.keep_last=0"]
 
@@ -172,8 +172,6 @@ def test_kill_9_of_one_rank_restarts_the_group_which_resumes_exactly(runs, tmp_p
     import sys
     import time
 
-    import psutil
-
     root, args = runs
     extra = ["train.steps=30", "checkpoint.every=10", "checkpoint.keep_last=2"]
     megacore("train", *args("long_straight", *extra), "--nproc", "2")
@@ -187,8 +185,7 @@ def test_kill_9_of_one_rank_restarts_the_group_which_resumes_exactly(runs, tmp_p
     deadline = time.time() + 300
     while victim is None and time.time() < deadline and proc.poll() is None:
         if _last_logged_step(run) >= 13:
-            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                       if "megacore.cli" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())]
+            workers = rank_processes(proc.pid)
             if len(workers) == 2:
                 victim = workers[1]
                 victim.kill()  # SIGKILL, mid-run

@@ -6,10 +6,8 @@ import subprocess
 import sys
 import time
 
-import psutil
-
 from data_pipeline.shards import read_manifest
-from tests.helpers import REPO, megacore
+from tests.helpers import REPO, megacore, rank_processes
 
 
 def test_a_rank_stopped_by_a_bit_flipped_shard_shows_its_one_message_and_exit_2(prepared_copy, tiny_args):
@@ -33,8 +31,7 @@ def test_a_crashed_rank_keeps_torchruns_report(tiny_args, tmp_path):
     deadline = time.time() + 120
     while not (tmp_path / "run" / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.2)
-    agent = psutil.Process(proc.pid).children()[0]  # (torchrun, whose children are the ranks)
-    ranks = agent.children()
+    ranks = rank_processes(proc.pid)
     assert len(ranks) == 2, [p.cmdline() for p in ranks]
     ranks[1].kill()
     _, stderr = proc.communicate(timeout=120)
