@@ -64,6 +64,19 @@ def report_user_error(message: str) -> bool:
     return True
 
 
+HEALTH_STOP = "health-stop"
+
+
+def report_health_stop() -> bool:
+    """Called by a rank whose run stopped for its health (megacore/health/, status 3): tell the launcher,
+    which gives the status, since the rank itself exits 0 (torchrun would restart a failed group)."""
+    errors = os.environ.get(ERROR_DIR_ENV)
+    if not errors or not Path(errors).is_dir():
+        return False
+    (Path(errors) / HEALTH_STOP).touch()
+    return True
+
+
 def user_errors(errors: Path) -> list[str]:
     """The distinct messages of the ranks that stopped on a user error, the first one's first."""
     files = sorted(errors.glob("rank-*[0-9]"), key=lambda p: p.stat().st_mtime_ns)
@@ -89,7 +102,7 @@ def main(argv: list[str]) -> int:
         for message in messages:
             print(f"megacore: error: {message}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    return 3 if (errors / HEALTH_STOP).exists() else 0  # (3: megacore.health.events.EXIT_FATAL)
 
 
 if __name__ == "__main__":

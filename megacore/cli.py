@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None)
     plot.set_defaults(handler=commands.plot)
+
+    health = sub.add_parser("health", help="a run's health history: restarts, hangs and who hung, skipped steps, "
+                                           "rollbacks, stragglers")
+    health.add_argument("run_dir")
+    health.add_argument("--stacks", action="store_true",
+                        help="ask every live rank of the run to write its Python stacks to RUN_DIR/health/stacks/ "
+                             "(within a heartbeat; training goes on)")
+    health.set_defaults(handler=commands.health)
     return parser
 
 

@@ -153,10 +153,19 @@ def train(args) -> int:
         from launcher.torchrun import run_local
 
         return run_local(args.nproc, _without_launch_args(args.argv), args.max_restarts)
+    from launcher.torchrun import report_health_stop
+    from megacore.health.events import EXIT_FATAL
     from megacore.train.trainer import train as run_training
 
-    run_training(cfg, args.resume)
-    return 0
+    result = run_training(cfg, args.resume)
+    if result["stop_reason"] != "health":
+        return 0
+    # A fatal health stop (already reported): status 3, but a rank under torchrun exits 0, or torchrun
+    # would restart it; the launcher (or the batch script, from RUN_DIR/health/STOPPED) gives the 3.
+    if under_torchrun:
+        report_health_stop()
+        return 0
+    return EXIT_FATAL
 
 
 def model_from_init_dir(cfg, overrides: list[str]) -> None:
@@ -289,6 +298,20 @@ def plot(args) -> int:
     from megacore.monitor.plot import plot_run
 
     print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def health(args) -> int:
+    from megacore.health.events import history
+    from megacore.health.watchdog import request_stacks
+
+    if not Path(args.run_dir).is_dir():
+        raise FileNotFoundError(f"not a run directory: {args.run_dir}")
+    if args.stacks:
+        print(f"asked every live rank for its stacks: they appear in {request_stacks(args.run_dir)} within "
+              f"health.heartbeat_s")
+        return 0
+    print(history(args.run_dir))
     return 0
 
 

@@ -146,14 +146,33 @@ def commit_directory(tmp: Path, final: Path, meta: dict, digests: dict[str, dict
     fsync_dir(final.parent)
 
 
+def is_healthy(path: Path) -> bool:
+    """Written outside a run of skipped steps (megacore/health/); checkpoints from before run health are."""
+    return read_meta(path).get("health", {}).get("healthy", True)
+
+
+def healthy_checkpoint_before(run_dir: str | Path, step: int) -> Path | None:
+    """The newest healthy checkpoint before `step` that verifies (a rollback's target)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if step_of(path) < step and is_healthy(path):
+            try:
+                verify_checkpoint(path)
+                return path
+            except CheckpointError:
+                continue
+    return None
+
+
 def prune(run_dir: str | Path, cfg: CheckpointConfig, committed: Path) -> None:
-    """After committing `committed`: keep it, the keep_last newest, and every keep_every-th step for good.
-    Only checkpoints older than `committed` are candidates (newer ones were set aside at start)."""
+    """After committing `committed`: keep it, the keep_last newest, every keep_every-th step for good, and
+    the newest healthy one whatever keep_last says. Only checkpoints older than `committed` are
+    candidates (newer ones were set aside at start)."""
     if cfg.keep_last <= 0:
         return
     older = [p for p in list_checkpoints(run_dir) if step_of(p) < step_of(committed)]
+    newest_healthy = committed if is_healthy(committed) else next((p for p in reversed(older) if is_healthy(p)), None)
     for old in older[:max(0, len(older) - (cfg.keep_last - 1))]:
-        if not (cfg.keep_every and step_of(old) % cfg.keep_every == 0):
+        if not (cfg.keep_every and step_of(old) % cfg.keep_every == 0) and old != newest_healthy:
             shutil.rmtree(old)
 
 

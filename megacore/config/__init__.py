@@ -1,5 +1,6 @@
 """The run configuration: the schema (schema.py) and the generic YAML-to-dataclass loader (loader.py)."""
 
+from megacore.config.health import HealthConfig
 from megacore.config.loader import load_dataclass, parse_override
 from megacore.config.schema import (
                                     CheckpointConfig,
@@ -15,5 +16,6 @@ from megacore.config.schema import (
 )
 from megacore.errors import ConfigError
 
-__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
-           "ParallelConfig", "TrainConfig", "load_config", "load_dataclass", "parse_override", "save_config"]
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "HealthConfig", "LoggingConfig", "ModelConfig",
+           "OptimConfig", "ParallelConfig", "TrainConfig", "load_config", "load_dataclass", "parse_override",
+           "save_config"]

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from data_pipeline.durable import write_text_atomic
+from megacore.config.health import HealthConfig
 from megacore.config.loader import apply_override, build_dataclass, read_mapping
 from megacore.errors import ConfigError
 
@@ -371,6 +372,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     def validate(self) -> Config:
         if self.train.float8 and (self.parallel.backend != "torch" or self.parallel.tp > 1):
@@ -378,6 +380,7 @@ class Config:
                               "plans are not wired in)")
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        self.health.check_backend(self.parallel.backend)
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")

@@ -126,6 +126,17 @@ class WandbRun:
             _warn(f"turned off after an error ({type(e).__name__}: {e})")
             self.run = None
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (email or Slack, as the user's W&B settings say); the caller rate-limits."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            self.run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+        except Exception as e:  # noqa: BLE001
+            _warn(f"alert failed ({type(e).__name__}: {e})")
+
     def finish(self) -> None:
         if self.run is not None:
             try:

@@ -149,11 +149,15 @@ class DeepSpeedOptimizer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def step(self) -> float:
-        """The boundary step of the accumulation; returns the global gradient norm before clipping."""
+    def step(self, verdict=None):
+        """The boundary step of the accumulation; returns (the global gradient norm before clipping, the
+        run-health verdict). The engine clips and steps inside one call, so the verdict comes after the
+        update: DeepSpeed runs take only the health policies stop and log (megacore/config/health.py);
+        a stopped run saves nothing after the bad step."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        norm = torch.tensor(float(norm) if norm is not None else 0.0, device=self.engine.device)
+        return norm, verdict(norm) if verdict is not None else None
 
     def zero_grad(self) -> None:
         pass  # engine.step clears the gradients at the boundary

@@ -36,6 +36,7 @@ class StepResult:
     grad_norm_value: torch.Tensor | float  # before clipping
     tokens: int  # target tokens in the global batch
     stop_votes: int  # ranks asking to stop (signal or STOP file)
+    verdict: torch.Tensor | None = None  # run health's verdict of the step (megacore/health/checks.py)
 
     @property
     def loss(self) -> float:

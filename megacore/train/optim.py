@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from megacore.config import OptimConfig
+from megacore.health.checks import VERDICT_SKIP
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -39,17 +41,22 @@ class Optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def step(self) -> torch.Tensor:
-        """Clip the global gradient norm (when optim.grad_clip > 0) and step; returns the norm before
-        clipping, on the device (clipping scales by it there: no host sync)."""
+    def step(self, verdict: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """Clip the global gradient norm (when optim.grad_clip > 0), ask `verdict(norm)` (run health,
+        megacore/health/checks.py) whether to apply the step, and step unless it says skip: the fused
+        AdamW reads its `found_inf` on the device (nothing changes: weights, moments, step counts).
+        Returns (norm before clipping, verdict or None), on the device: no host sync."""
         norm = clip_grad_norm([p for part in self.parts for p in part.parameters()], self.grad_clip, self.pp_group)
+        judged = verdict(norm) if verdict is not None else None
+        skip = judged[VERDICT_SKIP].float() if judged is not None else None
         for opt in self.optimizers:
+            opt.found_inf = skip
             opt.step()
         if self.float8_fsdp:
             from megacore.parallel.float8 import precompute_float8_scales
 
             precompute_float8_scales(self.parts)
-        return norm
+        return norm, judged
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
