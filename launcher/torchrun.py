@@ -106,4 +106,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from megacore.cli import exit_now
+
+    exit_now(main(sys.argv[1:]))  # (not sys.exit: see megacore.cli.run)

@@ -1,5 +1,3 @@
-import sys
+from megacore.cli import run
 
-from megacore.cli import main
-
-sys.exit(main())
+run()

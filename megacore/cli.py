@@ -23,7 +23,10 @@ subcommand, are in megacore/commands.py.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
+import traceback
 
 from megacore import commands
 from megacore.errors import USER_ERRORS
@@ -164,5 +167,29 @@ def main(argv: list[str] | None = None) -> int:
         return USAGE_ERROR
 
 
+def run() -> None:
+    """The `megacore` command (and each rank's `python -m megacore.cli`): main(), then an immediate exit.
+    Finalising an interpreter that has imported torch takes about a second (module teardown, C++
+    destructors) that nothing of ours needs, paid by every command and every rank: atexit handlers
+    (W&B, logging) run, output is flushed, then os._exit with main's status."""
+    try:
+        status = main()
+    except SystemExit as e:  # argparse's errors and --help
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        status = 130
+    except BaseException:  # a bug: its traceback, as Python would print it
+        traceback.print_exc()
+        status = 1
+    exit_now(status)
+
+
+def exit_now(status: int) -> None:
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

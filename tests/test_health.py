@@ -27,17 +27,17 @@ from tests.helpers import (
 
 # 10 steps, a checkpoint every 3: a fault at step 5 resumes from step 3.
 STEPS = ["train.steps=10", "checkpoint.every=3", "train.eval_every=10"]
-# A short leash for the tests: a hang is one after 8 s, heartbeats every second.
-WATCHDOG = ["health.hang_timeout_s=8", "health.heartbeat_s=1"]
+# A short leash for the tests: a hang is one after 5 s, heartbeats twice a second.
+WATCHDOG = ["health.hang_timeout_s=5", "health.heartbeat_s=0.5"]
 
 
 def faults(*specs: dict) -> dict:
     return {**os.environ, "MEGACORE_FAULTS": json.dumps(list(specs)), "PYTHONUNBUFFERED": "1"}
 
 
-def train(*args: str, env=None, check: bool = True) -> subprocess.CompletedProcess:
-    """`megacore train ARGS --nproc 2`, with the faults of `env`."""
-    cmd = [sys.executable, "-m", "megacore", "train", *args, "--nproc", "2"]
+def train(*args: str, env=None, check: bool = True, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`megacore train ARGS --nproc N`, with the faults of `env`."""
+    cmd = [sys.executable, "-m", "megacore", "train", *args, "--nproc", str(nproc)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -56,10 +56,14 @@ def kinds(run) -> list[str]:
 
 
 def test_a_transient_nan_is_run_again_and_the_run_equals_an_undisturbed_one(undisturbed, tiny_args, tmp_path):
-    proc = train(*tiny_args("run", *STEPS, "health.nonfinite=rerun"),
+    from tests.wandb_offline import offline_runs
+
+    proc = train(*tiny_args("run", *STEPS, "health.nonfinite=rerun", "logging.wandb_mode=offline"),
                  env=faults({"kind": "nan", "step": 5, "rank": 1, "times": 1}))
     assert "step 5 was bad (not finite" in proc.stdout and "a transient fault, the rerun is kept" in proc.stdout
     assert kinds(tmp_path / "run") == ["rerun", "rerun"]
+    (wandb_run,) = offline_runs(tmp_path / "run")
+    assert [title for title, _ in wandb_run["alerts"]] == ["megacore: rerun"], "one alert per kind (rate-limited)"
     assert_same_weights(undisturbed, tmp_path / "run", "nothing skipped: bitwise the undisturbed run")
 
 
@@ -139,9 +143,9 @@ def test_the_spike_window_survives_a_resume(tiny_args, tmp_path):
     spiky = ["health.spike=skip", "health.spike_window=8", "health.spike_min_history=4", "train.steps=10",
              "checkpoint.every=6", "train.eval_every=10"]
     spike = faults({"kind": "spike", "step": 9, "rank": 0, "restarts": True})
-    train(*tiny_args("straight", *spiky), env=spike)
-    train(*tiny_args("resumed", *spiky, "train.stop_after=6"), env=spike)
-    train(*tiny_args("resumed", *spiky), "--resume", "auto", env=spike)
+    train(*tiny_args("straight", *spiky), env=spike, nproc=1)
+    train(*tiny_args("resumed", *spiky, "train.stop_after=6"), env=spike, nproc=1)
+    train(*tiny_args("resumed", *spiky), "--resume", "auto", env=spike, nproc=1)
     # After the resume only steps 7-8 are new: without the window from the checkpoint (4 steps needed),
     # the spike at step 9 would not be seen, and be trained on.
     for run in ("straight", "resumed"):
@@ -178,8 +182,9 @@ def test_a_hung_or_stopped_rank_is_named_and_the_run_finishes_as_if_undisturbed(
     assert hang["ranks"] == [1] and hang["step"] == 5
     why = {"hang": "stuck in step 5", "stop": "stopped (SIGSTOP"}[fault]
     assert why in hang["message"] and why in proc.stdout
-    step_4_logged = read_metrics(run)[4]["time"]  # (the metrics of the first life's step 4)
-    assert hang["time"] - step_4_logged < 8 + 2 + 5, "named within the hang timeout and a small margin"
+    first_life = [json.loads(l) for l in (run / "metrics.superseded.jsonl").read_text().splitlines()]
+    step_4_logged = next(r["time"] for r in first_life if r["kind"] == "train" and r["step"] == 4)
+    assert hang["time"] - step_4_logged < 5 + 1 + 5, "named within the hang timeout and a small margin"
     stacks = {p.name: p.read_text() for p in (run / "health" / "stacks").glob("rank-*.txt")}
     assert "hang:" in stacks["rank-00000.txt"], "the live rank's stacks are on disk"
     if fault == "hang":
@@ -191,7 +196,7 @@ def test_a_hung_or_stopped_rank_is_named_and_the_run_finishes_as_if_undisturbed(
 def _pinned_run(tiny_args, tmp_path, name: str, slow_rank: int | None):
     """A 2-rank run with each rank on its own core; `slow_rank` shares its core with a busy loop. While
     it trains, SIGUSR2 goes to rank 1."""
-    cmd = [sys.executable, "-m", "megacore", "train", *tiny_args(name, "train.steps=40", "logging.log_every=5",
+    cmd = [sys.executable, "-m", "megacore", "train", *tiny_args(name, "train.steps=25", "logging.log_every=5",
                                                                   "checkpoint.enabled=false"), "--nproc", "2"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ranks = []

@@ -102,6 +102,12 @@ def jobs(spec):
                       sweep=[[f"optim.lr={lr}"] for lr in LRS]),
         "stage1": spec("stage1", "train.steps=6", "train.eval_every=1000"),
         "cancelled": spec("cancelled", "train.steps=5000", "train.eval_every=1000", "checkpoint.every=5000"),
+        # Run health: a rank hangs at step 12 (torchrun may not restart: max_restarts 0), and a persistent
+        # NaN with health.nonfinite=stop (megacore/health/faults.py injects both, in the first start only).
+        "hung": spec("hung", *RUN, "health.hang_timeout_s=10", "health.heartbeat_s=1",
+                     env={"MEGACORE_FAULTS": json.dumps([{"kind": "hang", "step": 12, "rank": 1}])}),
+        "fatal": spec("fatal", "train.steps=8", "train.eval_every=1000", "health.nonfinite=stop",
+                      env={"MEGACORE_FAULTS": json.dumps([{"kind": "nan", "step": 3, "rank": 0}])}),
     }
     # Two are disturbed mid-run, from threads, while the others run: a requeue by the admin, and the
     # signal Slurm sends before a time limit (--signal=B:USR1@grace).
@@ -171,6 +177,23 @@ def test_preemption_signal_checkpoints_requeues_and_finishes_the_same(jobs, undi
     second = next((run_dir / "launch").glob("job-*-start-1.log")).read_text()
     assert f"at step {stopped_at}" in second, "the requeued job resumes where the stop was checkpointed"
     assert read_metrics(run_dir)[LAST]["loss"] == read_metrics(undisturbed)[LAST]["loss"]
+
+
+def test_a_hang_is_requeued_and_the_job_finishes_the_same(jobs, undisturbed):
+    job_id, run_dir = jobs["hung"][1], run_dir_of(jobs, "hung")
+    state = wait(job_id)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", state
+    first = next((run_dir / "launch").glob("job-*-start-0.log")).read_text()
+    assert "health: hang in step 12" in first and "rank 1" in first and "a hang ended the run" in first
+    assert "requeue 1 of 3" in first
+    assert read_metrics(run_dir)[LAST]["loss"] == read_metrics(undisturbed)[LAST]["loss"]
+
+
+def test_a_fatal_health_stop_is_not_requeued(jobs):
+    state = wait(jobs["fatal"][1])
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "3:0" and state["Restarts"] == "0", state
+    log = next((run_dir_of(jobs, "fatal") / "launch").glob("job-*-start-0.log")).read_text()
+    assert "step 3: not finite" in log and "run health stopped the run" in log
 
 
 def test_sweep_runs_as_an_array_of_three(jobs):

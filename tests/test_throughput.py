@@ -16,19 +16,20 @@ def test_the_cpu_peak_measured_on_a_busy_core_is_the_peak_of_an_idle_one():
     os.sched_setaffinity(0, {min(affinity)})  # this process on one core, alone, then beside a busy loop
     torch.set_num_threads(1)
     try:
-        idle = max(measure_matmul_tflops(cpu) for _ in range(2))
+        idle = max(measure_matmul_tflops(cpu) for _ in range(3))
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             os.sched_setaffinity(busy.pid, {min(affinity)})
-            loaded = max(measure_matmul_tflops(cpu) for _ in range(2))
+            loaded = max(measure_matmul_tflops(cpu) for _ in range(3))
         finally:
             busy.kill()
             busy.wait()
     finally:
         os.sched_setaffinity(0, affinity)
         torch.set_num_threads(threads)
-    # (By the wall clock the busy core halves it: the matmul gets every other time slice.)
-    assert loaded > 0.8 * idle, (loaded, idle)
+    # By the wall clock the busy core halves it (0.49 measured): the matmul gets every other time slice.
+    # By the thread's CPU time 0.85-0.88 here; the switches between the two cost some cache.
+    assert loaded > 0.65 * idle, (loaded, idle)
 
 
 def test_mfu_is_never_above_100_percent():

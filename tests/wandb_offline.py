@@ -45,8 +45,8 @@ def records(path: Path) -> list:
 
 
 def read_run(path: Path) -> dict:
-    """{"id", "config", "history": [{key: value}, ...]} of one offline run file."""
-    run = {"id": None, "config": {}, "history": []}
+    """{"id", "config", "history": [{key: value}, ...], "alerts": [(title, text)]} of one offline run file."""
+    run = {"id": None, "config": {}, "history": [], "alerts": []}
     for r in records(path):
         which = r.WhichOneof("record_type")
         if which == "run":
@@ -54,6 +54,8 @@ def read_run(path: Path) -> dict:
             run["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
         elif which == "config":
             run["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif which == "alert":
+            run["alerts"].append((r.alert.title, r.alert.text))
         elif which == "history":
             run["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
     return run

@@ -20,6 +20,9 @@ class HealthConfig:
     # replay, skipping the step if it recurs; stop: checkpoint nothing more and exit (status 3).
     # auto: skip on backend=torch, stop on deepspeed (its engine cannot withhold an update).
     nonfinite: Literal["auto", "skip", "rerun", "rollback", "stop"] = "auto"
+    # false: no step verdicts at all (a non-finite step is then trained on, as before run health existed);
+    # for benchmarks (bench/train_step.py measures what the checks cost).
+    checks: bool = True
     # A spike: the loss or the gradient norm above mean + spike_sigma * std of the last spike_window
     # accepted steps (after spike_min_history of them). log: report it and train on it.
     spike: Literal["log", "skip", "rerun", "rollback", "stop"] = "log"

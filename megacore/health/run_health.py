@@ -31,7 +31,7 @@ class RunHealth:
         self.events = HealthEvents(cfg.train.run_dir, rank, wandb, echo, record=rank == 0)
         self.stragglers = Stragglers(health.straggler_ratio, health.straggler_windows, rank, world_size)
         self.faults = Faults(rank)
-        self.rank = rank
+        self.rank, self.enabled = rank, health.checks
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._rng = None  # the random streams at the start of the current step (rerun)
 
@@ -46,7 +46,9 @@ class RunHealth:
             self._rng = _capture_rng()
         self.faults.before_forward(step)
 
-    def verdict(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    def verdict(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor | None:
+        if not self.enabled:
+            return None
         v = self.check.verdict(loss, grad_norm, self.policy.forced_skip(step))
         self._pending.append((step, v))
         return v

@@ -36,6 +36,15 @@ class MetricsLogger:
         self._file = open(self.path, "a") if enabled else None
         self._start_time, self._start_step = time.time(), None
 
+    def rewind(self, step: int) -> None:
+        """A rollback to `step` within this invocation: the records after it go to the superseded file, as
+        at a resume, so that each step stays logged once."""
+        if not self.enabled:
+            return
+        self._file.close()
+        drop_records_after(self.path, step, self.path.parent / SUPERSEDED)
+        self._file = open(self.path, "a")
+
     def should_log(self, step: int, end_step: int) -> bool:
         """Training metrics every logging.log_every steps and at the last step (on every rank: the figures
         come from collectives that every rank joins)."""

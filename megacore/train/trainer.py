@@ -148,8 +148,10 @@ class Trainer:
             step += 1
             self._call_hooks("before_step", step)
             result = self.train_step(step)
-            if self.health.policy.reads_every_step or self.metrics.should_log(step, end) or \
-                    self.checkpointer.should_save(step, end):
+            # Run health's verdicts: read now when its policy acts on each step (rerun, rollback, stop), else
+            # with the logging step's reads or before a save (megacore/health/).
+            every_step = self.health.policy.reads_every_step
+            if every_step:
                 step, result, stop_reason = self._act_on_health(step, result)
                 if result is None:  # rolled back: continue after the checkpoint's step
                     continue
@@ -157,6 +159,10 @@ class Trainer:
             self.health.stragglers.add_step()
             self._call_hooks("after_step", step, result)
             self._say_committed(self.checkpointer.poll())
+            if not every_step and (self.metrics.should_log(step, end) or self.checkpointer.should_save(step, end)):
+                step, result, stop_reason = self._act_on_health(step, result)
+                if result is None:
+                    continue
             if self.metrics.should_log(step, end):
                 train_metrics = self._log_train(result)
             if self.evaluator.should_evaluate(step, end):
@@ -241,6 +247,7 @@ class Trainer:
             self._set_aside_newer(step_of(target))
         dist.barrier()
         back = self._load(target, rollback=True)
+        self.metrics.rewind(back)
         self.health.events.emit("rollback", f"rolled back to {target.name}: replaying from step {back + 1}", back)
         return back
 
