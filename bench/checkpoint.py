@@ -58,7 +58,8 @@ def commit_worker(args) -> None:
     """Under torchrun: FSDP over every rank, one step, one save; rank 0 writes the timings to args.out."""
     from megacore.checkpoint.store import hash_files
     from megacore.config import load_config
-    from megacore.parallel import Layout, parallelize
+    from megacore.parallel.layout import Layout
+    from megacore.parallel.parallelize import parallelize
 
     env = init_distributed("cpu")
     try:

@@ -48,7 +48,8 @@ from megacore.distributed import init_distributed, shutdown  # noqa: E402
 from megacore.model import Llama, flops_per_token  # noqa: E402
 from megacore.monitor.host_syncs import HostSyncCounter  # noqa: E402
 from megacore.monitor.memory import peak_allocated_during  # noqa: E402
-from megacore.parallel import Layout, parallelize  # noqa: E402
+from megacore.parallel.layout import Layout  # noqa: E402
+from megacore.parallel.parallelize import parallelize  # noqa: E402
 from megacore.train.optim import Optimizers  # noqa: E402
 
 PEAKS: dict = {}

@@ -131,8 +131,8 @@ def train(args) -> int:
         from megacore.checkpoint.resume import refuse_lost_work
         from megacore.checkpoint.store import latest_checkpoint
         from megacore.parallel.layout import Layout
+        from megacore.preflight import check_data
         from megacore.run_dir import resolve_vocab_size
-        from megacore.train.data import check_data
 
         Layout.resolve(cfg, world_size)
         resolve_vocab_size(cfg)

@@ -16,8 +16,9 @@ from megacore.checkpoint.weights import load_weights_into_shards
 from megacore.config import load_config
 from megacore.distributed import init_distributed, shutdown
 from megacore.model import Llama
-from megacore.parallel import Layout, parallelize
+from megacore.parallel.layout import Layout
 from megacore.parallel.materialize import local_parameters
+from megacore.parallel.parallelize import parallelize
 from tests.helpers import REPO
 
 

@@ -108,7 +108,8 @@ def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = No
 
 def _evaluate_one_process(model, cfg: Config, store: TokenStore, batch_size: int, batches: int) -> dict:
     from megacore.distributed import init_distributed, shutdown
-    from megacore.parallel import Layout, ParallelModel
+    from megacore.parallel.layout import Layout
+    from megacore.parallel.parallelize import ParallelModel
 
     loader = PackedLoader(store, cfg.data.seq_len, batch_size, shuffle=False)
     env = init_distributed("cpu")

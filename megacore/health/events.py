@@ -76,17 +76,22 @@ def clear_marks(run_dir: str | Path) -> None:
         (health_dir(run_dir) / name).unlink(missing_ok=True)
 
 
-def read_events(run_dir: str | Path) -> list[dict]:
-    path = health_dir(run_dir) / EVENTS
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file of RUN_DIR/health/ ([] if none); a line cut by a crash mid-write
+    is left out, the rest still reads."""
     if not path.is_file():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a crash mid-write: the rest still reads
+        except json.JSONDecodeError:
             continue
     return out
+
+
+def read_events(run_dir: str | Path) -> list[dict]:
+    return read_jsonl(health_dir(run_dir) / EVENTS)
 
 
 def history(run_dir: str | Path) -> str:

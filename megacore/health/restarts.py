@@ -14,27 +14,15 @@ import os
 import time
 from pathlib import Path
 
-from megacore.health.events import health_dir
+from megacore.health.events import health_dir, read_jsonl
 
 STARTS = "starts.jsonl"
-
-
-def _read(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def restart_loop(run_dir: str | Path, step: int, limit: int) -> str | None:
     """Why this start must not run (a loop), or None; then records it."""
     path = health_dir(run_dir) / STARTS
-    starts = _read(path)
+    starts = read_jsonl(path)
     loop = None
     if limit > 0 and len(starts) >= limit:
         last = starts[-limit:]
@@ -54,7 +42,7 @@ def restart_loop(run_dir: str | Path, step: int, limit: int) -> str | None:
 def mark_ended(run_dir: str | Path) -> None:
     """The newest start ended cleanly (rewrites its line; the file is small)."""
     path = health_dir(run_dir) / STARTS
-    starts = _read(path)
+    starts = read_jsonl(path)
     if not starts:
         return
     starts[-1]["ended"] = time.time()

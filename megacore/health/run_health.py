@@ -35,10 +35,6 @@ class RunHealth:
         self._pending: list[tuple[int, torch.Tensor]] = []
         self._rng = None  # the random streams at the start of the current step (rerun)
 
-    def describe(self) -> str:
-        return (f"health: non-finite steps {self.policy.nonfinite}, spikes {self.policy.spike} "
-                f"(> mean + {self.check.sigma:g} std of the last {self.check.window.shape[1]} accepted steps)")
-
     # -- each step --
 
     def begin_step(self, step: int) -> None:

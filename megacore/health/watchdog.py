@@ -29,7 +29,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megacore.config import HealthConfig
 from megacore.health.events import EXIT_HANG, HANG, HealthEvents, health_dir
@@ -248,7 +247,3 @@ def _process_state(pid: int) -> str:
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
-
-def collective_timeout_after_first_step(seconds: float) -> None:
-    if seconds > 0 and dist.is_initialized():
-        set_collective_timeout(seconds)

@@ -1,4 +1,6 @@
-from megacore.parallel.layout import Layout
-from megacore.parallel.parallelize import ParallelModel, parallelize
+"""Parallelism applied from outside the model: the layout (`layout.py`, plain arithmetic: the CLI and the
+launcher plan with it without importing torch), and `parallelize.py` with each parallelism's module."""
 
-__all__ = ["Layout", "ParallelModel", "parallelize"]
+from megacore.parallel.layout import Layout
+
+__all__ = ["Layout"]

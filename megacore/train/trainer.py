@@ -42,9 +42,11 @@ from megacore.monitor.metrics import MetricsLogger
 from megacore.monitor.profiling import StepProfiler
 from megacore.monitor.throughput import ThroughputMeter
 from megacore.monitor.wandb_run import WandbRun
-from megacore.parallel import Layout, parallelize
+from megacore.parallel.layout import Layout
+from megacore.parallel.parallelize import parallelize
+from megacore.preflight import check_data
 from megacore.run_dir import resolve_vocab_size, write_run_dir
-from megacore.train.data import DeviceBatches, check_data, eval_stores, train_loader
+from megacore.train.data import DeviceBatches, eval_stores, train_loader
 from megacore.train.garbage import GarbageCollection
 from megacore.train.hooks import StepResult
 from megacore.train.optim import Optimizers, lr_at
@@ -113,9 +115,9 @@ class Trainer:
         self.batches = DeviceBatches(self.train_loader, env.device, cfg.model.document_masking)
         self.tokenizer_sha256 = eval_sets[0][1].manifest["tokenizer"]["sha256"]
         self.evaluator = Evaluator(self.model, eval_sets, cfg)
-        self.step, self.skipped_batches, self._timeouts_tightened = 0, 0, False
-        self.wandb_id = read_meta(ckpt).get("wandb_run_id") if ckpt is not None else None
-        self.wandb = WandbRun(cfg, run_dir, self.wandb_id) if env.is_main else None
+        self.step, self.skipped_batches = 0, 0
+        wandb_id = read_meta(ckpt).get("wandb_run_id") if ckpt is not None else None
+        self.wandb = WandbRun(cfg, run_dir, wandb_id) if env.is_main else None
         self.health = RunHealth(cfg, env.rank, env.world_size, env.device, self.wandb, self._say)
         if ckpt is not None:
             self.step = self._load(ckpt)
@@ -155,6 +157,8 @@ class Trainer:
                 step, result, stop_reason = self._act_on_health(step, result)
                 if result is None:  # rolled back: continue after the checkpoint's step
                     continue
+            if step == self.step + 1 and self.cfg.health.collective_timeout_s > 0:
+                set_collective_timeout(self.cfg.health.collective_timeout_s)  # (the first step may compile)
             self.throughput.add(result.tokens)
             self.health.stragglers.add_step()
             self._call_hooks("after_step", step, result)
@@ -225,9 +229,6 @@ class Trainer:
             if decision.action == "stop":
                 self.health.stop(step, decision.reason)
                 return step, result, "health"
-        if not self._timeouts_tightened and self.cfg.health.collective_timeout_s > 0:
-            set_collective_timeout(self.cfg.health.collective_timeout_s)  # after the first step's collectives
-            self._timeouts_tightened = True
         return step, result, None
 
     def _rollback(self, step: int, decision) -> int | None:
