@@ -1,5 +1,6 @@
 """What the trainer holds of run health (megacore/health/): one object, called at a few points of the
-loop, that keeps the device checks, the policy, the events, the straggler report and the watchdog.
+loop, that keeps the device checks, the policy, the events and the straggler report (the watchdog
+lives beside it from the process's start: megacore/health/watchdog.py).
 
     verdict(step, loss, norm)  on the device, each step; its `skip` element is the optimizer's found_inf
     read()                     the verdicts not yet read, decided in order (each step when the policy needs

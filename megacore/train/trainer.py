@@ -154,7 +154,7 @@ class Trainer:
             # with the logging step's reads or before a save (megacore/health/).
             every_step = self.health.policy.reads_every_step
             if every_step:
-                step, result, stop_reason = self._act_on_health(step, result)
+                step, result, stop_reason = self._act_on_health(step, result, stop_reason)
                 if result is None:  # rolled back: continue after the checkpoint's step
                     continue
             if step == self.step + 1 and self.cfg.health.collective_timeout_s > 0:
@@ -163,19 +163,24 @@ class Trainer:
             self.health.stragglers.add_step()
             self._call_hooks("after_step", step, result)
             self._say_committed(self.checkpointer.poll())
-            if not every_step and (self.metrics.should_log(step, end) or self.checkpointer.should_save(step, end)):
+            if self.metrics.should_log(step, end):
                 step, result, stop_reason = self._act_on_health(step, result)
                 if result is None:
                     continue
-            if self.metrics.should_log(step, end):
                 train_metrics = self._log_train(result)
             if self.evaluator.should_evaluate(step, end):
                 with self._outside_training("eval", step):
                     eval_results = self._evaluate(step)
             stop_reason = stop_reason or self._stop_reason(step, result)
             if stop_reason != "health" and self.checkpointer.should_save(step, end, stopping=stop_reason is not None):
-                with self._outside_training("save", step):
-                    self._save(step)
+                # Every verdict is decided before the checkpoint records the decisions' state: a resumed run
+                # then decides exactly as an uninterrupted one.
+                step, result, stop_reason = self._act_on_health(step, result, stop_reason)
+                if result is None:
+                    continue
+                if stop_reason != "health":
+                    with self._outside_training("save", step):
+                        self._save(step)
         self.step = step
         self._close(stop_reason)
         return {"step": step, "stop_reason": stop_reason, "train": train_metrics, "eval": eval_results}
@@ -214,10 +219,11 @@ class Trainer:
         return StepResult(step=step, lr=lr, loss_sum=total, grad_norm_value=grad_norm, tokens=global_tokens,
                           stop_votes=votes, verdict=verdict)
 
-    def _act_on_health(self, step: int, result: StepResult) -> tuple[int, StepResult | None, str | None]:
+    def _act_on_health(self, step: int, result: StepResult,
+                       stop_reason: str | None = None) -> tuple[int, StepResult | None, str | None]:
         """Read the verdicts not yet read and act on them (megacore/health/policy.py): (the step to go on
-        from, its result, a stop reason). A rerun replaces the result; a rollback returns the checkpoint's
-        step and no result."""
+        from, its result, the stop reason: "health" after a health stop, else `stop_reason`). A rerun
+        replaces the result; a rollback returns the checkpoint's step and no result."""
         for verdict, decision in self.health.read():
             if decision.action == "rerun":
                 self.health.restore_rng()
@@ -229,7 +235,7 @@ class Trainer:
             if decision.action == "stop":
                 self.health.stop(step, decision.reason)
                 return step, result, "health"
-        return step, result, None
+        return step, result, stop_reason
 
     def _rollback(self, step: int, decision) -> int | None:
         """Back to the newest healthy checkpoint before decision.before_step (once per checkpoint on an
