@@ -97,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("out", nargs="?", help="consolidate: the new run directory to write")
     ck.set_defaults(handler=commands.checkpoints)
 
-    hf = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM directory")
-    hf.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    hf = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face directory of its model.family "
+                                           "(Llama, Mistral, Qwen2, Qwen3): safetensors, config.json, tokenizer")
+    hf.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory (either backend)")
     hf.add_argument("out")
     hf.set_defaults(handler=commands.export_hf)
 
-    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on a data split")
-    ev.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    ev = sub.add_parser("eval", help="loss, perplexity, bits per byte and accuracy of a model on a data split")
+    ev.add_argument("checkpoint", help="run directory (newest checkpoint), checkpoint directory, or a published "
+                                       "Hugging Face model directory (its config.json, safetensors and tokenizer)")
     ev.add_argument("--split", default="val")
     ev.add_argument("--text", nargs="+", default=None, metavar="FILE",
                     help="raw text files or URLs instead of a prepared split (tokenized with the run's tokenizer)")
@@ -112,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
     ev.set_defaults(handler=commands.evaluate)
 
-    gen = sub.add_parser("generate", help="sample text from a checkpoint")
-    gen.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory")
+    gen = sub.add_parser("generate", help="sample text from a model")
+    gen.add_argument("checkpoint", help="run directory (newest checkpoint), checkpoint directory, or a published "
+                                        "Hugging Face model directory")
     gen.add_argument("--prompt", default="")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8)
