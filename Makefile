@@ -11,7 +11,7 @@ DEMO_RUN := runs/demo
 # DeepSpeed compiles C++ ops on first use; keep its cache inside the checkout.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo chat-demo lint test bench clean slurm
+.PHONY: install demo chat-demo lint test test-fast bench clean slurm
 
 install: $(VENV)/.installed
 
@@ -89,6 +89,12 @@ lint: $(VENV)/.installed
 
 test: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE) $(CHITCHAT) slurm lint
 	$(PY) -m pytest -q --durations=30 tests
+
+# The tier to iterate with: the in-process tests, under 5 minutes on 2 cores. It leaves out the tests marked
+# `processes` (those that start the megacore CLI, torchrun, Slurm, DeepSpeed: tests/conftest.py), so it
+# needs neither DeepSpeed nor Slurm. `make test` runs everything.
+test-fast: $(VENV)/.installed $(SHAKESPEARE)
+	$(PY) -m pytest -q -m "not processes" tests
 
 # Benchmarks print ratios against a reference run in the same script, then one table of all of them
 # (bench/report.py); figures go in BENCHMARKS.md.

@@ -33,8 +33,8 @@ from report import record
 from megacore.checkpoint.dcp import Checkpointer
 from megacore.config import CheckpointConfig, ModelConfig, OptimConfig
 from megacore.distributed import init_distributed, shutdown
+from megacore.loss import loss_sum
 from megacore.model import Llama
-from megacore.train.loss import loss_sum
 from megacore.train.optim import Optimizers
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,10 +56,13 @@ def plain_write_read(path: Path, nbytes: int) -> tuple[float, float]:
 
 def commit_worker(args) -> None:
     """Under torchrun: FSDP over every rank, one step, one save; rank 0 writes the timings to args.out."""
+    from megacore.checkpoint.meta import CheckpointMeta
     from megacore.checkpoint.store import hash_files
     from megacore.config import load_config
+    from megacore.loss import LanguageModelLoss
     from megacore.parallel.layout import Layout
     from megacore.parallel.parallelize import parallelize
+    from megacore.train.torch_module import TorchTrainModule
 
     env = init_distributed("cpu")
     try:
@@ -70,14 +73,16 @@ def commit_worker(args) -> None:
         layout = Layout.resolve(cfg, env.world_size)
         with torch.device("meta"):
             model = Llama(cfg.model)
-        pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.rank, env.device)
-        optimizers = Optimizers(pm.parts, cfg.optim)
+        loss = LanguageModelLoss.for_run(layout.tp, compiled=False)
+        par = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.device, loss)
+        optimizers = Optimizers(par.parts, cfg.optim)
+        module = TorchTrainModule(par.stages, layout, env.rank, env.device, loss, optimizers)
         tokens = torch.randint(0, cfg.model.vocab_size, (1, args.seq + 1))
-        pm.forward_backward({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, 1.0 / args.seq)
-        optimizers.step()  # creates the AdamW state
+        module.train_batch({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}, 1.0 / args.seq)
+        module.optim_step(cfg.optim.lr)  # creates the AdamW state
         ckpt = Checkpointer(Path(args.out).parent / "run", CheckpointConfig(keep_last=0), env.rank)
         start = time.perf_counter()
-        path = ckpt.save(1, pm.parts, optimizers, {"world_size": env.world_size})
+        path = ckpt.save(1, par.parts, optimizers, CheckpointMeta(step=1, world_size=env.world_size))
         save_s = time.perf_counter() - start
         if env.rank == 0:
             files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file())

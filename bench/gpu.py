@@ -3,7 +3,7 @@ kernel used and host syncs per step. No data needed (random tokens; packed docum
 variants).
 
 The model is configs/llama3_1b.yaml's (a ~1.2B Llama with Llama 3's 128k vocabulary), built and
-parallelized by megacore's own code on one rank (`parallelize`, `ParallelModel`, `Optimizers`), at seq
+parallelized by megacore's own code on one rank (`parallelize`, `TorchTrainModule`, `Optimizers`), at seq
 2048 and 8192. Variants, each against the first row (eager, the loss from full fp32 logits) of its
 sequence length, in the same process:
 
@@ -45,12 +45,14 @@ from report import record  # noqa: E402
 from megacore.config import ConfigError, load_config  # noqa: E402
 from megacore.device import check_float8, configure, peak_tflops, resolve_auto  # noqa: E402
 from megacore.distributed import init_distributed, shutdown  # noqa: E402
+from megacore.loss import FULL_LOGITS, FUSED, LanguageModelLoss  # noqa: E402
 from megacore.model import Llama, flops_per_token  # noqa: E402
 from megacore.monitor.host_syncs import HostSyncCounter  # noqa: E402
 from megacore.monitor.memory import peak_allocated_during  # noqa: E402
 from megacore.parallel.layout import Layout  # noqa: E402
-from megacore.parallel.parallelize import parallelize  # noqa: E402
+from megacore.parallel.parallelize import autocast_policy, parallelize  # noqa: E402
 from megacore.train.optim import Optimizers  # noqa: E402
+from megacore.train.torch_module import TorchTrainModule  # noqa: E402
 
 PEAKS: dict = {}
 # Model shapes besides configs/llama3_1b.yaml's own (size 1b).
@@ -138,16 +140,18 @@ def run_variant(args, name: str, variant: dict, seq: int, env) -> dict:
     layout = Layout.resolve(cfg, 1)
     with torch.device("meta"):
         model = Llama(cfg.model)
-    pm = parallelize(model, cfg, layout, layout.build_mesh(device.type), 0, device)
-    pm.full_logits_loss = not variant.get("fused", True)
-    optimizers = Optimizers(pm.parts, cfg.optim, float8_fsdp=False)
+    # The loss from full fp32 logits (the path before the chunked head) is the reference of "fused".
+    loss = LanguageModelLoss(FUSED if variant.get("fused", True) else FULL_LOGITS, compiled=cfg.parallel.compile is True)
+    par = parallelize(model, cfg, layout, layout.build_mesh(device.type), device, loss)
+    module = TorchTrainModule(par.stages, layout, 0, device, loss, Optimizers(par.parts, cfg.optim, float8_fsdp=False),
+                              amp=autocast_policy(cfg, layout, device), document_masking=cfg.model.document_masking)
     batch = batch_of(cfg, device, variant.get("docmask", False))
     tokens = batch["labels"].numel()
 
     def step():
-        optimizers.zero_grad()
-        pm.forward_backward(batch, 1.0 / tokens)
-        optimizers.step()
+        module.zero_grad()
+        module.train_batch(batch, 1.0 / tokens)
+        module.optim_step(cfg.optim.lr)
 
     for _ in range(args.warmup):
         step()

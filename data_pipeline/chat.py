@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import json
 
-from data_pipeline.errors import DataPipelineError
+from data_pipeline.errors import ChatFormatError
 from data_pipeline.tokenizer import CHAT_TEMPLATE_PLACES
 
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
-
-
-class ChatFormatError(DataPipelineError):
-    """Chat records, or a tokenizer, that cannot make a conversation's tokens."""
 
 
 def check_chat_tokenizer(tokenizer, what: str) -> None:

@@ -1,14 +1,11 @@
-"""Errors about input data that a user can act on; each message names the file (and line) at fault.
-The `megacore` CLI reports them as `megacore: error: MESSAGE` with exit status 2."""
+"""The data errors a user can act on; each message names the file (and line), key or value at fault.
+They are part of megacore's one error hierarchy (megacore/errors.py), re-exported here under the names
+data_pipeline code has always used; the `megacore` CLI reports them as `megacore: error: MESSAGE` with
+exit status 2."""
 
+from megacore.errors import ChatFormatError, DataError, ShardError, SourceError
 
-class DataPipelineError(ValueError):
-    """Bad input data or data settings."""
+# The name of DataError in the data pipeline before the two trees became one (the same class).
+DataPipelineError = DataError
 
-
-class SourceError(DataPipelineError):
-    """A raw source that cannot be read."""
-
-
-class ShardError(DataPipelineError):
-    """A prepared token shard that is missing, altered, or holds ids the tokenizer does not have."""
+__all__ = ["ChatFormatError", "DataError", "DataPipelineError", "ShardError", "SourceError"]

@@ -14,9 +14,11 @@ function of (seed, weights, fingerprints, seq_len) and of how many samples each 
 Global batch b holds the next global_batch_size samples; data-parallel rank r takes the r-th contiguous
 slice.
 
-State. {step, positions per dataset, seed, fingerprints, seq_len, order, mixing}: a handful of
+State. {version, step, positions per dataset, seed, fingerprints, seq_len, order, mixing}: a handful of
 integers. It does not depend on the number of ranks or workers, so a run resumes on another data-parallel size or worker
-count and continues the same global sequence of batches.
+count and continues the same global sequence of batches. A state written by an earlier commit is upgraded
+when loaded (data_pipeline/upgrade.py); a run that began before today's order or mixing rule continues
+with the rule its state names, looked up once when the state is loaded (ORDERS, MIXING).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.errors import DataPipelineError, ShardError
-from data_pipeline.permutation import FeistelPermutation, permutation_key
+from data_pipeline.errors import DataError, ShardError
+from data_pipeline.permutation import FeistelOrder, SequentialOrder
 from data_pipeline.shards import file_sha256, read_manifest, read_shard
+from data_pipeline.upgrade import LOADER_STATE_VERSION, MaterialisedOrder, deficit_mix, upgrade_loader_state
 
 # The label of a token that is no training target (torch's cross_entropy default ignore_index).
 IGNORE_INDEX = -100
@@ -80,7 +83,7 @@ class TokenStore:
         self.data_dir = Path(data_dir)
         manifest = read_manifest(self.data_dir)
         if split not in manifest["splits"]:
-            raise DataPipelineError(f"{self.data_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
+            raise DataError(f"{self.data_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
         self.manifest, self.split = manifest, split
         tokenizer = self.data_dir / manifest["tokenizer"]["file"]
         if not tokenizer.is_file():
@@ -167,71 +170,49 @@ class TokenStore:
         return out
 
 
-# How an epoch's order is computed: "feistel", a permutation evaluated per position (constant memory);
-# "legacy", the materialised permutation of loader states written before it (8 bytes a sample), kept so
-# that those runs resume on exactly the batches they would have seen.
-ORDERS = ("feistel", "legacy")
-ORDER_BLOCK = 1 << 16  # positions whose ids are computed together (512 KB of int64)
-# How a mixture assigns global sample positions to datasets (PackedLoader._mix).
-MIXING = ("stride", "deficit")
+def stride_mix(weights: np.ndarray, positions: np.ndarray, batch: int) -> np.ndarray:
+    """The dataset of each of the next `batch` samples of a mixture (mixing "stride"), given the samples each
+    dataset has given so far: dataset j's k-th sample is due at virtual time (k + 1) / w_j, and the global
+    sequence takes samples in order of due time (ties: the lower index); the batch is the `batch` earliest
+    due samples not yet given, from one sort of datasets x batch candidates (vectorised)."""
+    due = (positions[:, None] + np.arange(1, batch + 1)[None, :]) / weights[:, None]
+    order = np.argsort(due.ravel(), kind="stable")[:batch]  # row-major: ties go to the lower dataset
+    return (order // batch).astype(np.int64)
+
+
+# The rules a loader state can name, by the name it records: how an epoch's order is computed, and how a
+# mixture assigns global sample positions to datasets. Today's are the first; the others are the rules of
+# runs that began before them, kept with the upgrade of their states (data_pipeline/upgrade.py).
+ORDERS = {FeistelOrder.name: FeistelOrder, MaterialisedOrder.name: MaterialisedOrder}
+MIXING = {"stride": stride_mix, "deficit": deficit_mix}
 
 
 class SampleStream:
     """One dataset's endless sequence of window ids: position p -> sample id, a pure function."""
 
-    def __init__(self, store: TokenStore, seq_len: int, seed: int, shuffle: bool = True, order: str = "feistel"):
+    def __init__(self, store: TokenStore, seq_len: int, seed: int, shuffle: bool = True):
         self.store, self.seq_len, self.seed, self.shuffle = store, seq_len, seed, shuffle
         self.num_samples = (store.num_tokens - 1) // seq_len
         if self.num_samples < 1:
-            raise ValueError(f"split {store.split!r} of {store.data_dir} has {store.num_tokens} tokens: "
-                             f"too few for one window of {seq_len + 1}")
-        self._blocks: dict[tuple[int, int], np.ndarray] = {}  # (epoch, block) -> ids, at most 2 kept
-        self.set_order(order)
+            raise DataError(f"split {store.split!r} of {store.data_dir} has {store.num_tokens} tokens: "
+                            f"too few for one window of {seq_len + 1} (data.seq_len + 1)")
+        self.set_order(FeistelOrder.name)
 
     def set_order(self, order: str) -> None:
-        self.order, self._cached_epoch, self._epoch_order, self._blocks = order, -1, None, {}
-
-    def _ids_in_epoch(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
-        if not self.shuffle:
-            return offsets.astype(np.int64)
-        if self.order == "legacy":
-            if self._cached_epoch != epoch:
-                rng = np.random.default_rng([self.seed, epoch, int(self.store.fingerprint, 16)])
-                self._epoch_order, self._cached_epoch = rng.permutation(self.num_samples), epoch
-            return self._epoch_order[offsets]
-        # Batches take consecutive positions: evaluate the permutation a block at a time (vectorised over
-        # ORDER_BLOCK ids) and serve the batches from it; memory stays bounded at any corpus size.
-        first, last = int(offsets[0]) // ORDER_BLOCK, int(offsets[-1]) // ORDER_BLOCK
-        if last - first > 1 or np.any(np.diff(offsets) != 1):
-            return self._permutation(epoch)(offsets)
-        ids = np.concatenate([self._block(epoch, b) for b in range(first, last + 1)])
-        return ids[offsets - first * ORDER_BLOCK]
-
-    def _permutation(self, epoch: int) -> FeistelPermutation:
-        if self._cached_epoch != epoch:
-            self._epoch_order = FeistelPermutation(self.num_samples,
-                                                   permutation_key(self.seed, epoch, self.store.fingerprint))
-            self._cached_epoch = epoch
-        return self._epoch_order
-
-    def _block(self, epoch: int, block: int) -> np.ndarray:
-        if (epoch, block) not in self._blocks:
-            if len(self._blocks) >= 2:
-                self._blocks.pop(next(iter(self._blocks)))
-            start = block * ORDER_BLOCK
-            positions = np.arange(start, min(start + ORDER_BLOCK, self.num_samples), dtype=np.int64)
-            self._blocks[epoch, block] = self._permutation(epoch)(positions)
-        return self._blocks[epoch, block]
+        """The epoch order of ORDERS named `order` (without shuffling, positions are ids in any order)."""
+        self.order = order
+        self._order = (ORDERS[order] if self.shuffle else SequentialOrder)(self.num_samples, self.seed,
+                                                                           self.store.fingerprint)
 
     def sample_ids(self, start: int, count: int) -> np.ndarray:
         positions = np.arange(start, start + count, dtype=np.int64)
         epochs, offsets = np.divmod(positions, self.num_samples)
         if epochs[0] == epochs[-1]:  # the usual case: within one epoch
-            return self._ids_in_epoch(int(epochs[0]), offsets)
+            return self._order(int(epochs[0]), offsets)
         out = np.empty(count, dtype=np.int64)
         for epoch in np.unique(epochs):
             sel = epochs == epoch
-            out[sel] = self._ids_in_epoch(int(epoch), offsets[sel])
+            out[sel] = self._order(int(epoch), offsets[sel])
         return out
 
     def windows(self, sample_ids: np.ndarray, loss_mask: bool = False) -> np.ndarray:
@@ -257,22 +238,19 @@ class PackedLoader:
 
     def __init__(self, stores: TokenStore | list[TokenStore], seq_len: int, global_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 weights: list[float] | None = None, num_workers: int = 0, document_positions: bool = True,
-                 order: str = "feistel"):
+                 weights: list[float] | None = None, num_workers: int = 0, document_positions: bool = True):
         stores = [stores] if isinstance(stores, TokenStore) else list(stores)
         weights = weights or [1.0] * len(stores)
         if len(weights) != len(stores):
             raise ValueError(f"{len(stores)} datasets but {len(weights)} weights")
         if global_batch_size % dp_size:
             raise ValueError(f"global batch {global_batch_size} is not divisible by {dp_size} data-parallel ranks")
-        if order not in ORDERS:
-            raise ValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
-        self.streams = [SampleStream(s, seq_len, seed, shuffle, order) for s in stores]
+        self.streams = [SampleStream(s, seq_len, seed, shuffle) for s in stores]
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seq_len, self.seed, self.global_batch_size = seq_len, seed, global_batch_size
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
         self.document_positions = document_positions
-        self.mixing = "stride"
+        self._set_rules(FeistelOrder.name, "stride")  # a loaded state may name others (load_state_dict)
         self.eos_id = stores[0].eos_id
         # The state: global batches given out, and samples given out by each dataset.
         self.step = 0
@@ -301,29 +279,22 @@ class PackedLoader:
 
     # -- planning: which samples make up the next global batch (cheap, sequential) --
 
-    def _mix(self, positions: np.ndarray) -> np.ndarray:
-        """The dataset of each sample of the next global batch, given the samples each has given so far.
+    def _set_rules(self, order: str, mixing: str) -> None:
+        """The epoch order (ORDERS) and mixing rule (MIXING) named by a loader state."""
+        if order not in ORDERS:
+            raise DataError(f"loader order {order!r} in the checkpoint is not one of {', '.join(ORDERS)}")
+        if mixing not in MIXING:
+            raise DataError(f"loader mixing {mixing!r} in the checkpoint is not one of {', '.join(MIXING)}")
+        for stream in self.streams:
+            stream.set_order(order)
+        self.order, self.mixing, self._mix_rule = order, mixing, MIXING[mixing]
 
-        "stride" (vectorised): dataset j's k-th sample is due at virtual time (k + 1) / w_j, and the
-        global sequence takes samples in order of due time (ties: the lower index); the batch is the
-        global_batch_size earliest due samples not yet given, from one sort of datasets x batch
-        candidates. "deficit": the rule of loader states written before it, the dataset furthest behind
-        its share, one sample at a time (a Python loop over the batch), kept so that those runs resume on
-        exactly their batches.
-        """
-        n, b = len(self.streams), self.global_batch_size
-        if n == 1:
-            return np.zeros(b, dtype=np.int64)
-        if self.mixing == "stride":
-            due = (positions[:, None] + np.arange(1, b + 1)[None, :]) / self.weights[:, None]
-            order = np.argsort(due.ravel(), kind="stable")[:b]  # row-major: ties go to the lower dataset
-            return (order // b).astype(np.int64)
-        datasets, positions = np.empty(b, dtype=np.int64), positions.copy()
-        for i in range(b):
-            j = int(np.argmax(self.weights * (positions.sum() + 1) - positions))
-            datasets[i] = j
-            positions[j] += 1
-        return datasets
+    def _mix(self, positions: np.ndarray) -> np.ndarray:
+        """The dataset of each sample of the next global batch, given the samples each has given so far
+        (the loader's mixing rule: stride_mix, or the rule an upgraded state names)."""
+        if len(self.streams) == 1:
+            return np.zeros(self.global_batch_size, dtype=np.int64)
+        return self._mix_rule(self.weights, positions, self.global_batch_size)
 
     def _plan(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(dataset of each sample, sample id of each, positions after the batch) for the next global batch."""
@@ -387,34 +358,28 @@ class PackedLoader:
         self._plan_step, self._plan_positions = self.step, self.positions.copy()
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "positions": self.positions.tolist(), "seed": self.seed,
-                "fingerprints": [s.store.fingerprint for s in self.streams], "weights": self.weights.tolist(),
-                "seq_len": self.seq_len, "epoch": self.epoch, "order": self.streams[0].order, "mixing": self.mixing,
-                "consumed_samples": int(self.positions[0] % self.streams[0].num_samples)}
+        return {"version": LOADER_STATE_VERSION, "step": self.step, "positions": self.positions.tolist(),
+                "seed": self.seed, "fingerprints": [s.store.fingerprint for s in self.streams],
+                "weights": self.weights.tolist(), "seq_len": self.seq_len, "epoch": self.epoch, "order": self.order,
+                "mixing": self.mixing, "consumed_samples": int(self.positions[0] % self.streams[0].num_samples)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (state_dict's, or an earlier commit's, upgraded first); DataError if it was
+        counted on other data or settings."""
+        state = upgrade_loader_state(state)
         mine = [s.store.fingerprint for s in self.streams]
         if state["fingerprints"] != mine:
-            raise ValueError(f"data changed since the checkpoint: fingerprints {state['fingerprints']} in the "
-                             f"checkpoint, {mine} in {[str(s.store.data_dir) for s in self.streams]}")
-        for key in ("seed", "seq_len"):
+            raise DataError(f"data changed since the checkpoint: fingerprints {state['fingerprints']} in the "
+                            f"checkpoint, {mine} in {[str(s.store.data_dir) for s in self.streams]}")
+        for key, setting in (("seed", "train.seed"), ("seq_len", "data.seq_len")):
             if state[key] != getattr(self, key):
-                raise ValueError(f"loader {key} changed since the checkpoint: {state[key]} -> {getattr(self, key)}")
+                raise DataError(f"loader {key} changed since the checkpoint ({setting}): {state[key]} -> "
+                                f"{getattr(self, key)}")
         if not np.allclose(state["weights"], self.weights):
-            raise ValueError(f"mixture weights changed since the checkpoint: {state['weights']} -> "
-                             f"{self.weights.tolist()}")
+            raise DataError(f"mixture weights (data.mixture) changed since the checkpoint: {state['weights']} -> "
+                            f"{self.weights.tolist()}")
         self._drain()
-        # A state without "order" was written before the Feistel order existed: continue its sequence.
-        order = state.get("order", "legacy")
-        if order not in ORDERS:
-            raise ValueError(f"loader order {order!r} in the checkpoint is not one of {', '.join(ORDERS)}")
-        for stream in self.streams:
-            stream.set_order(order)
-        # A state without "mixing" was written before the vectorised mixture rule: continue its sequence.
-        mixing = state.get("mixing", "deficit")
-        if mixing not in MIXING:
-            raise ValueError(f"loader mixing {mixing!r} in the checkpoint is not one of {', '.join(MIXING)}")
-        self.mixing = mixing
+        self._set_rules(state["order"], state["mixing"])
         self.step, self.positions = int(state["step"]), np.asarray(state["positions"], dtype=np.int64)
         self._plan_step, self._plan_positions = self.step, self.positions.copy()
 

@@ -30,26 +30,18 @@ from tqdm import tqdm
 from data_pipeline.chat import check_chat_tokenizer, contents, render
 from data_pipeline.cleaning import Cleaner
 from data_pipeline.durable import write_json_atomic
-from data_pipeline.shards import (
-    MANIFEST,
-    MANIFEST_VERSION,
-    TOKENIZER,
-    file_sha256,
-    fingerprint,
-    read_manifest,
-    token_dtype,
-    upgrade_v1_settings,
-    write_shard,
-)
+from data_pipeline.errors import DataError
+from data_pipeline.shards import MANIFEST, TOKENIZER, file_sha256, fingerprint, read_manifest, token_dtype, write_shard
 from data_pipeline.sources import SourceStats, iter_documents, source_identity, source_listing
 from data_pipeline.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
+from data_pipeline.upgrade import MANIFEST_VERSION, SIDECAR_VERSION, upgrade_sidecar
 
 TOKENIZER_SIDECAR = "tokenizer.json"
 SETTINGS = ("sources", "text_unit", "text_field", "format", "tokenizer_from", "normalize", "min_doc_chars",
             "max_doc_chars", "dedup", "strict_utf8", "tokenizer_type", "vocab_size", "character_coverage",
             "tokenizer_sample_mb", "val_fraction", "shard_mb")
-# The tokenizer sidecar's format: 2 records data.character_coverage as set (null: megacore chooses).
-SIDECAR_VERSION = 2
+# The tokenizer sidecar's format, SIDECAR_VERSION (2: data.character_coverage as set, null: megacore
+# chooses), and the upgrade of older sidecars are in data_pipeline/upgrade.py.
 
 
 def split_of(digest: bytes, val_fraction: float) -> str:
@@ -62,11 +54,11 @@ def prepare(data_cfg, log=print) -> dict:
     out = Path(data_cfg.dir)
     settings = {k: getattr(data_cfg, k) for k in SETTINGS}
     if not data_cfg.sources:
-        raise ValueError("data.sources is empty: name at least one file, glob or URL of raw text")
+        raise DataError("data.sources is empty: name at least one file, glob or URL of raw text")
     sources = source_identity(data_cfg.sources)
     try:
         old = read_manifest(out)
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, DataError):  # none yet, or unreadable: prepared again
         old = {}
     if old.get("settings") == settings and old.get("sources") == sources:
         log(f"{out}: already prepared from these sources with these settings "
@@ -140,10 +132,10 @@ def prepare(data_cfg, log=print) -> dict:
             splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
                              "documents": sum(s["documents"] for s in shards), "bytes": split_bytes[split]}
     if "train" not in splits:
-        raise ValueError(f"no training documents left in {data_cfg.sources} after cleaning "
-                         f"({cleaner.stats.as_dict()})")
+        raise DataError(f"data.sources={data_cfg.sources}: no training documents left after cleaning "
+                        f"({cleaner.stats.as_dict()})")
     if data_cfg.val_fraction > 0 and "val" not in splits:
-        raise ValueError(f"data.val_fraction={data_cfg.val_fraction} selected no documents; raise it or add data")
+        raise DataError(f"data.val_fraction={data_cfg.val_fraction} selected no documents; raise it or add data")
     _remove_stale_shards(out, splits)
     manifest = {
         "version": MANIFEST_VERSION,
@@ -195,7 +187,7 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
     key = {"version": SIDECAR_VERSION, "settings": {k: settings[k] for k in SETTINGS if k != "shard_mb"},
            "sources": source_listing(data_cfg.sources)}
     sidecar = out / TOKENIZER_SIDECAR
-    if (out / TOKENIZER).is_file() and sidecar.is_file() and _same_tokenizer_key(json.loads(sidecar.read_text()), key):
+    if (out / TOKENIZER).is_file() and sidecar.is_file() and _same_tokenizer_key(sidecar, key):
         log(f"reusing {out / TOKENIZER}")
         return Tokenizer(out / TOKENIZER)
     limit = int(data_cfg.tokenizer_sample_mb * 2**20)
@@ -211,7 +203,8 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
         if size >= limit:
             break
     if not sample:
-        raise ValueError(f"no training documents in {data_cfg.sources}")
+        raise DataError(f"data.sources={data_cfg.sources}: no training documents to train the tokenizer on "
+                        f"(after cleaning and the val split)")
     t0 = time.time()
     tokenizer = train_tokenizer(sample, out / TOKENIZER, data_cfg.vocab_size, data_cfg.tokenizer_type,
                                 data_cfg.character_coverage, log)
@@ -224,10 +217,14 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
     return tokenizer
 
 
-def _same_tokenizer_key(old: dict, new: dict) -> bool:
-    if "version" not in old:  # version 1, written before data.character_coverage could be null
-        old = {"version": SIDECAR_VERSION, **old, "settings": upgrade_v1_settings(old.get("settings", {}))}
-    return old == new
+def _same_tokenizer_key(sidecar: Path, new: dict) -> bool:
+    """The tokenizer beside the sidecar was trained from what `new` describes (a sidecar that cannot be
+    read, or from a newer megacore, is not: the tokenizer is trained again)."""
+    try:
+        old = json.loads(sidecar.read_text())
+        return isinstance(old, dict) and upgrade_sidecar(old, sidecar) == new
+    except (json.JSONDecodeError, DataError):
+        return False
 
 
 def _remove_stale_shards(out: Path, splits: dict) -> None:

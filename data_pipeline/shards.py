@@ -16,12 +16,15 @@ import numpy as np
 import pyarrow as pa
 
 from data_pipeline.durable import atomic_write
-from data_pipeline.errors import ShardError
+from data_pipeline.errors import DataError, ShardError
+from data_pipeline.upgrade import MANIFEST_VERSION, upgrade_manifest, upgrade_v1_settings
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
-# 2: data.character_coverage may be null (megacore chooses); version 1 manifests are upgraded when read.
-MANIFEST_VERSION = 2
+# MANIFEST_VERSION (2: data.character_coverage may be null) and the upgrade of older manifests when read
+# are in data_pipeline/upgrade.py; both names stay importable from here.
+__all__ = ["MANIFEST", "MANIFEST_VERSION", "TOKENIZER", "file_sha256", "fingerprint", "read_manifest", "read_shard",
+           "token_dtype", "upgrade_v1_settings", "write_shard"]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -76,24 +79,10 @@ def read_manifest(data_dir: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from None
-    if manifest.get("version") == 1:
-        manifest = {**manifest, "version": 2, "settings": upgrade_v1_settings(manifest.get("settings"))}
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version {manifest.get('version')!r} (this megacore reads "
-                         f"1 and {MANIFEST_VERSION}; a newer megacore wrote it, or prepare it again)")
-    return manifest
-
-
-def upgrade_v1_settings(settings: dict | None) -> dict | None:
-    """Preparation settings recorded before data.character_coverage could be left to megacore (null):
-    the coverage was sentencepiece's 0.9995 unless set (and absent in the oldest), and such a
-    preparation exists only where the characters fit at 0.9995, which is exactly what null chooses
-    there. So 0.9995 reads as null, and the same settings today prepare nothing again."""
-    if settings is None:
-        return None
-    return {**settings, "character_coverage": None if settings.get("character_coverage", 0.9995) == 0.9995
-            else settings["character_coverage"]}
+        raise DataError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a manifest (a JSON {type(manifest).__name__}, not an object)")
+    return upgrade_manifest(manifest, path)
 
 
 def fingerprint(tokenizer_sha256: str, splits: dict) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import sentencepiece as spm
 
 from data_pipeline.durable import atomic_write
+from data_pipeline.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 DEFAULT_CHARACTER_COVERAGE = 0.9995  # sentencepiece's
@@ -49,8 +50,8 @@ def train_tokenizer(documents: list[str], out_path: Path, vocab_size: int, model
             if character_coverage is not None or sizes is None or (kept is not None and kept <= 1):
                 hint = (" (raise data.vocab_size, or lower data.character_coverage, e.g. to 0.99, or leave it unset "
                         "for megacore to choose: the remaining characters are spelled in bytes)" if sizes else "")
-                raise ValueError(f"tokenizer training failed for data.vocab_size={vocab_size}, data.character_coverage="
-                                 f"{coverage}: {reason}{hint}") from None
+                raise DataError(f"tokenizer training failed for data.vocab_size={vocab_size}, data.character_coverage="
+                                f"{coverage}: {reason}{hint}") from None
             # sentencepiece counts characters in its own sample: if it still needs more pieces, keep fewer.
             room = None if kept is None else kept - (int(sizes[2]) - int(sizes[1]))
             coverage, kept, distinct = coverage_that_fits(documents, vocab_size, room)
@@ -79,8 +80,8 @@ def coverage_that_fits(documents: list[str], vocab_size: int, room: int | None =
     frequencies = sorted(counts.values(), reverse=True)
     kept = min((vocab_size - RESERVED_PIECES) // 2 if room is None else room, len(frequencies))
     if kept < 1:
-        raise ValueError(f"data.vocab_size={vocab_size} leaves no pieces for characters after the "
-                         f"{RESERVED_PIECES} reserved ones; raise data.vocab_size")
+        raise DataError(f"data.vocab_size={vocab_size} leaves no pieces for characters after the "
+                        f"{RESERVED_PIECES} reserved ones; raise data.vocab_size")
     share = float(np.cumsum(frequencies, dtype=np.float64)[kept - 1] / sum(frequencies))
     # sentencepiece stops adding characters once their share (a double) reaches the coverage (a float32):
     # the largest float32 not above the share of the kept ones stops right after them.
@@ -160,7 +161,7 @@ def load_tokenizer(path: str | Path):
         manifest = path / "manifest.json"
         if manifest.is_file():
             # (A data directory's own tokenizer.json, if any, is the record of how its tokenizer was trained.)
-            return load_tokenizer(path / json.loads(manifest.read_text())["tokenizer"]["file"])
+            return load_tokenizer(path / _read_json(manifest)["tokenizer"]["file"])
         if (path / HF_TOKENIZER).is_file():
             return HFTokenizer(path)
         path = path / SENTENCEPIECE
@@ -180,7 +181,7 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         self.path, self.directory = path, path.parent
         config_path = path.parent / HF_TOKENIZER_CONFIG
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = _read_json(config_path) if config_path.is_file() else {}
         self.chat_templates, template_files = read_chat_templates(self.directory, config)
         # The config is part of the tokenizer only with a chat template (export-hf writes one without: the
         # tokenizer stays the model file, with its hash).
@@ -241,7 +242,7 @@ class HFTokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer not found: {self.path}")
         config_path = self.directory / HF_TOKENIZER_CONFIG
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = _read_json(config_path) if config_path.is_file() else {}
         self.chat_templates, template_files = read_chat_templates(self.directory, config)
         self.files = [self.path, *([config_path] if config_path.is_file() else []), *template_files]
         self.backend = Backend.from_file(str(self.path))
@@ -253,7 +254,7 @@ class HFTokenizer:
         self.eos_id = self._id(self.special["eos_token"])
         self.pad_id = self._id(self.special["pad_token"])
         if self.eos_id is None:
-            raise ValueError(f"{config_path}: no eos_token that {self.path} knows: documents need an end-of-text id")
+            raise DataError(f"{config_path}: no eos_token that {self.path} knows: documents need an end-of-text id")
         self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
         self.bos_id = -1 if self.bos_id is None else self.bos_id
 
@@ -281,6 +282,17 @@ class HFTokenizer:
         """(ids, (start, end) character span of each) of `text` (for chat templates' loss masks)."""
         encoding = self.backend.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
+
+
+def _read_json(path: Path) -> dict:
+    """A tokenizer's JSON file (a manifest, tokenizer_config.json); DataError naming it if it is not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _token_text(value) -> str | None:

@@ -15,9 +15,10 @@
     megacore plot RUN_DIR [--out FILE]
     megacore launch render|submit|status|cancel|logs|local JOB.yaml
 
-Configuration errors, missing files and bad arguments exit with status 2 and a message naming the key
-or path, before any training process is started. This file is the parser; the handlers, one per
-subcommand, are in megacore/commands.py.
+Errors a user can act on (megacore/errors.py: bad arguments, config keys, data, checkpoints) and
+missing files exit with status 2 and one message naming the argument, key or path, before any training
+process is started where they can be found then; any other exception is a bug and prints its traceback
+(status 1). This file is the parser; the handlers, one per subcommand, are in megacore/commands.py.
 """
 
 from __future__ import annotations
@@ -66,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--seed", type=int, default=1234, help="train.seed of the run")
     order.add_argument("--split", default="train")
     order.add_argument("--json", action="store_true", help="one JSON object per step")
-    order.add_argument("--order", choices=["feistel", "legacy"], default="feistel",
-                       help="legacy: the order of runs whose checkpoints predate the Feistel order")
     order.set_defaults(handler=commands.data_order)
 
     train = sub.add_parser("train", help="train (or resume) a model")

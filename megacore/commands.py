@@ -19,11 +19,7 @@ from megacore.errors import CheckpointError, DataError, UsageError
 def data_prepare(args) -> int:
     from data_pipeline.prepare import prepare
 
-    cfg = load_config(args.config, args.overrides)
-    try:
-        prepare(cfg.data)
-    except ValueError as e:  # SourceError included
-        raise DataError(str(e)) from None
+    prepare(load_config(args.config, args.overrides).data)
     return 0
 
 
@@ -42,7 +38,7 @@ def data_inspect(args) -> int:
               f"{info['tokens'] / info['documents']:.1f} tokens/document")
     print("  stats: " + ", ".join(f"{k} {v:,}" for k, v in manifest["stats"].items()))
     if args.split not in manifest["splits"]:
-        raise DataError(f"{args.dir}: no split {args.split!r}")
+        raise DataError(f"{args.dir}: no split {args.split!r} (have: {', '.join(manifest['splits'])})")
     values, offsets = read_shard(Path(args.dir) / manifest["splits"][args.split]["shards"][0]["file"])
     tokenizer = load_tokenizer(args.dir)
     lengths = np.diff(offsets)
@@ -54,6 +50,7 @@ def data_inspect(args) -> int:
 
 
 def data_verify(args) -> int:
+    from data_pipeline.errors import ShardError
     from data_pipeline.shards import file_sha256, read_manifest, read_shard
 
     manifest = read_manifest(args.dir)
@@ -69,7 +66,7 @@ def data_verify(args) -> int:
             try:
                 if len(read_shard(path)[0]) != tokens:
                     problems.append(f"{path}: token count differs from the manifest")
-            except ValueError as e:
+            except ShardError as e:  # (unreadable: it names the file)
                 problems.append(str(e))
     if problems:
         raise DataError("verification failed:\n  " + "\n  ".join(problems))
@@ -94,13 +91,18 @@ def _tokenizer_problems(data_dir: Path, record: dict) -> list[str]:
 def data_order(args) -> int:
     from data_pipeline.loader import PackedLoader, TokenStore
 
+    for flag, value in (("--dp-size", args.dp_size), ("--global-batch", args.global_batch),
+                        ("--seq-len", args.seq_len)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
     if not 0 <= args.dp_rank < args.dp_size:
-        raise DataError(f"--dp-rank {args.dp_rank} is not in [0, --dp-size {args.dp_size})")
-    try:
-        loader = PackedLoader(TokenStore(args.dir, args.split), args.seq_len, args.global_batch, args.dp_rank,
-                              args.dp_size, seed=args.seed, order=args.order)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+        raise UsageError(f"--dp-rank {args.dp_rank} is not in [0, --dp-size {args.dp_size})")
+    if args.global_batch % args.dp_size:
+        raise UsageError(f"--global-batch {args.global_batch} is not divisible by --dp-size {args.dp_size}")
+    if args.steps < 0 or args.start_step < 0:
+        raise UsageError(f"--steps and --start-step must be >= 0, got {args.steps} and {args.start_step}")
+    loader = PackedLoader(TokenStore(args.dir, args.split), args.seq_len, args.global_batch, args.dp_rank,
+                          args.dp_size, seed=args.seed)
     loader.skip(args.start_step)
     for step in range(args.start_step, args.start_step + args.steps):
         ids = loader.next_batch()["sample_ids"][:, 1].tolist()
@@ -114,8 +116,9 @@ def data_order(args) -> int:
 # -- training --
 
 def train(args) -> int:
+    from megacore.preflight import preflight
+
     cfg = load_config(args.config, args.overrides)
-    model_from_init_dir(cfg, args.overrides)
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
     if args.nproc is not None and args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
@@ -125,18 +128,14 @@ def train(args) -> int:
             raise UsageError("--world-size plans a job with --dry-run; to train, use --nproc N or torchrun")
         if args.world_size < 1:
             raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
-        return _plan(cfg, args.world_size)
+        return _plan(preflight(cfg, args.world_size, overrides=args.overrides, data=False).cfg, args.world_size)
     if not under_torchrun:
-        # Refuse bad layouts, missing data and run-directory conflicts before starting any process.
+        # Refuse bad settings, layouts, missing data and run-directory conflicts before starting any
+        # process (each rank's train() resolves the same config again, with its device).
         from megacore.checkpoint.resume import refuse_lost_work
         from megacore.checkpoint.store import latest_checkpoint
-        from megacore.parallel.layout import Layout
-        from megacore.preflight import check_data
-        from megacore.run_dir import resolve_vocab_size
 
-        Layout.resolve(cfg, world_size)
-        resolve_vocab_size(cfg)
-        check_data(cfg)
+        cfg = preflight(cfg, world_size, overrides=args.overrides).cfg
         refuse_lost_work(cfg, args.resume, world_size)
         if cfg.train.init_from and (args.resume == "none" or latest_checkpoint(cfg.train.run_dir) is None):
             from megacore.checkpoint.weights import check_init_from
@@ -158,7 +157,7 @@ def train(args) -> int:
     from megacore.train.trainer import train as run_training
 
     result = run_training(cfg, args.resume)
-    if result["stop_reason"] != "health":
+    if result.stop_reason != "health":
         return 0
     # A fatal health stop (already reported): status 3, but a rank under torchrun exits 0, or torchrun
     # would restart it; the launcher (or the batch script, from RUN_DIR/health/STOPPED) gives the 3.
@@ -168,44 +167,14 @@ def train(args) -> int:
     return EXIT_FATAL
 
 
-def model_from_init_dir(cfg, overrides: list[str]) -> None:
-    """train.init_from=HF_DIR defines the model: its config.json replaces the model section (keeping the
-    training-only fields), and a model.* override that contradicts it is refused by name."""
-    from pathlib import Path
-
-    source = Path(cfg.train.init_from) if cfg.train.init_from else None
-    if source is None or not (source / "config.json").is_file():
-        return
-    from megacore.checkpoint.hf import read_hf_config
-    from megacore.checkpoint.hf_config import check_overrides, model_config_from_hf
-
-    derived = model_config_from_hf(read_hf_config(source), cfg.model, source)
-    check_overrides(derived, cfg.model, overrides, source)
-    derived.validate()
-    cfg.model = derived
-
-
 def _plan(cfg, world_size: int) -> int:
     """train --dry-run --world-size N: the real model and parallel plan on the meta device for N ranks, in
     this process; the data and run directory are not needed (nor checked)."""
     from megacore.parallel.estimate import estimate, format_estimate
-    from megacore.parallel.layout import Layout
 
-    Layout.resolve(cfg, world_size)
-    _vocab_for_planning(cfg)
     print(format_estimate(estimate(cfg, world_size)))
     print(f"world size {world_size}: layout ok (planned on the meta device; data and run directory not checked)")
     return 0
-
-
-def _vocab_for_planning(cfg) -> None:
-    if cfg.model.vocab_size == 0:
-        from megacore.run_dir import resolve_vocab_size
-
-        try:
-            resolve_vocab_size(cfg)
-        except FileNotFoundError:
-            cfg.model.vocab_size = cfg.data.vocab_size  # not prepared yet: the configured target
 
 
 def _without_launch_args(argv: list[str]) -> list[str]:
@@ -224,9 +193,9 @@ def _without_launch_args(argv: list[str]) -> list[str]:
 def estimate(args) -> int:
     from megacore.parallel.estimate import estimate as estimate_layout
     from megacore.parallel.estimate import format_estimate
+    from megacore.preflight import preflight
 
-    cfg = load_config(args.config, args.overrides)
-    _vocab_for_planning(cfg)
+    cfg = preflight(load_config(args.config, args.overrides), args.world_size, overrides=args.overrides, data=False).cfg
     result = estimate_layout(cfg, args.world_size)
     print(json.dumps(result) if args.json else format_estimate(result))
     return 0
@@ -235,7 +204,8 @@ def estimate(args) -> int:
 # -- checkpoints --
 
 def checkpoints(args) -> int:
-    from megacore.checkpoint.store import list_checkpoints, read_meta, verify_checkpoint
+    from megacore.checkpoint.meta import read_meta
+    from megacore.checkpoint.store import list_checkpoints, verify_checkpoint
     from megacore.checkpoint.weights import consolidate
 
     if args.action == "consolidate":
@@ -257,7 +227,7 @@ def checkpoints(args) -> int:
             except CheckpointError as e:
                 status, bad = f"CORRUPT: {e}", bad + 1
         meta = read_meta(path)
-        print(f"{path.name}  step {meta['step']:>8}  world {meta.get('world_size', '?'):>3}  "
+        print(f"{path.name}  step {meta.step:>8}  world {meta.world_size or '?':>3}  "
               f"{size / 2**20:9.1f} MiB  {status}")
     if bad:
         raise CheckpointError(f"{bad} corrupt checkpoint(s) in {args.run_dir}")
@@ -268,8 +238,8 @@ def export_hf(args) -> int:
     from megacore.checkpoint.hf import export_hf as export
     from megacore.checkpoint.weights import load_trained
 
-    model, tokenizer, _, ckpt = load_trained(args.checkpoint)
-    print(f"exported {ckpt} to {export(model, tokenizer, args.out)}")
+    trained = load_trained(args.checkpoint)
+    print(f"exported {trained.source} to {export(trained.model, trained.tokenizer, args.out)}")
     return 0
 
 
@@ -287,8 +257,8 @@ def generate(args) -> int:
     from megacore.checkpoint.weights import load_trained
     from megacore.eval.generate import generate_text
 
-    model, tokenizer, _, _ = load_trained(args.checkpoint)
-    print(generate_text(model, tokenizer, args.prompt, chat_turn=args.chat, stop=args.stop,
+    trained = load_trained(args.checkpoint)
+    print(generate_text(trained.model, trained.tokenizer, args.prompt, chat_turn=args.chat, stop=args.stop,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache))
     return 0

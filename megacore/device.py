@@ -89,8 +89,8 @@ def cpu_mmap_threshold(cfg: Config) -> int:
     each use: set at every micro-batch's activations, it slowed the tiny demo by 24%. So: twice the
     largest activation of a micro-batch (a token row of the MLP, or the loss's chunk of logits), at least
     1 MiB and at most glibc's own maximum. MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    from megacore.loss import chunk_rows
     from megacore.model.llama import ffn_hidden_dim
-    from megacore.model.loss import chunk_rows
 
     m = cfg.model
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len

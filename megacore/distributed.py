@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megacore.errors import USER_ERRORS, ConfigError
+
 # See launcher/torchrun.py (TORCHRUN_ENV): without it, a torchrun restart can reuse stale store keys.
 RESTART_WARNING = ("warning: torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a restarted group "
                    "may fail to connect (stale keys in the shared store); megacore's launchers set it")
@@ -33,7 +35,7 @@ class DistEnv:
 def init_distributed(device_pref: str = "auto") -> DistEnv:
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise ConfigError("train.device=cuda but no CUDA device is available (set train.device=cpu or auto)")
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -84,3 +86,19 @@ def first_failing_rank(failed: bool, device: torch.device) -> int | None:
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     first = int(t.item())
     return None if first == world else first
+
+
+def on_every_rank(build, env: DistEnv):
+    """`build()` on every rank; if it raises an error the user can act on anywhere, the lowest such rank
+    re-raises it (the one message) and every other rank exits 2 quietly: no rank is left waiting. Every
+    rank must call it at the same point (it ends in a collective)."""
+    try:
+        result, error = build(), None
+    except USER_ERRORS as e:
+        result, error = None, e
+    first = first_failing_rank(error is not None, env.device)
+    if first is None:
+        return result
+    if first == env.rank:
+        raise error
+    raise SystemExit(2)

@@ -1,7 +1,20 @@
-"""The errors a user can act on. The CLI prints their message and exits with status 2; each message
-names the file, key or value at fault. Anything else is a bug and keeps its traceback."""
+"""The errors a user can act on, in one hierarchy. The CLI prints their message as `megacore: error:
+MESSAGE` and exits with status 2; each is raised where the fault is known, and its message names the
+file, key or value at fault. Anything else (a ValueError included) is a bug and keeps its traceback.
 
-from data_pipeline.errors import DataPipelineError
+    MegacoreError
+    ├── UsageError        a command-line argument that cannot work
+    ├── ConfigError       a config key, or keys that contradict each other
+    ├── CheckpointError   a checkpoint that is incomplete, altered or incompatible
+    └── DataError         bad data or data settings (data_pipeline.errors.DataPipelineError is this class)
+        ├── SourceError       a raw source that cannot be read
+        ├── ShardError        a prepared token shard that is missing, altered or holds foreign ids
+        └── ChatFormatError   a chat record or chat template that cannot be rendered
+
+(launcher/slurm.py adds SlurmError.) The concrete classes are also ValueErrors, as they always were, so
+that code catching ValueError around them keeps working. This module imports nothing of megacore or
+data_pipeline: both packages raise these classes.
+"""
 
 
 class MegacoreError(Exception):
@@ -21,8 +34,22 @@ class CheckpointError(MegacoreError, ValueError):
 
 
 class DataError(MegacoreError, ValueError):
-    """Bad data or data settings; the message names the file or key."""
+    """Bad input data or data settings: a source, a prepared directory, a tokenizer, a loader state that
+    does not fit the data; the message names the file, key or value."""
 
 
-# What the CLI turns into exit 2: our errors, and missing or conflicting paths named by their message.
-USER_ERRORS = (MegacoreError, DataPipelineError, FileNotFoundError, FileExistsError)
+class SourceError(DataError):
+    """A raw source that cannot be read."""
+
+
+class ShardError(DataError):
+    """A prepared token shard that is missing, altered, or holds ids the tokenizer does not have."""
+
+
+class ChatFormatError(DataError):
+    """A chat record that is not a conversation, or a tokenizer whose chat template cannot render it."""
+
+
+# What the CLI (and each rank of a run: megacore/train/trainer.py, launcher/torchrun.py) reports as one
+# message with exit 2: our errors, and missing or conflicting paths named by their message.
+USER_ERRORS = (MegacoreError, FileNotFoundError, FileExistsError)

@@ -1,10 +1,18 @@
-"""The run directory: resolved config, tokenizer copy, metrics and checkpoints of one training run.
+"""The run directory: every file one training run leaves, named here (the modules that write them import
+these names).
 
-    RUN_DIR/config.yaml       the resolved config (vocab size filled in)
+    RUN_DIR/config.yaml       the resolved config (megacore/preflight.py: vocab size, auto settings filled in)
     RUN_DIR/tokenizer.model   the tokenizer the run was trained with, so eval/generate need no data dir
                               (tokenizer.json, tokenizer_config.json, chat_template.jinja for a published model's)
-    RUN_DIR/metrics.jsonl     one line per logged step
-    RUN_DIR/checkpoints/      step_XXXXXXXX/ sharded checkpoints
+    RUN_DIR/metrics.jsonl     one line per logged step (megacore/monitor/metrics.py), and
+    RUN_DIR/metrics.superseded.jsonl  the records a resume or rollback replaced
+    RUN_DIR/loss.png          `megacore plot` (megacore/monitor/plot.py)
+    RUN_DIR/memory.json       each rank's memory after the first and last steps (megacore/monitor/memory.py)
+    RUN_DIR/checkpoints/      step_XXXXXXXX/ checkpoints (megacore/checkpoint/)
+    RUN_DIR/profile/          torch profiler traces and their summary (megacore/monitor/profiling.py)
+    RUN_DIR/wandb_run.json    the W&B run id every restart continues (megacore/monitor/wandb_run.py)
+    RUN_DIR/STOP, PREEMPTED   a stop request, and the step a requested stop ended at (megacore/train/preemption.py)
+    RUN_DIR/health/           events.jsonl, starts.jsonl, STOPPED, HANG, heartbeats/, stacks/ (megacore/health/)
 """
 
 from __future__ import annotations
@@ -13,21 +21,17 @@ import shutil
 from pathlib import Path
 
 from data_pipeline.shards import TOKENIZER, read_manifest
-from megacore.config import Config, ConfigError, load_config, save_config
+from megacore.config import Config, load_config, save_config
 
 CONFIG = "config.yaml"
-
-
-def resolve_vocab_size(cfg: Config) -> dict:
-    """Fill model.vocab_size from the prepared data's tokenizer; returns the data manifest."""
-    manifest = read_manifest(cfg.data.dir)
-    vocab = manifest["tokenizer"]["vocab_size"]
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = vocab
-    elif cfg.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} "
-                          f"in {cfg.data.dir}")
-    return manifest
+METRICS, SUPERSEDED, PLOT = "metrics.jsonl", "metrics.superseded.jsonl", "loss.png"
+MEMORY = "memory.json"
+CHECKPOINTS = "checkpoints"
+PROFILE = "profile"
+WANDB_STATE = "wandb_run.json"
+STOP, PREEMPTED = "STOP", "PREEMPTED"
+HEALTH_DIR, EVENTS, STARTS, STOPPED, HANG = "health", "events.jsonl", "starts.jsonl", "STOPPED", "HANG"
+HEARTBEATS, STACKS = "heartbeats", "stacks"  # (inside HEALTH_DIR)
 
 
 def write_run_dir(cfg: Config) -> Path:

@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from megacore.checkpoint.weights import load_weights_into_shards
 from megacore.config import load_config
 from megacore.distributed import init_distributed, shutdown
+from megacore.loss import LanguageModelLoss
 from megacore.model import Llama
 from megacore.parallel.layout import Layout
 from megacore.parallel.materialize import local_parameters
@@ -29,7 +30,8 @@ def main(out: str, overrides: list[str]) -> None:
         layout = Layout.resolve(cfg, env.world_size)
         with torch.device("meta"):
             model = Llama(cfg.model)
-        pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.rank, env.device)
+        pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.device,
+                         LanguageModelLoss.for_run(layout.tp, compiled=False))
         on_meta = [name for part in pm.parts for name, local, _, _ in local_parameters(part) if local.is_meta]
         on_meta += [name for part in pm.parts for name, b in part.named_buffers() if b.is_meta]
         assert not on_meta, f"every local shard and buffer is materialised: {on_meta}"

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from megacore.config import Config, ConfigError, load_config
-from megacore.parallel.layout import Layout
+from megacore.preflight import preflight
 from tests.helpers import REPO, megacore
 
 
@@ -80,9 +80,9 @@ def test_cli_names_missing_config_file(tmp_path):
     (["checkpoint.async_save=true"], "checkpoint.async_save"),
 ])
 def test_deepspeed_refuses_what_it_cannot_do(overrides, named):
-    """The support matrix's "refused" cells, named in our terms."""
+    """The support matrix's "refused" cells, named in our terms, by the one preflight."""
     with pytest.raises(ConfigError, match=re.escape(named)):
-        Layout.resolve(load_config(REPO / "configs/tiny.yaml", ["parallel.backend=deepspeed", *overrides]), 2)
+        preflight(load_config(REPO / "configs/tiny.yaml", ["parallel.backend=deepspeed", *overrides]), 2, data=False)
 
 
 def test_deepspeed_refusal_comes_before_any_process_starts():

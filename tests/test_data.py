@@ -277,12 +277,16 @@ def test_mixture_planning_is_vectorised_and_old_states_keep_their_rule(data_dir)
     def make():
         return PackedLoader(stores[:2], 64, 20, seed=5, weights=[3, 1])
     old = make()
-    old.mixing = "deficit"  # what earlier commits did
+    old.load_state_dict({**old.state_dict(), "mixing": "deficit"})  # a run that began with the old rule
     old.skip(3)
     state = old.state_dict()
-    del state["mixing"]
+    del state["mixing"], state["version"]  # as earlier commits wrote it
     expected = [old.next_batch()["sample_ids"] for _ in range(3)]
     resumed = make()
     resumed.load_state_dict(state)
     assert resumed.mixing == "deficit"
     assert all(torch.equal(resumed.next_batch()["sample_ids"], x) for x in expected)
+    # The rules differ here: a state upgraded to today's rule would have changed the run's batches.
+    today = make()
+    today.skip(3)
+    assert not all(torch.equal(today.next_batch()["sample_ids"], x) for x in expected)

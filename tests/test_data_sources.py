@@ -7,6 +7,7 @@ import json
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import zstandard
 
 from data_pipeline.prepare import prepare
@@ -133,3 +134,53 @@ def test_inspect_shows_statistics_and_a_decoded_sample(data_dir):
     out = megacore("data", "inspect", data_dir).stdout
     assert read_manifest(data_dir)["fingerprint"] in out
     assert "tokens/document" in out and "decoded" in out
+
+
+def test_data_errors_are_user_errors_of_the_one_hierarchy():
+    from data_pipeline.chat import ChatFormatError
+    from data_pipeline.errors import DataPipelineError, ShardError, SourceError
+    from megacore.errors import USER_ERRORS, DataError, MegacoreError
+
+    assert DataPipelineError is DataError
+    for cls in (DataError, SourceError, ShardError, ChatFormatError):
+        assert issubclass(cls, MegacoreError) and issubclass(cls, USER_ERRORS) and issubclass(cls, ValueError)
+
+
+def test_the_cli_reports_a_data_error_as_one_message_and_a_bug_with_its_traceback(tmp_path, monkeypatch, capsys):
+    import data_pipeline.prepare
+    from data_pipeline.errors import SourceError
+    from launcher.torchrun import ERROR_DIR_ENV
+    from megacore.cli import USAGE_ERROR, main
+
+    monkeypatch.delenv(ERROR_DIR_ENV, raising=False)  # (a rank of `train --nproc` hands its message on)
+    argv = ["data", "prepare", "configs/tiny.yaml", f"data.dir={tmp_path / 'x'}"]
+
+    def refuse(data_cfg, log=print):
+        raise SourceError(f"{tmp_path / 'x.txt'}: cannot be read")
+    monkeypatch.setattr(data_pipeline.prepare, "prepare", refuse)
+    assert main(argv) == USAGE_ERROR
+    assert capsys.readouterr().err == f"megacore: error: {tmp_path / 'x.txt'}: cannot be read\n"
+
+    def bug(data_cfg, log=print):
+        raise ValueError("a bug")
+    monkeypatch.setattr(data_pipeline.prepare, "prepare", bug)
+    with pytest.raises(ValueError, match="a bug"):  # not turned into a data error: run() prints its traceback
+        main(argv)
+
+
+def test_a_manifest_of_an_unknown_version_or_not_json_is_refused_naming_the_file(prepared_copy, monkeypatch, capsys):
+    from data_pipeline.errors import DataError
+    from launcher.torchrun import ERROR_DIR_ENV
+    from megacore.cli import USAGE_ERROR, main
+
+    path = prepared_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "version": 9}))
+    with pytest.raises(DataError, match=f"{path}: manifest: unsupported version 9"):
+        read_manifest(prepared_copy)
+    path.write_text("{not json")
+    with pytest.raises(DataError, match=f"{path}: invalid JSON"):
+        read_manifest(prepared_copy)
+    monkeypatch.delenv(ERROR_DIR_ENV, raising=False)
+    assert main(["data", "inspect", str(prepared_copy)]) == USAGE_ERROR
+    assert capsys.readouterr().err.startswith(f"megacore: error: {path}: invalid JSON")

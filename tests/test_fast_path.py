@@ -8,14 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data_pipeline.loader import IGNORE_INDEX
 from megacore.config import ModelConfig
+from megacore.loss import IGNORE_INDEX, LanguageModelLoss, linear_cross_entropy, linear_cross_entropy_sums, loss_sum
 from megacore.model import Llama
 from megacore.model import attention as attention_module
-from megacore.model.loss import linear_cross_entropy
 from megacore.monitor.host_syncs import HostSyncCounter
 from megacore.monitor.memory import peak_allocated_during
-from megacore.train.loss import loss_sum
+
+FUSED = LanguageModelLoss()  # the default: hidden states into the LossHead's chunked loss
+
+
+def with_loss_head(model: Llama) -> Llama:
+    FUSED.prepare(model)
+    return model
+
+
+def fused_loss(model, tokens, positions, labels):
+    """The training loss as the train module computes it (megacore/loss.py)."""
+    return FUSED(model.output, model(tokens, positions, return_hidden=True), labels)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -63,14 +73,14 @@ class DenseDocumentAttention:
 
 def forward_backward(model, tokens, positions, labels):
     model.zero_grad()
-    loss, _ = model(tokens, positions, labels=labels)
+    loss = fused_loss(model, tokens, positions, labels)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def test_document_masking_equals_the_dense_mask_forward_and_backward():
     torch.manual_seed(0)
-    model = Llama(tiny(document_masking=True))
+    model = with_loss_head(Llama(tiny(document_masking=True)))
     t = 96
     positions = packed_positions([[10, 30, 56], [96], [40, 1, 55]], t)  # a mid-document start, a 1-token document
     positions[0, :10] += 7  # the row opens inside a document
@@ -122,25 +132,24 @@ class LargestTensors(TorchDispatchMode):
 def test_masked_forward_and_backward_at_4096_hold_no_t_by_t_tensor():
     t = 4096
     cfg = tiny(document_masking=True, max_seq_len=t, dim=32, n_heads=2, n_kv_heads=1, n_layers=1)
-    model = Llama(cfg)
+    model = with_loss_head(Llama(cfg))
     positions = packed_positions([[1000, 3096]], t)
     tokens, labels = torch.randint(0, 128, (1, t)), torch.randint(0, 128, (1, t))
     with LargestTensors(t * t) as rec:
-        loss, _ = model(tokens, positions, labels=labels)
-        loss.backward()
+        fused_loss(model, tokens, positions, labels).backward()
     assert rec.found == [], rec.found[:5]
     with DenseDocumentAttention(), LargestTensors(t * t) as dense:  # the check sees the old mask
-        model(tokens, positions, labels=labels)
+        fused_loss(model, tokens, positions, labels)
     assert dense.found
 
 
 @pytest.mark.parametrize("ignored", [0.0, 0.3])
 def test_chunked_loss_equals_full_logits_cross_entropy(ignored, monkeypatch):
-    import megacore.model.loss as loss_module
+    import megacore.loss as loss_module
 
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 128 * 37)  # 37 rows per chunk: an uneven last chunk
     torch.manual_seed(0)
-    model = Llama(tiny())
+    model = with_loss_head(Llama(tiny()))
     tokens = torch.randint(0, 128, (3, 50))
     labels = torch.randint(0, 128, (3, 50))
     labels[torch.rand(3, 50) < ignored] = IGNORE_INDEX
@@ -152,21 +161,21 @@ def test_chunked_loss_equals_full_logits_cross_entropy(ignored, monkeypatch):
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
     with torch.no_grad():
-        _, correct = model(tokens, labels=labels)
+        sums = FUSED.sums(model.output, model(tokens, return_hidden=True), labels)
         logits = model(tokens)
-    assert int(correct) == int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
+    torch.testing.assert_close(sums.loss, ref.detach(), atol=1e-6, rtol=1e-6)
+    assert int(sums.correct) == int(((logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum())
 
 
 def test_chunked_loss_without_gradients_matches_with():
     torch.manual_seed(0)
     h, w = torch.randn(300, 16), torch.randn(1000, 16)
     labels = torch.randint(0, 1000, (300,))
-    with torch.no_grad():
-        plain = linear_cross_entropy(h, w, labels)
+    plain = linear_cross_entropy_sums(h, w, labels)
     w.requires_grad_(True)
     fused = linear_cross_entropy(h, w, labels)
-    torch.testing.assert_close(plain[0], fused[0].detach())
-    assert int(plain[1]) == int(fused[1])
+    torch.testing.assert_close(plain.loss, fused.detach())
+    assert int(plain.correct) == int(((h @ w.detach().t()).argmax(-1) == labels).sum())
 
 
 class CountSyncs:
@@ -223,7 +232,7 @@ def test_train_step_makes_no_host_sync_and_logging_steps_read_their_metrics(data
 
 def test_chunked_loss_lowers_the_peak_memory_of_a_training_step():
     torch.manual_seed(0)
-    model = Llama(tiny(vocab_size=32768, max_seq_len=1024, n_layers=1))
+    model = with_loss_head(Llama(tiny(vocab_size=32768, max_seq_len=1024, n_layers=1)))
     tokens, labels = torch.randint(0, 32768, (1, 1024)), torch.randint(0, 32768, (1, 1024))
 
     def full_logits_step():
@@ -232,7 +241,7 @@ def test_chunked_loss_lowers_the_peak_memory_of_a_training_step():
 
     def chunked_step():
         model.zero_grad(set_to_none=True)
-        model(tokens, labels=labels)[0].backward()
+        fused_loss(model, tokens, None, labels).backward()
 
     full_logits_step(), chunked_step()  # gradients allocated once, as in training
     cpu = torch.device("cpu")

@@ -83,8 +83,8 @@ class Snapshots:
     def after_step(self, trainer, step, result):
         self.counter.__exit__(None, None, None)
         self.syncs[step] = self.counter.where
-        opt = trainer.optimizers.optimizers[0]
-        self.state[step] = ({n: p.detach().clone() for n, p in trainer.model.parts[0].named_parameters()},
+        opt = trainer.module.optimizers.optimizers[0]
+        self.state[step] = ({n: p.detach().clone() for n, p in trainer.module.parts[0].named_parameters()},
                             [{k: v.clone() for k, v in s.items()} for s in opt.state.values()])
 
     def after_eval(self, trainer, step, results):

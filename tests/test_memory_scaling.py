@@ -15,7 +15,7 @@ import pytest
 
 from megacore.config import load_config
 from megacore.parallel.estimate import estimate
-from megacore.run_dir import resolve_vocab_size
+from megacore.preflight import preflight
 from tests.helpers import REPO, megacore
 
 # 60 blocks of 3.2M parameters (dim 512) + embeddings: 195M parameters, 12 bytes each for the weights and
@@ -37,8 +37,7 @@ def test_each_rank_holds_a_shard_not_the_model_and_what_the_estimator_says(layou
     ranks = json.loads((tmp_path / "run" / "memory.json").read_text())["ranks"]
     whole = sum(r["parameters"] + r["optimizer"] for r in ranks)  # every parameter is held by one rank
     assert whole >= 1.5e9
-    cfg = load_config(REPO / args[0], args[1:])
-    resolve_vocab_size(cfg)
+    cfg = preflight(load_config(REPO / args[0], args[1:]), 4).cfg
     estimated = estimate(cfg, 4)["ranks"]
     for r, e in zip(ranks, estimated):
         grown = r["peak_resident"] - r["resident_before_model"]

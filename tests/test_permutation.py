@@ -8,9 +8,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from data_pipeline.errors import DataError
 from data_pipeline.loader import PackedLoader, SampleStream, TokenStore
 from data_pipeline.permutation import FeistelPermutation, permutation_key
-from tests.helpers import megacore
+from data_pipeline.upgrade import LOADER_STATE_VERSION
+from tests.helpers import REPO, megacore
 
 
 @pytest.mark.parametrize("key", [0, 1, permutation_key(1234, 7, "0e63e3e473dbee42")])
@@ -68,23 +70,60 @@ def test_data_order_audits_agree_across_one_two_and_three_ranks(data_dir):
 
 def test_a_loader_state_from_before_the_feistel_order_continues_in_its_own_order(data_dir):
     store = TokenStore(data_dir, "train")
-    legacy = PackedLoader(store, 64, 8, seed=3, order="legacy")
+    # A run that began before the Feistel order: its states name the order it began with.
+    legacy = PackedLoader(store, 64, 8, seed=3)
+    legacy.load_state_dict({**legacy.state_dict(), "order": "legacy"})
     legacy.skip(4)
     state = legacy.state_dict()
-    del state["order"]  # as earlier commits wrote it
+    for key in ("version", "order", "mixing"):
+        del state[key]  # as earlier commits wrote it
     resumed = PackedLoader(store, 64, 8, seed=3)
     resumed.load_state_dict(state)
     assert resumed.state_dict()["order"] == "legacy"
-    for _ in range(3):
-        assert np.array_equal(resumed.next_batch()["sample_ids"], legacy.next_batch()["sample_ids"])
-    # The legacy order is the materialised permutation earlier commits drew.
-    rng = np.random.default_rng([3, 0, int(store.fingerprint, 16)])
-    fresh = PackedLoader(store, 64, 8, seed=3, order="legacy")
-    assert np.array_equal(fresh.next_batch()["sample_ids"][:, 1], rng.permutation((store.num_tokens - 1) // 64)[:8])
+    assert resumed.state_dict()["version"] == LOADER_STATE_VERSION
+    feistel = PackedLoader(store, 64, 8, seed=3)
+    feistel.skip(4)
+    # The legacy order is the materialised permutation earlier commits drew, not today's order.
+    ids = np.random.default_rng([3, 0, int(store.fingerprint, 16)]).permutation((store.num_tokens - 1) // 64)
+    for b in range(4, 7):
+        batch = resumed.next_batch()["sample_ids"]
+        assert np.array_equal(batch, legacy.next_batch()["sample_ids"])
+        assert np.array_equal(batch[:, 1], ids[8 * b:8 * b + 8])
+        assert not np.array_equal(batch, feistel.next_batch()["sample_ids"])
+    fresh = PackedLoader(store, 64, 8, seed=3)
+    fresh.load_state_dict({**fresh.state_dict(), "order": "legacy"})
+    assert np.array_equal(fresh.next_batch()["sample_ids"][:, 1], ids[:8])
+
+
+def test_the_loader_state_a_run_of_an_earlier_commit_saved_continues_its_own_order():
+    """The loader state in tests/fixtures/run_a02a75f's checkpoint (no version, order or mixing key) is
+    upgraded when loaded: the run continues in the materialised order it was trained with."""
+    fixture = REPO / "tests" / "fixtures" / "run_a02a75f"
+    state = json.loads((fixture / "run" / "checkpoints" / "step_00000004" / "meta.json").read_text())["loader"]
+    assert not {"version", "order", "mixing"} & set(state)
+    store = TokenStore(fixture / "data", "train")
+    loader = PackedLoader(store, 32, 4, seed=1234)
+    loader.load_state_dict(state)
+    assert (loader.order, loader.mixing, loader.step) == ("legacy", "deficit", 4)
+    ids = np.random.default_rng([1234, 0, int(store.fingerprint, 16)]).permutation((store.num_tokens - 1) // 32)
+    for b in range(4, 6):
+        assert np.array_equal(loader.next_batch()["sample_ids"][:, 1], ids[4 * b:4 * b + 4])
+    assert {k: v for k, v in loader.state_dict().items() if k in ("version", "order", "mixing")} == {
+        "version": LOADER_STATE_VERSION, "order": "legacy", "mixing": "deficit"}, "saved again as it continues"
+
+
+def test_loader_states_of_a_newer_or_unknown_format_are_refused_by_name(data_dir):
+    loader = PackedLoader(TokenStore(data_dir, "val"), 64, 8)
+    with pytest.raises(DataError, match=f"unsupported version {LOADER_STATE_VERSION + 1}"):
+        loader.load_state_dict({**loader.state_dict(), "version": LOADER_STATE_VERSION + 1})
+    with pytest.raises(DataError, match="loader order 'zigzag' in the checkpoint is not one of feistel, legacy"):
+        loader.load_state_dict({**loader.state_dict(), "order": "zigzag"})
+    with pytest.raises(DataError, match="loader mixing 'random' in the checkpoint is not one of stride, deficit"):
+        loader.load_state_dict({**loader.state_dict(), "mixing": "random"})
 
 
 def test_ids_served_from_blocks_are_the_permutation_itself_across_block_and_epoch_edges():
-    from data_pipeline.loader import ORDER_BLOCK
+    from data_pipeline.permutation import ORDER_BLOCK
 
     n = 3 * ORDER_BLOCK + 17
     stream = SampleStream(_Store(n, 8), 8, seed=5)

@@ -9,7 +9,8 @@ import statistics
 
 import pytest
 
-from megacore.checkpoint.store import list_checkpoints, read_meta
+from megacore.checkpoint.meta import read_meta
+from megacore.checkpoint.store import list_checkpoints
 from tests.helpers import megacore, read_metrics, tiny_run_args
 
 
@@ -48,8 +49,8 @@ def test_newest_checkpoints_are_kept_with_the_data_position_and_config(two_rank_
     ckpts = list_checkpoints(run)
     assert [c.name for c in ckpts] == ["step_00000020", "step_00000030"]
     meta = read_meta(ckpts[-1])
-    assert meta["step"] == 30 and meta["world_size"] == 2 and meta["config"]["train"]["steps"] == 30
-    assert meta["loader"]["consumed_samples"] + meta["loader"]["epoch"] > 0
+    assert meta.step == 30 and meta.world_size == 2 and meta.config["train"]["steps"] == 30
+    assert meta.loader["consumed_samples"] + meta.loader["epoch"] > 0
     assert not list((run / "checkpoints").glob("*.tmp"))
     assert "saved checkpoint" in stdout
 

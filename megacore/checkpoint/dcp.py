@@ -12,6 +12,7 @@ The checkpointer decides its own timing (`should_save`) and keeps its own state 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -34,8 +35,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from data_pipeline.durable import write_json_atomic
 from megacore.checkpoint.digests import hashing_writer, rank_digests, streamed_digests
+from megacore.checkpoint.meta import CheckpointMeta, read_meta
 from megacore.checkpoint.safe_load import load_dcp
-from megacore.checkpoint.store import checkpoints_root, commit_directory, prune, read_meta, step_dir_name
+from megacore.checkpoint.store import checkpoints_root, commit_directory, prune, step_dir_name
 from megacore.config import CheckpointConfig
 
 # Flattened optimizer state is keyed by parameter name, like the model's: stages merge without clashes
@@ -63,7 +65,7 @@ class Checkpointer:
         (never with checkpoint.enabled=false)."""
         return self.cfg.enabled and (step % self.cfg.every == 0 or step == end_step or stopping)
 
-    def save(self, step: int, parts: list[nn.Module], optimizers, meta: dict) -> Path | None:
+    def save(self, step: int, parts: list[nn.Module], optimizers, meta: CheckpointMeta) -> Path | None:
         """Write a checkpoint of this step. Synchronous: returns its committed path. Async: returns None
         as soon as the state is staged in memory; `poll` commits it once every rank has written."""
         self.poll(block=True)  # one async save in flight at most
@@ -75,7 +77,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         # Captured now: the streams and loader position of this step, whenever the commit happens.
-        pending = (tmp, final, {"step": step, "time": time.time(), **meta}, rng_state())
+        pending = (tmp, final, dataclasses.replace(meta, step=step, time=time.time()), rng_state())
         writer = hashing_writer(tmp)  # each file's sha256 is taken as it is written
         if self.cfg.async_save:
             state = _state(parts, optimizers)[0]
@@ -90,7 +92,7 @@ class Checkpointer:
         """Model and optimizer state of every rank into `tmp` (DCP: each rank writes its shards)."""
         dcp.save(_state(parts, optimizers)[0], storage_writer=writer)
 
-    def _read_state(self, path: Path, meta: dict, parts: list[nn.Module], optimizers) -> None:
+    def _read_state(self, path: Path, meta: CheckpointMeta, parts: list[nn.Module], optimizers) -> None:
         """Load model (and optimizer) state into the parallelized parts; DCP reshards to this layout."""
         state, keys = _state(parts, optimizers)
         load_dcp(state, path)
@@ -123,7 +125,7 @@ class Checkpointer:
             self._stager = None
         return last
 
-    def _commit(self, tmp: Path, final: Path, meta: dict, rng: dict, writer=None) -> Path:
+    def _commit(self, tmp: Path, final: Path, meta: CheckpointMeta, rng: dict, writer=None) -> Path:
         """Every rank: its RNG file, and the manifest entries of the files it wrote (digests taken while
         writing; one all_gather per save). Rank 0: meta.json, the manifest, the rename, retention."""
         start = time.perf_counter()
@@ -139,7 +141,7 @@ class Checkpointer:
         self.last_commit_seconds = time.perf_counter() - start
         return final
 
-    def load(self, path: str | Path, parts: list[nn.Module], optimizers=None) -> dict:
+    def load(self, path: str | Path, parts: list[nn.Module], optimizers=None) -> CheckpointMeta:
         """Load weights (and optimizer state and this rank's RNG streams, when given) into the
         already-parallelized model parts, from a checkpoint that megacore.checkpoint.resume accepted
         for this run. Any layout loads any other layout's checkpoint."""
@@ -147,7 +149,7 @@ class Checkpointer:
         meta = read_meta(path)
         self._read_state(path, meta, parts, optimizers)
         rng_file = path / "rng" / f"rank_{self.rank:05d}.json"
-        if optimizers is not None and meta.get("world_size") == dist.get_world_size() and rng_file.is_file():
+        if optimizers is not None and meta.world_size == dist.get_world_size() and rng_file.is_file():
             # Same world size: every rank continues its own random streams. Otherwise they restart
             # from the seed (only model.dropout draws from them in training).
             set_rng_state(json.loads(rng_file.read_text()))

@@ -30,7 +30,7 @@ class DeepSpeedCheckpointer(Checkpointer):
         # hashed at commit by the rank whose partition they hold: megacore/checkpoint/digests.py.)
         self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
 
-    def _read_state(self, path: Path, meta: dict, parts, optimizers) -> None:
+    def _read_state(self, path: Path, meta, parts, optimizers) -> None:
         # megacore.checkpoint.resume.check_compatible has refused another world size already.
         with weights_only_torch_load():
             self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=optimizers is not None,

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from data_pipeline.tokenizer import HFTokenizer, Tokenizer, copy_tokenizer
 from megacore.checkpoint.hf_config import ARCHITECTURE_FIELDS, effective, hf_config, model_config_from_hf
 from megacore.config import ConfigError, ModelConfig
+from megacore.errors import CheckpointError
 from megacore.model.llama import Llama
 
 _LAYER = {
@@ -125,7 +126,7 @@ def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         for name, tensor in load_file(str(f)).items():
             ours = from_hf_name(name)
             if ours is None:
-                raise ValueError(f"{f}: unexpected tensor {name!r} for a Llama-family model")
+                raise CheckpointError(f"{f}: unexpected tensor {name!r} for a Llama-family model")
             state[ours] = tensor
     if config.get("tie_word_embeddings") and "output.weight" not in state:
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -188,7 +189,7 @@ def load_hf_slices(parts: list, path: str | Path) -> None:
     config, files = read_hf_config(path), _hf_tensor_files(path)
     for name in files:
         if from_hf_name(name) is None:
-            raise ValueError(f"{files[name]}: unexpected tensor {name!r} for a Llama-family model")
+            raise CheckpointError(f"{files[name]}: unexpected tensor {name!r} for a Llama-family model")
     handles: dict[Path, object] = {}
 
     def read(name: str, shape: tuple, offset: tuple, local: tuple) -> torch.Tensor:
@@ -196,13 +197,13 @@ def load_hf_slices(parts: list, path: str | Path) -> None:
         if theirs not in files and name == "output.weight" and config.get("tie_word_embeddings"):
             theirs = to_hf_name("tok_embeddings.weight")
         if theirs not in files:
-            raise ValueError(f"{path}: missing weight {theirs} (for {name})")
+            raise CheckpointError(f"{path}: missing weight {theirs} (for {name})")
         f = files[theirs]
         if f not in handles:
             handles[f] = safe_open(str(f), framework="pt")
         piece = handles[f].get_slice(theirs)
         if tuple(piece.get_shape()) != tuple(shape):
-            raise ValueError(f"{f}: {theirs} has shape {tuple(piece.get_shape())}, the model needs {tuple(shape)}")
+            raise CheckpointError(f"{f}: {theirs} has shape {tuple(piece.get_shape())}, the model needs {tuple(shape)}")
         return piece[tuple(slice(o, o + n) for o, n in zip(offset, local))].to(torch.float32)
 
     load_slices(parts, read)
@@ -214,6 +215,6 @@ def load_hf_into(model: Llama, path: str | Path) -> None:
     check_hf_config(config, model.cfg, path)
     missing = set(model.state_dict()) - set(state)
     if missing:
-        raise ValueError(f"{path}: missing weights {sorted(missing)[:5]}")
+        raise CheckpointError(f"{path}: missing weights {sorted(missing)[:5]}")
     with torch.no_grad():
         model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)

@@ -12,37 +12,32 @@ import os
 from pathlib import Path
 
 from data_pipeline.shards import read_manifest
-from megacore.checkpoint.store import (
-    backend_of,
-    latest_checkpoint,
-    newest_good_checkpoint,
-    read_meta,
-    resolve_checkpoint,
-)
+from megacore.checkpoint.meta import CheckpointMeta, read_meta
+from megacore.checkpoint.store import latest_checkpoint, newest_good_checkpoint, resolve_checkpoint
 from megacore.config import Config
 from megacore.errors import CheckpointError, DataError
 
 
-def check_compatible(ckpt: Path, meta: dict, backend: str, world_size: int) -> None:
+def check_compatible(ckpt: Path, meta: CheckpointMeta, backend: str, world_size: int) -> None:
     """Refuse a checkpoint this launch cannot continue: another backend, weights without optimizer state,
     or a DeepSpeed checkpoint on another world size (torch-backend checkpoints reshard to any)."""
-    saved = backend_of(meta)
+    saved = meta.backend
     if saved != backend:
         raise CheckpointError(f"{ckpt} was written with parallel.backend={saved}, this run has "
                               f"parallel.backend={backend}; use train.init_from={ckpt} (weights only)")
-    if meta.get("weights_only"):
+    if meta.weights_only:
         raise CheckpointError(f"{ckpt}: holds weights only (no optimizer state); start a new run with "
                               f"train.init_from={ckpt}")
-    if backend == "deepspeed" and meta.get("world_size") != world_size:
-        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint written by {meta.get('world_size')} ranks resumes "
+    if backend == "deepspeed" and meta.world_size != world_size:
+        raise CheckpointError(f"{ckpt}: a DeepSpeed checkpoint written by {meta.world_size} ranks resumes "
                               f"only on that many (this launch has {world_size}); use train.init_from={ckpt} "
                               f"(weights only) or parallel.backend=torch, whose checkpoints reshard")
 
 
-def check_same_data(ckpt: Path, meta: dict, cfg: Config) -> None:
+def check_same_data(ckpt: Path, meta: CheckpointMeta, cfg: Config) -> None:
     """Refuse to continue a run on other data: the loader's position only means something on the token
     stream it was counted in (the fingerprints of the prepared directories, and the window length)."""
-    loader = meta.get("loader", {})
+    loader = meta.loader
     mixture = cfg.data.mixture_weights() or [(cfg.data.dir, 1.0)]
     now = [read_manifest(d)["fingerprint"] for d, _ in mixture]
     if loader.get("fingerprints") is not None and loader["fingerprints"] != now:
@@ -55,7 +50,7 @@ def check_same_data(ckpt: Path, meta: dict, cfg: Config) -> None:
                         f"data.seq_len={cfg.data.seq_len}; start a new run with train.init_from={ckpt}")
 
 
-def check_can_resume(ckpt: Path, cfg: Config, world_size: int) -> dict:
+def check_can_resume(ckpt: Path, cfg: Config, world_size: int) -> CheckpointMeta:
     """Both checks, before launch (on the newest checkpoint) and on rank 0 (on the verified one); returns
     the checkpoint's metadata."""
     meta = read_meta(ckpt)

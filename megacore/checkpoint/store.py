@@ -27,10 +27,12 @@ from pathlib import Path
 
 from data_pipeline.durable import fsync_dir, write_json_atomic
 from data_pipeline.shards import file_sha256
+from megacore.checkpoint.meta import META, CheckpointMeta, read_meta
 from megacore.config import CheckpointConfig
 from megacore.errors import CheckpointError
+from megacore.run_dir import CHECKPOINTS
 
-META, MANIFEST, LATEST, ABANDONED = "meta.json", "manifest.json", "latest", "abandoned"
+MANIFEST, LATEST, ABANDONED = "manifest.json", "latest", "abandoned"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -43,7 +45,7 @@ def step_of(path: Path) -> int:
 
 
 def checkpoints_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -108,17 +110,6 @@ def newest_good_checkpoint(run_dir: str | Path, log=print) -> Path | None:
     return None
 
 
-def read_meta(path: str | Path) -> dict:
-    meta_path = Path(path) / META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"not a complete checkpoint (no {META}): {path}")
-    return json.loads(meta_path.read_text())
-
-
-def backend_of(meta: dict) -> str:
-    return meta.get("config", {}).get("parallel", {}).get("backend", "torch")
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint directory or a run directory (meaning its newest good checkpoint); verified."""
     path = Path(path)
@@ -131,10 +122,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def commit_directory(tmp: Path, final: Path, meta: dict, digests: dict[str, dict] | None = None) -> None:
+def commit_directory(tmp: Path, final: Path, meta: CheckpointMeta, digests: dict[str, dict] | None = None) -> None:
     """Once every file of `tmp` is written: meta.json, then the manifest (fsynced), the rename. `digests`
     holds entries the writing ranks computed; rank 0 hashes the other files."""
-    write_json_atomic(tmp / META, meta)
+    write_json_atomic(tmp / META, meta.to_dict())
     digests = dict(digests or {})
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     digests.update(hash_files(tmp, [rel for rel in files if rel not in digests]))
@@ -148,7 +139,7 @@ def commit_directory(tmp: Path, final: Path, meta: dict, digests: dict[str, dict
 
 def is_healthy(path: Path) -> bool:
     """Written outside a run of skipped steps (megacore/health/); checkpoints from before run health are."""
-    return read_meta(path).get("health", {}).get("healthy", True)
+    return read_meta(path).healthy
 
 
 def healthy_checkpoint_before(run_dir: str | Path, step: int) -> Path | None:

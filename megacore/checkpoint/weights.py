@@ -6,8 +6,10 @@ needs the optimizer state or the layout that wrote the checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -15,24 +17,18 @@ from torch import nn
 from data_pipeline.shards import TOKENIZER, file_sha256, read_manifest
 from data_pipeline.tokenizer import HF_TOKENIZER, Tokenizer, copy_tokenizer, load_tokenizer
 from megacore.checkpoint.dcp import load_dcp_weights, load_sharded_weights, save_dcp_weights
-from megacore.checkpoint.store import (
-    backend_of,
-    commit_directory,
-    latest_checkpoint,
-    list_checkpoints,
-    read_meta,
-    resolve_checkpoint,
-)
+from megacore.checkpoint.meta import META, read_meta
+from megacore.checkpoint.store import commit_directory, latest_checkpoint, list_checkpoints, resolve_checkpoint
 from megacore.config import Config, ConfigError, save_config
 from megacore.model import Llama
-from megacore.run_dir import CONFIG, load_run_config
+from megacore.run_dir import CHECKPOINTS, CONFIG, load_run_config
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> Path:
     """Whole-model fp32 weights from a run or checkpoint directory (either backend, any layout) into an
     unparallelized model, on one process; returns the checkpoint used."""
     ckpt = resolve_checkpoint(path)
-    if backend_of(read_meta(ckpt)) == "deepspeed":
+    if read_meta(ckpt).backend == "deepspeed":
         from megacore.checkpoint.deepspeed import consolidated_state_dict
 
         model.load_state_dict(consolidated_state_dict(ckpt))
@@ -54,11 +50,11 @@ def check_init_from(cfg: Config) -> None:
         tokenizer = source
         theirs = load_tokenizer(source).sha256 if has_tokenizer else None
     else:
-        ckpt = source if (source / "meta.json").is_file() else latest_checkpoint(source)
+        ckpt = source if (source / META).is_file() else latest_checkpoint(source)
         if ckpt is None:
             raise FileNotFoundError(f"train.init_from={source}: no checkpoint there (a megacore run or checkpoint "
                                     f"directory, or a Hugging Face directory with config.json)")
-        theirs = read_meta(ckpt).get("tokenizer_sha256") or file_sha256(ckpt.parent.parent / TOKENIZER)
+        theirs = read_meta(ckpt).tokenizer_sha256 or file_sha256(ckpt.parent.parent / TOKENIZER)
     ours = read_manifest(cfg.data.dir)["tokenizer"]["sha256"]
     if theirs is not None and theirs != ours:
         raise ConfigError(f"train.init_from={source} was trained with tokenizer sha256 {theirs}, but data.dir="
@@ -86,7 +82,7 @@ def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
         load_hf_slices(parts, source)
         return
     ckpt = resolve_checkpoint(source)
-    if backend_of(read_meta(ckpt)) == "deepspeed":
+    if read_meta(ckpt).backend == "deepspeed":
         from megacore.checkpoint.deepspeed import consolidated_state_dict
         from megacore.parallel.materialize import load_slices
 
@@ -97,7 +93,16 @@ def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
         load_sharded_weights(parts, ckpt)
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenizer, Config, Path]:
+class TrainedModel(NamedTuple):
+    """A trained model for one process (eval, generate, export): where it came from, by name."""
+
+    model: Llama  # in eval mode
+    tokenizer: Tokenizer
+    config: Config  # the run's config (a published model's: its model section, defaults elsewhere)
+    source: Path  # the checkpoint directory, or the Hugging Face directory
+
+
+def load_trained(path: str | Path, device: str = "cpu") -> TrainedModel:
     """Model (eval mode), tokenizer and config from a run directory or one of its checkpoints, or from a
     published model's Hugging Face directory (its config.json defines the model)."""
     if (Path(path) / "config.json").is_file():
@@ -108,10 +113,10 @@ def load_trained(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenize
     tokenizer = load_tokenizer(run_dir)
     model = empty_model(cfg, device)
     load_model_weights(model, ckpt)
-    return model.eval(), tokenizer, cfg, ckpt
+    return TrainedModel(model.eval(), tokenizer, cfg, ckpt)
 
 
-def load_published(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokenizer, Config, Path]:
+def load_published(path: str | Path, device: str = "cpu") -> TrainedModel:
     """A Hugging Face directory as `load_trained` gives a run: the model its config.json describes, with
     its weights and tokenizer; the rest of the config is the defaults."""
     from megacore.checkpoint.hf import load_hf_into, read_hf_config
@@ -121,7 +126,7 @@ def load_published(path: str | Path, device: str = "cpu") -> tuple[Llama, Tokeni
     cfg.model = model_config_from_hf(read_hf_config(path), cfg.model, path)
     model = empty_model(cfg, device)
     load_hf_into(model, path)
-    return model.eval(), load_tokenizer(path), cfg, path
+    return TrainedModel(model.eval(), load_tokenizer(path), cfg, path)
 
 
 def empty_model(cfg: Config, device: str | torch.device = "cpu") -> Llama:
@@ -145,9 +150,9 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     model = empty_model(cfg)
     load_model_weights(model, ckpt)
     cfg.parallel = type(cfg.parallel)()  # a plain torch-backend layout; any layout can load it
-    meta = {**read_meta(ckpt), "weights_only": True, "consolidated_from": str(ckpt.resolve()),
-            "config": cfg.to_dict()}
-    final = out / "checkpoints" / ckpt.name
+    meta = dataclasses.replace(read_meta(ckpt), weights_only=True, consolidated_from=str(ckpt.resolve()),
+                               config=cfg.to_dict())
+    final = out / CHECKPOINTS / ckpt.name
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -14,32 +14,33 @@ from pathlib import Path
 import torch
 
 from data_pipeline.loader import PackedLoader, TokenStore
-from megacore.config import Config, ConfigError
+from megacore.config import Config
 from megacore.distributed import all_reduce_sum
-from megacore.train.loss import IGNORE_INDEX
+from megacore.errors import DataError
+from megacore.loss import IGNORE_INDEX
 
 
 @torch.no_grad()
-def evaluate(pm, loader: PackedLoader, max_batches: int) -> dict[str, float]:
+def evaluate(module, loader: PackedLoader, max_batches: int) -> dict[str, float]:
     """Mean loss over the first `max_batches` global batches of `loader` (in order), summed over ranks.
 
-    `pm` is a ParallelModel (any layout) or a DeepSpeedModel. The batches are the same for any number of
-    ranks, so the result does not depend on the layout. Bits per byte divides by the split's UTF-8 bytes
-    per token, so it compares across tokenizers.
+    `module` is a train module of either backend (megacore/train/module.py), any layout. The batches are
+    the same for any number of ranks, so the result does not depend on the layout. Bits per byte
+    divides by the split's UTF-8 bytes per token, so it compares across tokenizers.
     """
-    pm.train(False)
+    module.train(False)
     # Sums stay on the device until the one all-reduce at the end.
-    sums = torch.zeros(3, dtype=torch.float64, device=pm.device)
+    sums = torch.zeros(3, dtype=torch.float64, device=module.device)
     for _ in range(min(max_batches, loader.batches_per_epoch)):
         batch = loader.next_batch()
-        loss, right = pm.eval_loss(batch)
-        if pm.reports_loss:
-            sums[0] += loss
-            sums[1] += right
-        if pm.counts_tokens:
+        batch_sums = module.eval_batch(batch)
+        if module.reports_loss:
+            sums[0] += batch_sums.loss
+            sums[1] += batch_sums.correct
+        if module.counts_tokens:
             sums[2] += (batch["labels"] != IGNORE_INDEX).sum()
-    total, correct, count = all_reduce_sum(sums, pm.device)
-    pm.train(True)
+    total, correct, count = all_reduce_sum(sums, module.device)
+    module.train(True)
     if count == 0:  # a chat split whose first batches hold prompts only
         return {"loss": math.nan, "perplexity": math.nan, "bits_per_byte": math.nan, "accuracy": math.nan, "tokens": 0}
     loss = total / count
@@ -52,8 +53,8 @@ class Evaluator:
     """The eval sets of a training run, evaluated every train.eval_every steps and at the end; tracks the
     best val loss and asks to stop after train.early_stop_patience evaluations without a gain."""
 
-    def __init__(self, pm, eval_sets: list[tuple[str, TokenStore]], cfg: Config):
-        self.pm, self.eval_sets = pm, eval_sets
+    def __init__(self, module, eval_sets: list[tuple[str, TokenStore]], cfg: Config):
+        self.module, self.eval_sets = module, eval_sets
         self.every, self.batches, self.patience = cfg.train.eval_every, cfg.train.eval_batches, cfg.train.early_stop_patience
         self.seq_len, self.global_batch = cfg.data.seq_len, cfg.train.global_batch_size
         self.document_masking = cfg.model.document_masking
@@ -66,9 +67,9 @@ class Evaluator:
         """{set name: metrics} for every eval set, each read from its start."""
         results = {}
         for name, store in self.eval_sets:
-            loader = PackedLoader(store, self.seq_len, self.global_batch, self.pm.dp_rank, self.pm.dp_size,
+            loader = PackedLoader(store, self.seq_len, self.global_batch, self.module.dp_rank, self.module.dp_size,
                                   shuffle=False, document_positions=self.document_masking)
-            results[name] = evaluate(self.pm, loader, self.batches)
+            results[name] = evaluate(self.module, loader, self.batches)
         # The val loss is all-reduced, so every rank takes the same early-stop decision.
         if results["val"]["loss"] < self.best_loss:
             self.best_loss, self.evals_without_gain = results["val"]["loss"], 0
@@ -87,7 +88,8 @@ def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = No
     on raw text files tokenized with the run's tokenizer."""
     from megacore.checkpoint.weights import load_trained
 
-    model, tokenizer, cfg, ckpt = load_trained(path)
+    trained = load_trained(path)
+    tokenizer, cfg, ckpt = trained.tokenizer, trained.config, trained.source
     with tempfile.TemporaryDirectory() as tmp:
         if text:
             from data_pipeline.prepare import prepare
@@ -98,25 +100,29 @@ def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = No
         else:
             store = TokenStore(data_dir or cfg.data.dir, split)
             if store.manifest["tokenizer"]["sha256"] != tokenizer.sha256:
-                raise ConfigError(f"--data-dir {store.data_dir} is tokenized with tokenizer sha256 "
-                                  f"{store.manifest['tokenizer']['sha256']}, but {ckpt} was trained with "
-                                  f"{tokenizer.sha256}: prepare it with data.tokenizer_from="
-                                  f"{ckpt if (Path(ckpt) / 'config.json').is_file() else ckpt.parent.parent}")
-        result = _evaluate_one_process(model, cfg, store, batch_size, batches)
+                raise DataError(f"--data-dir {store.data_dir} is tokenized with tokenizer sha256 "
+                                f"{store.manifest['tokenizer']['sha256']}, but {ckpt} was trained with "
+                                f"{tokenizer.sha256}: prepare it with data.tokenizer_from="
+                                f"{ckpt if (Path(ckpt) / 'config.json').is_file() else ckpt.parent.parent}")
+        result = _evaluate_one_process(trained.model, cfg, store, batch_size, batches)
     return {"checkpoint": str(ckpt), "split": split, **result}
 
 
 def _evaluate_one_process(model, cfg: Config, store: TokenStore, batch_size: int, batches: int) -> dict:
     from megacore.distributed import init_distributed, shutdown
+    from megacore.loss import LanguageModelLoss
     from megacore.parallel.layout import Layout
-    from megacore.parallel.parallelize import ParallelModel
+    from megacore.train.torch_module import TorchTrainModule
 
     loader = PackedLoader(store, cfg.data.seq_len, batch_size, shuffle=False)
     env = init_distributed("cpu")
     try:
         layout = Layout(n_micro=max(1, batch_size // cfg.train.micro_batch_size))
-        pm = ParallelModel([model], layout, env.rank, torch.device("cpu"), document_masking=cfg.model.document_masking)
-        return evaluate(pm, loader, batches or loader.batches_per_epoch)
+        loss = LanguageModelLoss.for_run(tp=1, compiled=False)
+        loss.prepare(model)
+        module = TorchTrainModule([(0, model)], layout, env.rank, torch.device("cpu"), loss,
+                                  document_masking=cfg.model.document_masking)
+        return evaluate(module, loader, batches or loader.batches_per_epoch)
     finally:
         shutdown()
 

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from data_pipeline.durable import write_json_atomic
+from megacore.run_dir import EVENTS, HANG, HEALTH_DIR, STOPPED
 
-HEALTH_DIR, EVENTS, STOPPED, HANG = "health", "events.jsonl", "STOPPED", "HANG"
 # Exit statuses: a fatal health stop (never restarted or requeued) and a hang (restart from the last
 # checkpoint). 2 stays the user's errors (megacore/errors.py).
 EXIT_FATAL, EXIT_HANG = 3, 4

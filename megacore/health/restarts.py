@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from megacore.health.events import health_dir, read_jsonl
-
-STARTS = "starts.jsonl"
+from megacore.run_dir import STARTS
 
 
 def restart_loop(run_dir: str | Path, step: int, limit: int) -> str | None:

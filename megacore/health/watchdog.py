@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from megacore.config import HealthConfig
-from megacore.health.events import EXIT_HANG, HANG, HealthEvents, health_dir
+from megacore.health.events import EXIT_HANG, HealthEvents, health_dir
+from megacore.run_dir import HANG, HEARTBEATS, STACKS
 
 DUMP_REQUEST = "DUMP_STACKS"
 FLIGHT_RECORDER_ENTRIES = "256"
@@ -72,13 +73,13 @@ class Watchdog:
     def __init__(self, cfg: HealthConfig, run_dir: str | Path, rank: int, world_size: int, events: HealthEvents):
         self.cfg, self.rank, self.world_size, self.events = cfg, rank, world_size, events
         self.dir = health_dir(run_dir)
-        (self.dir / "heartbeats").mkdir(parents=True, exist_ok=True)
-        (self.dir / "stacks").mkdir(parents=True, exist_ok=True)
+        (self.dir / HEARTBEATS).mkdir(parents=True, exist_ok=True)
+        (self.dir / STACKS).mkdir(parents=True, exist_ok=True)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self._phase = ("start", 0, time.time())  # (phase, step, since): replaced whole by the main thread
         self._stop, self._beat_lock, self._last_beat = threading.Event(), threading.Lock(), 0.0
         self._served_request = self._request_time()
-        self._stack_file = open(self.dir / "stacks" / f"rank-{rank:05d}.txt", "a")  # noqa: SIM115 - kept open
+        self._stack_file = open(self.dir / STACKS / f"rank-{rank:05d}.txt", "a")  # noqa: SIM115 - kept open
         # The Python handler first; faulthandler's C handler then runs before it (chain), inside a C call too.
         self._previous_usr2 = signal.signal(signal.SIGUSR2, self._on_usr2) if _main_thread() else None
         faulthandler.register(signal.SIGUSR2, file=self._stack_file, all_threads=True, chain=True)
@@ -132,7 +133,7 @@ class Watchdog:
 
     def _beat(self, phase: str, step: int, since: float, now: float) -> None:
         # Replaced by rename (a reader never sees half of one); not fsynced: a diagnosis, not state.
-        path = self.dir / "heartbeats" / f"rank-{self.rank:05d}.json"
+        path = self.dir / HEARTBEATS / f"rank-{self.rank:05d}.json"
         with self._beat_lock:
             path.with_suffix(".tmp").write_text(json.dumps(
                 {"rank": self.rank, "pid": self.pid, "host": self.host, "step": step, "phase": phase, "since": since,
@@ -159,7 +160,7 @@ class Watchdog:
         self.dump_stacks(f"hang: {_where(phase, step)} running {elapsed:.0f}s, limit {limit:.0f}s")
         (self.dir / DUMP_REQUEST).write_text(json.dumps({"time": time.time(), "rank": self.rank}))
         time.sleep(2 * self.cfg.heartbeat_s)  # the other live ranks dump their stacks, and beat once more
-        culprits = name_culprits(self.dir / "heartbeats", self.world_size, self.cfg.heartbeat_s, self.host)
+        culprits = name_culprits(self.dir / HEARTBEATS, self.world_size, self.cfg.heartbeat_s, self.host)
         claim = self.dir / f"hang-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}-{step}.claimed"
         try:
             with open(claim, "x") as f:
@@ -189,7 +190,7 @@ def request_stacks(run_dir: str | Path) -> Path:
     folder = health_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / DUMP_REQUEST).write_text(json.dumps({"time": time.time(), "rank": None}))
-    return folder / "stacks"
+    return folder / STACKS
 
 
 def name_culprits(heartbeats: Path, world_size: int, heartbeat_s: float, host: str) -> list[dict]:

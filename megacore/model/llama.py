@@ -19,7 +19,6 @@ from torch import nn
 from megacore.config import ModelConfig
 from megacore.model.attention import DocumentMask, attention
 from megacore.model.init import init_slice
-from megacore.model.loss import linear_cross_entropy
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
@@ -121,19 +120,6 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class OutputHead(nn.Linear):
-    """The vocabulary projection. Called with labels, it returns (summed loss, correct predictions)
-    computed a chunk of tokens at a time (megacore/model/loss.py), never the whole batch's logits; the
-    loss runs inside the head's own forward, so whatever wraps the head (FSDP) sees one call."""
-
-    compile_loss = False  # set by parallelize when parallel.compile is on
-
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None):
-        if labels is None:
-            return super().forward(h)
-        return linear_cross_entropy(h.flatten(0, 1), self.weight, labels.flatten(), compiled=self.compile_loss)
-
-
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -160,7 +146,7 @@ class Llama(nn.Module):
         # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = OutputHead(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         cos, sin = rope_tables(cfg)
@@ -196,37 +182,32 @@ class Llama(nn.Module):
         self.rope_cos, self.rope_sin = cos, sin
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, labels: torch.Tensor | None = None):
+                cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab); a pipeline stage without embeddings takes
-        and a stage without the output head returns hidden states (batch, seq, dim). With labels
-        (batch, seq), a model with the output head returns (summed loss, correct predictions) instead of
-        logits (OutputHead); a stage without it ignores them.
+        and a stage without the output head returns hidden states (batch, seq, dim). return_hidden: the
+        final (normed) hidden states instead of logits, for a loss that applies the head itself
+        (megacore/loss.py).
 
         position_ids (batch, seq) default to 0..seq-1; with model.document_masking they also confine
         attention to each document (a position 0 starts a new one). With a KVCache (generation), tokens
         continue the cached sequence: their positions follow it and they attend to it.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        mask = None
         if cache is not None:
-            start = cache.length
-            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+            positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=tokens.device)
             cos, sin = self.rope_cos[positions][None], self.rope_sin[positions][None]
-            for name, block in self.layers.items():
-                h = block(h, cos, sin, cache=cache.layer(name))
-            cache.length += tokens.shape[1]
-            h = self.norm(h) if self.norm is not None else h
-            return self.output(h) if self.output is not None else h
-        if position_ids is None:
+        elif position_ids is None:
             cos, sin = self.rope_cos[None], self.rope_sin[None]
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        mask = DocumentMask(position_ids) if self.cfg.document_masking and position_ids is not None else None
-        for block in self.layers.values():
-            h = block(h, cos, sin, mask)
+            mask = DocumentMask(position_ids) if self.cfg.document_masking else None
+        for name, block in self.layers.items():
+            h = block(h, cos, sin, mask) if cache is None else block(h, cos, sin, cache=cache.layer(name))
+        if cache is not None:
+            cache.length += tokens.shape[1]
         h = self.norm(h) if self.norm is not None else h
-        if self.output is None:
-            return h
-        return self.output(h) if labels is None else self.output(h, labels)
+        return h if self.output is None or return_hidden else self.output(h)
 
 
 class LayerCache:

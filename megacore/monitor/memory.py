@@ -64,7 +64,7 @@ class MemoryReport(Hook):
 
     def after_step(self, trainer, step: int, result) -> None:
         if not self.written or step == trainer.end_step:
-            write_memory_report(self.path, trainer.model.parts, trainer.optimizers, self.is_main,
+            write_memory_report(self.path, trainer.module.parts, trainer.module.optimizers, self.is_main,
                                 trainer.resident_before_model)
             self.written = True
 

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-SUPERSEDED = "metrics.superseded.jsonl"
+from megacore.run_dir import METRICS, SUPERSEDED
 
 
 def format_duration(seconds: float) -> str:
@@ -30,7 +30,7 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, log_every: int, wandb=None,
                  continues_from: int = 0):
         self.enabled, self.total_steps, self.log_every, self.wandb = enabled, total_steps, log_every, wandb
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         if enabled:
             drop_records_after(self.path, continues_from, Path(run_dir) / SUPERSEDED)
         self._file = open(self.path, "a") if enabled else None

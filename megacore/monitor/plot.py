@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megacore.run_dir import METRICS, PLOT
+
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -37,7 +39,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
-    out = Path(out) if out else Path(run_dir) / "loss.png"
+    out = Path(out) if out else Path(run_dir) / PLOT
     fig, axes = plt.subplots(1, len(CHARTS), figsize=(15, 4))
     for ax, (ylabel, lines) in zip(axes, CHARTS):
         for kind, key, label in lines:

@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from data_pipeline.durable import write_json_atomic
 from megacore.monitor.host_syncs import count_in_profile
+from megacore.run_dir import PROFILE
 from megacore.train.hooks import Hook
 
 
@@ -61,7 +62,7 @@ class StepProfiler(Hook):
     """Starts the profiler before step `start` and stops it after step start + steps - 1 (all ranks)."""
 
     def __init__(self, run_dir: str | Path, start: int, steps: int, rank: int, device: torch.device):
-        self.dir, self.rank, self.device = Path(run_dir) / "profile", rank, device
+        self.dir, self.rank, self.device = Path(run_dir) / PROFILE, rank, device
         self.start, self.last = start, start + steps - 1
         self._prof: profile | None = None
         self._t0 = 0.0

@@ -22,8 +22,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from data_pipeline.durable import write_json_atomic
+from megacore.run_dir import WANDB_STATE
 
-STATE = "wandb_run.json"
 INIT_TIMEOUT_S = 30
 
 
@@ -69,7 +69,7 @@ def git_commit() -> str:
 
 
 def read_state(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / STATE
+    path = Path(run_dir) / WANDB_STATE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -146,4 +146,4 @@ class WandbRun:
             self.run = None
 
     def _save_state(self) -> None:
-        write_json_atomic(self.run_dir / STATE, self.state, indent=None)
+        write_json_atomic(self.run_dir / WANDB_STATE, self.state, indent=None)

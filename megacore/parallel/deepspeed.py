@@ -1,10 +1,10 @@
 """DeepSpeed ZeRO, the alternative to the torch backend: the same Llama, loader, loop and checkpoints.
 
-`init_deepspeed` returns what the training loop uses with either backend: a model with
-forward_backward / eval_loss (as ParallelModel) and an optimizer with set_lr / step / zero_grad (as
-Optimizers). ZeRO stage, offload, bf16, gradient accumulation and clipping come from our config;
-DeepSpeed's own JSON config is derived, never written by hand. Its checkpoints are written by
-megacore/checkpoint/deepspeed.py, around the engine this module builds (`DeepSpeedModel.engine`).
+`init_engine` wraps the model and the optimizer it is given in a ZeRO engine; the DeepSpeed train module
+(megacore/train/deepspeed_module.py) drives it with the same batches, loss and loop as the torch backend.
+ZeRO stage, offload, bf16, gradient accumulation and clipping come from our config; DeepSpeed's own JSON
+config is derived, never written by hand. Its checkpoints are written by megacore/checkpoint/deepspeed.py,
+around the same engine.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from megacore.config import Config
 from megacore.model.init import normal_values
 from megacore.model.llama import Llama
 from megacore.parallel.layout import Layout
-from megacore.parallel.parallelize import micro_batches
-from megacore.train.optim import param_groups
 
 
 def deepspeed_config(cfg: Config, n_micro: int) -> dict:
@@ -45,15 +43,13 @@ def deepspeed_config(cfg: Config, n_micro: int) -> dict:
     }
 
 
-def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    groups = param_groups(model, cfg.optim.weight_decay)
-    if cfg.parallel.offload_optimizer:
-        # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (a C++ op, built on first use).
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+def cpu_adam(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
+    """ZeRO-Offload's optimizer: it steps on the CPU with DeepSpeed's vectorised Adam (a C++ op, built on
+    first use); `groups` are the train module's parameter groups (its weight-decay mask)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return torch.optim.AdamW(groups, fused=True, **kw)  # as megacore.train.optim
+    return DeepSpeedCPUAdam(groups, adamw_mode=True, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            eps=cfg.optim.eps)
 
 
 def _start_deepspeed():
@@ -94,70 +90,9 @@ def build_partitioned(cfg: Config, layout: Layout, device: torch.device) -> Llam
     return model
 
 
-def init_deepspeed(model: nn.Module, cfg: Config, layout: Layout, device: torch.device):
-    """(model, optimizer) for the training loop, with `model` wrapped by a ZeRO engine."""
+def init_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, layout: Layout):
+    """`model` and its client optimizer wrapped in a ZeRO engine (DeepSpeed's config derived from ours)."""
     deepspeed = _start_deepspeed()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, layout.n_micro), dist_init_required=False)
-    return DeepSpeedModel(engine, layout.n_micro, device, cfg.model.document_masking), DeepSpeedOptimizer(engine)
-
-
-class DeepSpeedModel:
-    """The engine behind ParallelModel's interface; every rank is a data-parallel rank."""
-
-    reports_loss = counts_tokens = True
-
-    def __init__(self, engine, n_micro: int, device: torch.device, document_masking: bool):
-        self.engine, self.n_micro, self.device, self.document_masking = engine, n_micro, device, document_masking
-        self.parts = [engine.module]
-        self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
-
-    def forward_backward(self, batch: dict, scale: float) -> torch.Tensor:
-        """Backward of sum(token losses) * scale, as the torch backend; DeepSpeed averages over ranks
-        like FSDP, and its own 1/accumulation scaling is turned off because `scale` already normalises."""
-        total = torch.zeros((), device=self.device)
-        for i, (x, y, pos) in enumerate(micro_batches(batch, self.n_micro, self.device, self.document_masking)):
-            micro_loss, _ = self.engine(x, pos, labels=y)  # the head's chunked loss (OutputHead)
-            self.engine.backward(micro_loss * scale, scale_wrt_gas=False)
-            if i < self.n_micro - 1:
-                self.engine.step()  # an accumulation micro-step: DeepSpeed steps only at the boundary
-            total += micro_loss.detach()
-        return total
-
-    @torch.no_grad()
-    def eval_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for x, y, pos in micro_batches(batch, self.n_micro, self.device, self.document_masking):
-            micro_loss, micro_correct = self.engine(x, pos, labels=y)
-            total += micro_loss
-            correct += micro_correct
-        return total, correct
-
-
-class DeepSpeedOptimizer:
-    """set_lr / step / zero_grad over the engine; clipping happens inside engine.step (gradient_clipping)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        # The wrapped optimizer, whose state holds this rank's partition (for the memory report).
-        self.optimizers = [engine.optimizer.optimizer]
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-
-    def step(self, verdict=None):
-        """The boundary step of the accumulation; returns (the global gradient norm before clipping, the
-        run-health verdict). The engine clips and steps inside one call, so the verdict comes after the
-        update: DeepSpeed runs take only the health policies stop and log (megacore/config/health.py);
-        a stopped run saves nothing after the bad step."""
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        norm = torch.tensor(float(norm) if norm is not None else 0.0, device=self.engine.device)
-        return norm, verdict(norm) if verdict is not None else None
-
-    def zero_grad(self) -> None:
-        pass  # engine.step clears the gradients at the boundary
+    return engine

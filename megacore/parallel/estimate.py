@@ -18,8 +18,8 @@ import math
 import torch
 
 from megacore.config import Config
+from megacore.loss import chunk_rows
 from megacore.model.llama import Llama, ffn_hidden_dim, flops_per_token, num_params
-from megacore.model.loss import chunk_rows
 from megacore.parallel.layout import Layout
 from megacore.parallel.pipeline import stage_layers
 

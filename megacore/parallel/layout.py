@@ -70,7 +70,8 @@ class Layout:
 
     @classmethod
     def resolve(cls, cfg: Config, world_size: int) -> Layout:
-        """The layout of `cfg.parallel` on `world_size` ranks; ConfigError naming the keys if it cannot run."""
+        """The layout of `cfg.parallel` on `world_size` ranks; ConfigError naming the keys if the model, batch
+        or sequence cannot be split that way (rules between other sections: megacore/preflight.py)."""
         par, m, train = cfg.parallel, cfg.model, cfg.train
         others = par.dp_replicate * par.tp * par.pp
         dp_shard = par.dp_shard
@@ -104,14 +105,6 @@ class Layout:
                 f"parallel.pp_schedule={par.pp_schedule} needs at least parallel.pp={par.pp} micro-batches per step; "
                 f"train.global_batch_size={train.global_batch_size} / (micro_batch_size="
                 f"{train.micro_batch_size} x {dp_size} dp ranks) gives {n_micro}")
-        if m.qk_norm and par.tp > 1:
-            raise ConfigError("model.qk_norm (Qwen3) is not supported with parallel.tp > 1 yet; use FSDP or pipeline "
-                              "parallelism")
-        if m.tie_embeddings and (par.pp > 1 or par.tp > 1):
-            raise ConfigError("model.tie_embeddings needs parallel.pp=1 and parallel.tp=1 (the embedding and the "
-                              "output head are placed differently)")
-        if par.backend == "deepspeed" and cfg.checkpoint.async_save:
-            raise ConfigError("checkpoint.async_save is not supported with parallel.backend=deepspeed")
         return cls(world_size=world_size, backend=par.backend, pp=par.pp, dp_replicate=par.dp_replicate,
                    dp_shard=dp_shard, tp=par.tp, pp_schedule=par.pp_schedule, stages_per_rank=stages_per_rank,
                    n_micro=n_micro, fsdp_lean=par.fsdp_reshard == "always")

@@ -22,6 +22,7 @@ from torch.distributed.tensor._utils import _compute_local_shape_and_global_offs
 
 from megacore.config import Config
 from megacore.errors import UsageError
+from megacore.loss import LanguageModelLoss
 from megacore.model.llama import Llama
 from megacore.parallel.layout import Layout
 from megacore.parallel.materialize import canonical_name
@@ -50,8 +51,8 @@ def planned_numels(cfg: Config, layout: Layout) -> list[dict[str, int]]:
             mesh = layout.build_mesh("cpu")
             with torch.device("meta"):
                 model = Llama(cfg.model)
-            params = []
-            for _, part in apply_parallelism(model, cfg, layout, mesh):
+            params, loss = [], LanguageModelLoss.for_run(layout.tp, compiled=False)
+            for _, part in apply_parallelism(model, cfg, layout, mesh, loss):
                 for name, p in part.named_parameters():
                     if isinstance(p, DTensor):
                         params.append((canonical_name(name), tuple(p.shape), p.device_mesh.mesh_dim_names,

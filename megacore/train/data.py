@@ -1,8 +1,10 @@
 """The data a run trains and evaluates on: token stores from `data.dir`, `data.mixture` and
 `train.eval_sets`, all sharing one tokenizer, the training loader over this rank's slice, and its
-batches on the device one step ahead."""
+batches on the device one step ahead, split into micro-batches."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,7 +12,7 @@ import torch
 from data_pipeline.loader import IGNORE_INDEX, PackedLoader, TokenStore
 from data_pipeline.shards import read_manifest
 from megacore.config import Config
-from megacore.errors import ConfigError
+from megacore.errors import DataError
 
 
 def train_loader(cfg: Config, dp_rank: int, dp_size: int, verify_part: tuple[int, int] = (0, 1)) -> PackedLoader:
@@ -35,7 +37,18 @@ def check_tokenizers(stores: list[TokenStore], data_dir: str, key: str) -> None:
     tokenizer = read_manifest(data_dir)["tokenizer"]["sha256"]
     for store in stores:
         if store.manifest["tokenizer"]["sha256"] != tokenizer:
-            raise ConfigError(f"{key}: {store.data_dir} was tokenized with another tokenizer than data.dir={data_dir}")
+            raise DataError(f"{key}: {store.data_dir} was tokenized with another tokenizer than data.dir={data_dir}")
+
+
+@dataclass(frozen=True)
+class _ReadAhead:
+    """A batch read one step early, and the loader's position from before it was read."""
+
+    batch: dict[str, torch.Tensor]  # on the device (its copy may still be in flight)
+    target_tokens: int
+    loader_state: dict
+    epoch: int
+    epoch_progress: float
 
 
 class DeviceBatches:
@@ -51,31 +64,32 @@ class DeviceBatches:
     def __init__(self, loader: PackedLoader, device: torch.device, positions: bool):
         self.loader, self.device = loader, device
         self.fields = ("input_ids", "labels", "position_ids") if positions else ("input_ids", "labels")
-        self._ahead: tuple | None = None  # (device batch, target tokens, loader state, epoch, progress) of the next
+        self._ahead: _ReadAhead | None = None  # the next batch, already read
 
-    def _read(self) -> tuple:
+    def _read(self) -> _ReadAhead:
         state, epoch, progress = self.loader.state_dict(), self.loader.epoch, self.loader.epoch_progress
         host = self.loader.next_batch()
         tokens = int(np.count_nonzero(host["labels"].numpy() != IGNORE_INDEX))
         pin = self.device.type == "cuda"
         batch = {k: (host[k].pin_memory() if pin else host[k]).to(self.device, non_blocking=True) for k in self.fields}
-        return batch, tokens, state, epoch, progress
+        return _ReadAhead(batch, tokens, state, epoch, progress)
 
     def next(self) -> tuple[dict[str, torch.Tensor], int]:
+        """(the batch on the device, its count of target tokens)."""
         current = self._ahead if self._ahead is not None else self._read()
         self._ahead = self._read()
-        return current[0], current[1]
+        return current.batch, current.target_tokens
 
     def state_dict(self) -> dict:
-        return self._ahead[2] if self._ahead is not None else self.loader.state_dict()
+        return self._ahead.loader_state if self._ahead is not None else self.loader.state_dict()
 
     @property
     def epoch(self) -> int:
-        return self._ahead[3] if self._ahead is not None else self.loader.epoch
+        return self._ahead.epoch if self._ahead is not None else self.loader.epoch
 
     @property
     def epoch_progress(self) -> float:
-        return self._ahead[4] if self._ahead is not None else self.loader.epoch_progress
+        return self._ahead.epoch_progress if self._ahead is not None else self.loader.epoch_progress
 
     def load_state_dict(self, state: dict) -> None:
         self._ahead = None
@@ -84,3 +98,11 @@ class DeviceBatches:
     def close(self) -> None:
         self._ahead = None
         self.loader.close()
+
+
+def micro_batches(batch: dict, n_micro: int, device: torch.device, document_masking: bool) -> list[tuple]:
+    """(inputs, labels, position_ids or None) of each micro-batch, on the device (a no-op for a batch
+    already there: the trainer's batches arrive one step ahead, megacore/train/data.py)."""
+    inputs, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    positions = batch["position_ids"].to(device).chunk(n_micro) if document_masking else [None] * n_micro
+    return list(zip(inputs.chunk(n_micro), labels.chunk(n_micro), positions))

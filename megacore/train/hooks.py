@@ -9,7 +9,8 @@ calls them in list order, on every rank, at four points of each step:
     after_save(trainer, step, path)      after the checkpoint of `step` was committed (path), or staged
                                          for a background write (None)
 
-Hooks see the whole trainer (`trainer.model`, `trainer.optimizers`, `trainer.metrics`, `trainer.env`, ...).
+Hooks see the whole trainer (`trainer.module`, the train module: its `parts` and `optimizers`; `trainer.metrics`,
+`trainer.env`, ...).
 A hook that runs a collective must run it on every rank at the same step, or the group hangs. Time a
 hook spends inside `after_eval` / `after_save` is outside the throughput window; inside `before_step` /
 `after_step` it counts as training time. Built in: the profiler (megacore/monitor/profiling.py) and the

@@ -13,7 +13,7 @@ import json
 import signal
 from pathlib import Path
 
-STOP, PREEMPTED = "STOP", "PREEMPTED"
+from megacore.run_dir import PREEMPTED, STOP
 
 
 class StopRequest:

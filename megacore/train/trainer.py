@@ -17,20 +17,19 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megacore.checkpoint.dcp import Checkpointer
+from megacore.checkpoint.meta import CheckpointMeta, read_meta
 from megacore.checkpoint.resume import check_can_resume, checkpoint_to_resume, effective_resume
-from megacore.checkpoint.store import healthy_checkpoint_before, read_meta, set_aside_newer, step_of
-from megacore.checkpoint.weights import check_init_from, init_weights_from, load_weights_into_shards
+from megacore.checkpoint.store import healthy_checkpoint_before, set_aside_newer, step_of
 from megacore.config import Config
-from megacore.device import check_supported, configure, resolve_auto
+from megacore.device import configure
 from megacore.device import peak_tflops as peak_tflops_of
-from megacore.distributed import DistEnv, first_failing_rank, host_all_reduce_sum, init_distributed, shutdown
-from megacore.errors import USER_ERRORS
+from megacore.distributed import DistEnv, host_all_reduce_sum, init_distributed, on_every_rank, shutdown
 from megacore.eval.evaluate import Evaluator
 from megacore.health.events import STOPPED, HealthEvents, clear_marks
 from megacore.health.restarts import mark_ended, restart_loop
@@ -42,26 +41,35 @@ from megacore.monitor.metrics import MetricsLogger
 from megacore.monitor.profiling import StepProfiler
 from megacore.monitor.throughput import ThroughputMeter
 from megacore.monitor.wandb_run import WandbRun
-from megacore.parallel.layout import Layout
-from megacore.parallel.parallelize import parallelize
-from megacore.preflight import check_data
-from megacore.run_dir import resolve_vocab_size, write_run_dir
+from megacore.preflight import ResolvedRun, preflight
+from megacore.run_dir import MEMORY, write_run_dir
 from megacore.train.data import DeviceBatches, eval_stores, train_loader
 from megacore.train.garbage import GarbageCollection
 from megacore.train.hooks import StepResult
-from megacore.train.optim import Optimizers, lr_at
+from megacore.train.module import build_train_module
+from megacore.train.optim import lr_at
 from megacore.train.preemption import StopRequest
 
 
-def train(cfg: Config, resume: str = "none", hooks: tuple = ()) -> dict:
-    """Train on this rank; the result's stop_reason is "health" after a fatal health stop (exit status 3)."""
+@dataclass(frozen=True)
+class FitResult:
+    """How a training invocation ended on this rank."""
+
+    step: int | None  # the last step trained (None: stopped by run health before training)
+    stop_reason: str | None  # None: reached its end step; "requested", "early_stop", or "health" (exit status 3)
+    train: dict = field(default_factory=dict)  # the last logged train metrics
+    eval: dict = field(default_factory=dict)  # the last evaluation's results, by set name
+
+
+def train(cfg: Config, resume: str = "none", hooks: tuple = ()) -> FitResult:
+    """Train on this rank (preflight first: the run this config resolves to on this rank's device)."""
     flight_recorder_env(cfg.train.run_dir, cuda=cfg.train.device != "cpu" and torch.cuda.is_available())
     env = init_distributed(cfg.train.device)
     # From here on a hang (start-up included) is found and named: megacore/health/watchdog.py.
     watchdog = (Watchdog(cfg.health, cfg.train.run_dir, env.rank, env.world_size,
                          HealthEvents(cfg.train.run_dir, env.rank)) if cfg.health.hang_timeout_s > 0 else None)
     try:
-        trainer = Trainer(cfg, resume, env, hooks, watchdog)
+        trainer = Trainer(preflight(cfg, env.world_size, env.device), resume, env, hooks, watchdog)
         result = trainer.fit()
         # Teardown order: the model, engine and loader (cyclic references: DeepSpeed's engine, process
         # subgroups) are freed now, while the process group exists, not by the interpreter at exit
@@ -70,7 +78,7 @@ def train(cfg: Config, resume: str = "none", hooks: tuple = ()) -> dict:
         gc.collect()
         return result
     except HealthStop:
-        return {"step": None, "stop_reason": "health", "train": {}, "eval": {}}
+        return FitResult(step=None, stop_reason="health")
     finally:
         if watchdog is not None:
             watchdog.close()
@@ -78,74 +86,47 @@ def train(cfg: Config, resume: str = "none", hooks: tuple = ()) -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: str, env: DistEnv, hooks: tuple = (), watchdog: Watchdog | None = None):
-        self.cfg, self.env, self.watchdog = cfg, env, watchdog
-        resolve_auto(cfg, env.device)  # (before the run directory records the config)
-        check_supported(cfg, env.device)
-        self.layout = Layout.resolve(cfg, env.world_size)
-        resolve_vocab_size(cfg)
+    def __init__(self, run: ResolvedRun, resume: str, env: DistEnv, hooks: tuple = (), watchdog: Watchdog | None = None):
+        cfg = self.cfg = run.cfg
+        self.layout, self.env, self.watchdog, self.tokenizer_sha256 = run.layout, env, watchdog, run.tokenizer_sha256
         configure(cfg, env.device)  # (its CPU allocator setting follows the model's shapes, vocabulary included)
-        check_data(cfg)
-        run_dir = cfg.train.run_dir
         if env.is_main:
             write_run_dir(cfg)
-            clear_marks(run_dir)
+            clear_marks(cfg.train.run_dir)
         dist.barrier()
         ckpt = self._choose_checkpoint(effective_resume(resume))
-
         torch.manual_seed(cfg.train.seed)
         self.resident_before_model = resident_bytes()
-        # On the meta device: no memory. Each rank allocates only its shards once parallelism is applied.
-        with torch.device("meta"):
-            model = Llama(cfg.model)
-        self.n_params, self._resuming = num_params(model), ckpt is not None
-        self.model, self.optimizers, self.checkpointer = self._parallelize(model)
-        del model
+        self.module = build_train_module(cfg, self.layout, env, init_from=cfg.train.init_from if ckpt is None else None)
         if ckpt is None and cfg.train.init_from:
-            if self.layout.backend == "torch":  # (DeepSpeed: loaded before the engine partitions)
-                check_init_from(cfg)
-                self._on_every_rank(lambda: load_weights_into_shards(self.model.parts, cfg.train.init_from))
             self._say(f"initialised weights from {cfg.train.init_from}")
-
-        # Each rank verifies its share of the shards (every shard once in the job); a bad one stops every
-        # rank, with one message. Shards are then opened as batches need them.
-        part = (env.rank, env.world_size)
-        self.train_loader, eval_sets = self._on_every_rank(
-            lambda: (train_loader(cfg, self.model.dp_rank, self.model.dp_size, part), eval_stores(cfg, part)))
-        self.batches = DeviceBatches(self.train_loader, env.device, cfg.model.document_masking)
-        self.tokenizer_sha256 = eval_sets[0][1].manifest["tokenizer"]["sha256"]
-        self.evaluator = Evaluator(self.model, eval_sets, cfg)
-        self.step, self.skipped_batches = 0, 0
-        wandb_id = read_meta(ckpt).get("wandb_run_id") if ckpt is not None else None
-        self.wandb = WandbRun(cfg, run_dir, wandb_id) if env.is_main else None
+        self.batches, self.evaluator = self._data()
+        self.wandb = WandbRun(cfg, cfg.train.run_dir, read_meta(ckpt).wandb_run_id if ckpt else None) \
+            if env.is_main else None
         self.health = RunHealth(cfg, env.rank, env.world_size, env.device, self.wandb, self._say)
+        self.step, self.skipped_batches, self.end_step = 0, 0, cfg.train.stop_after or cfg.train.steps
         if ckpt is not None:
             self.step = self._load(ckpt)
             self._say(f"resumed from {ckpt} at step {self.step}")
-        self.metrics = MetricsLogger(run_dir, env.is_main, cfg.train.steps, cfg.logging.log_every, self.wandb,
-                                     continues_from=self.step)
-        peak_tflops, peak_source = peak_tflops_of(cfg, env.device)
-        self.throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.data.seq_len), peak_tflops, env.world_size)
-        self.stop_request = StopRequest(run_dir, env.is_main)
-        self.end_step = cfg.train.stop_after or cfg.train.steps
-        self.profiler = StepProfiler(run_dir, cfg.logging.profile_start, cfg.logging.profile_steps, env.rank,
-                                     env.device)
+        self.metrics = MetricsLogger(cfg.train.run_dir, env.is_main, cfg.train.steps, cfg.logging.log_every,
+                                     self.wandb, continues_from=self.step)
+        peak, peak_source = peak_tflops_of(cfg, env.device)
+        self.throughput = ThroughputMeter(flops_per_token(cfg.model, cfg.data.seq_len), peak, env.world_size)
+        self.stop_request = StopRequest(cfg.train.run_dir, env.is_main)
+        self.profiler = StepProfiler(cfg.train.run_dir, cfg.logging.profile_start, cfg.logging.profile_steps,
+                                     env.rank, env.device)
         self.gc = GarbageCollection(cfg.train.gc_every)
-        self.hooks = [self.profiler, MemoryReport(Path(run_dir) / "memory.json", env.is_main), self.gc, *hooks]
+        self.hooks = [self.profiler, MemoryReport(Path(cfg.train.run_dir) / MEMORY, env.is_main), self.gc,
+                      *hooks]
         if self.step == 0:
-            self._say(f"model: {self.n_params / 1e6:.2f}M parameters, {self.throughput.flops_per_token / 1e6:.1f} "
-                      f"MFLOP/token; {env.world_size} rank(s) as {self.layout.describe()}; global batch "
-                      f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens in {self.layout.n_micro} "
-                      f"micro-batch(es) per dp rank; {cfg.train.mixed_precision}"
-                      f"{', compiled' if cfg.parallel.compile else ''}; MFU against {peak_tflops:.3f} TFLOP/s per "
-                      f"rank, {peak_source} ({torch.get_num_threads()} CPU threads each)")
+            self._say(self._describe(peak, peak_source))
 
-    def fit(self) -> dict:
+    def fit(self) -> FitResult:
         """Train from self.step to end_step, or until a stop request, an early stop or a health stop; returns
         the last step, why it stopped early (None: it did not) and the last logged train and eval metrics."""
         step, end, stop_reason = self.step, self.end_step, None
         train_metrics, eval_results = {}, {}
-        self.model.train()
+        self.module.train()
         while step < end and stop_reason is None:
             step += 1
             self._call_hooks("before_step", step)
@@ -162,7 +143,7 @@ class Trainer:
             self.throughput.add(result.tokens)
             self.health.stragglers.add_step()
             self._call_hooks("after_step", step, result)
-            self._say_committed(self.checkpointer.poll())
+            self._say_committed(self.module.checkpointer.poll())
             if self.metrics.should_log(step, end):
                 step, result, stop_reason = self._act_on_health(step, result)
                 if result is None:
@@ -172,7 +153,7 @@ class Trainer:
                 with self._outside_training("eval", step):
                     eval_results = self._evaluate(step)
             stop_reason = stop_reason or self._stop_reason(step, result)
-            if stop_reason != "health" and self.checkpointer.should_save(step, end, stopping=stop_reason is not None):
+            if stop_reason != "health" and self.module.checkpointer.should_save(step, end, stopping=stop_reason is not None):
                 # Every verdict is decided before the checkpoint records the decisions' state: a resumed run
                 # then decides exactly as an uninterrupted one.
                 step, result, stop_reason = self._act_on_health(step, result, stop_reason)
@@ -183,7 +164,7 @@ class Trainer:
                         self._save(step)
         self.step = step
         self._close(stop_reason)
-        return {"step": step, "stop_reason": stop_reason, "train": train_metrics, "eval": eval_results}
+        return FitResult(step, stop_reason, train_metrics, eval_results)
 
     def train_step(self, step: int, rerun: bool = False) -> StepResult:
         """One optimizer step over the global batch (`rerun`: the same batch as the last call's). Nothing in
@@ -191,16 +172,15 @@ class Trainer:
         signals) summed over a CPU tensor; the loss, gradient norm and health verdict stay device tensors in
         the result, and the optimizer applies the step or not on the device. Besides the model's own
         collectives: that host all-reduce, one device all-reduce of the loss, and the gradient norm's."""
-        pm = self.model
+        module = self.module
         lr = lr_at(step, self.cfg.optim, self.cfg.train.steps)
-        self.optimizers.zero_grad()
-        self.optimizers.set_lr(lr)
+        module.zero_grad()
         if self.watchdog is not None:
             self.watchdog.enter("step", step)
         if not rerun:
             stop_here = self.stop_request.requested_here()
             batch, local_tokens = self.batches.next()
-            global_tokens, votes = host_all_reduce_sum([local_tokens if pm.counts_tokens else 0, int(stop_here)])
+            global_tokens, votes = host_all_reduce_sum([local_tokens if module.counts_tokens else 0, int(stop_here)])
             self._step_inputs = batch, global_tokens, votes
         batch, global_tokens, votes = self._step_inputs
         if global_tokens == 0:
@@ -211,11 +191,11 @@ class Trainer:
                               stop_votes=votes)
         self.health.begin_step(step)
         # FSDP averages gradients over dp ranks; scaling by dp_size makes the result sum / global_tokens.
-        local_loss = pm.forward_backward(batch, pm.dp_size / global_tokens)
-        local_loss = self.health.faults.after_backward(step, local_loss, pm.parts)
-        total = local_loss.detach().clone() if pm.reports_loss else torch.zeros_like(local_loss)
+        local_loss = module.train_batch(batch, module.dp_size / global_tokens)
+        local_loss = self.health.faults.after_backward(step, local_loss, module.parts)
+        total = local_loss.detach().clone() if module.reports_loss else torch.zeros_like(local_loss)
         dist.all_reduce(total)
-        grad_norm, verdict = self.optimizers.step(lambda norm: self.health.verdict(step, total / global_tokens, norm))
+        grad_norm, verdict = module.optim_step(lr, lambda norm: self.health.verdict(step, total / global_tokens, norm))
         return StepResult(step=step, lr=lr, loss_sum=total, grad_norm_value=grad_norm, tokens=global_tokens,
                           stop_votes=votes, verdict=verdict)
 
@@ -249,7 +229,7 @@ class Trainer:
         if target is None:
             self.health.stop(step, f"{why}: stopping (exit status 3)")
             return None
-        self._say_committed(self.checkpointer.poll(block=True))
+        self._say_committed(self.module.checkpointer.poll(block=True))
         if self.env.is_main:
             self._set_aside_newer(step_of(target))
         dist.barrier()
@@ -312,18 +292,18 @@ class Trainer:
     def _save(self, step: int) -> None:
         """A checkpoint of this step, unless a weight is not finite (then none, and it is said): healthy
         when no skipped step is pending; retention always keeps the newest healthy one."""
-        finite = weights_finite(self.model.parts).to(torch.int64)
+        finite = weights_finite(self.module.parts).to(torch.int64)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             self.health.events.emit("checkpoint", f"the checkpoint of step {step} was not written: a weight is not "
                                     f"finite (a non-finite update); the newest checkpoint stays the last good one", step)
             return
-        meta = {"loader": self.batches.state_dict(), "config": self.cfg.to_dict(),
-                "world_size": self.env.world_size, "tokenizer_sha256": self.tokenizer_sha256,
-                "wandb_run_id": self.wandb.id if self.wandb is not None else None,
-                "health": self.health.state_dict(healthy=not self.health.in_skip_streak)}
+        meta = CheckpointMeta(step=step, config=self.cfg.to_dict(), world_size=self.env.world_size,
+                              loader=self.batches.state_dict(), tokenizer_sha256=self.tokenizer_sha256,
+                              wandb_run_id=self.wandb.id if self.wandb is not None else None,
+                              health=self.health.state_dict(healthy=not self.health.in_skip_streak))
         start = time.perf_counter()
-        path = self.checkpointer.save(step, self.model.parts, self.optimizers, meta)
+        path = self.module.save(step, meta)
         self.metrics.log(step, {"seconds": time.perf_counter() - start, "async": path is None}, kind="checkpoint")
         if path is not None:
             self._say(f"saved checkpoint {path}")
@@ -332,7 +312,7 @@ class Trainer:
     def _close(self, stop_reason: str | None) -> None:
         self.profiler.close()
         self.gc.close()
-        self._say_committed(self.checkpointer.close())
+        self._say_committed(self.module.checkpointer.close())
         if stop_reason == "requested":
             self.stop_request.mark_stopped(self.step)  # after the commit: the batch script requeues on this
             self._say(f"stopped at step {self.step} on request (preemption or time limit); continue with "
@@ -352,12 +332,12 @@ class Trainer:
                 return None, None
             ckpt = checkpoint_to_resume(self.cfg.train.run_dir, resume)
             meta = check_can_resume(ckpt, self.cfg, self.env.world_size) if ckpt is not None else None
-            self._set_aside_newer(meta["step"] if meta is not None else 0)
+            self._set_aside_newer(meta.step if meta is not None else 0)
             # A run that keeps restarting from the same step without ever ending is not started again.
-            return ckpt, restart_loop(self.cfg.train.run_dir, meta["step"] if meta is not None else 0,
+            return ckpt, restart_loop(self.cfg.train.run_dir, meta.step if meta is not None else 0,
                                       self.cfg.health.max_restarts_without_progress)
 
-        choice = [self._on_every_rank(choose)]
+        choice = [on_every_rank(choose, self.env)]
         dist.broadcast_object_list(choice, src=0)
         ckpt, loop = choice[0]
         if loop is not None:
@@ -371,57 +351,37 @@ class Trainer:
     def _load(self, ckpt: Path, rollback: bool = False) -> int:
         """Weights, optimizer state, random streams, the loader's position and run health's state of a
         checkpoint (to resume, or to roll back to); returns its step."""
-        meta = self.checkpointer.load(ckpt, self.model.parts, self.optimizers)
-        self.batches.load_state_dict(meta["loader"])
-        self.health.load_state_dict(meta.get("health", {}), rollback=rollback)
-        return meta["step"]
+        meta = self.module.load(ckpt)
+        self.batches.load_state_dict(meta.loader)
+        self.health.load_state_dict(meta.health, rollback=rollback)
+        return meta.step
 
-    def _on_every_rank(self, build):
-        """`build()` on every rank; if it raises an error the user can act on anywhere, the lowest such rank
-        re-raises it (the one message) and every other rank exits 2 quietly: no rank is left waiting."""
-        try:
-            result, error = build(), None
-        except USER_ERRORS as e:
-            result, error = None, e
-        first = first_failing_rank(error is not None, self.env.device)
-        if first is None:
-            return result
-        if first == self.env.rank:
-            raise error
-        raise SystemExit(2)
+    def _data(self) -> tuple[DeviceBatches, Evaluator]:
+        """The training batches of this rank's data-parallel slice, and the evaluator. Each rank verifies
+        its share of the shards (every shard once in the job); a bad one stops every rank, with one
+        message. Shards are then opened as batches need them."""
+        cfg, env, module = self.cfg, self.env, self.module
+        part = (env.rank, env.world_size)
+        loader, eval_sets = on_every_rank(
+            lambda: (train_loader(cfg, module.dp_rank, module.dp_size, part), eval_stores(cfg, part)), env)
+        return DeviceBatches(loader, env.device, cfg.model.document_masking), Evaluator(module, eval_sets, cfg)
+
+    def _describe(self, peak_tflops: float, peak_source: str) -> str:
+        cfg = self.cfg
+        with torch.device("meta"):
+            n_params = num_params(Llama(cfg.model))
+        return (f"model: {n_params / 1e6:.2f}M parameters, {self.throughput.flops_per_token / 1e6:.1f} MFLOP/token; "
+                f"{self.env.world_size} rank(s) as {self.layout.describe()}; global batch "
+                f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens in {self.layout.n_micro} micro-batch(es) "
+                f"per dp rank; {cfg.train.mixed_precision}{', compiled' if cfg.parallel.compile else ''}; MFU "
+                f"against {peak_tflops:.3f} TFLOP/s per rank, {peak_source} ({torch.get_num_threads()} CPU threads "
+                f"each)")
 
     def _set_aside_newer(self, step: int) -> None:
         """One line of history: checkpoints after the one this invocation continues from are moved aside."""
         for path in set_aside_newer(self.cfg.train.run_dir, step):
             self._say(f"moved {path.name.split('.')[0]} aside to {path} (newer than the step this run continues "
                       f"from, {step}; kept, not deleted)")
-
-    def _parallelize(self, model: Llama):
-        """(model, optimizers, checkpointer) of this run's backend, with parallelism applied to `model`."""
-        cfg, env, layout = self.cfg, self.env, self.layout
-        if layout.backend == "deepspeed":
-            from megacore.checkpoint.deepspeed import DeepSpeedCheckpointer
-            from megacore.parallel.deepspeed import build_partitioned, init_deepspeed
-
-            # ZeRO-3 partitions at construction; ZeRO-1/2 replicate the weights anyway, so their model is
-            # materialised whole. Both start from the initialisation of every torch layout.
-            if cfg.parallel.zero_stage == 3 and not (cfg.train.init_from and not self._resuming):
-                model = build_partitioned(cfg, layout, env.device)
-            else:
-                model.to_empty(device=env.device)
-                model.init_weights(cfg.train.seed)
-                if cfg.train.init_from and not self._resuming:
-                    # (Loaded whole, then partitioned by the engine: init_from into ZeRO-3 partitions is
-                    # not sliced yet.)
-                    check_init_from(cfg)
-                    init_weights_from(model, cfg.train.init_from)
-            pm, optimizers = init_deepspeed(model, cfg, layout, env.device)
-            return pm, optimizers, DeepSpeedCheckpointer(cfg.train.run_dir, cfg.checkpoint, env.rank, pm.engine)
-        mesh = layout.build_mesh(env.device.type)
-        pm = parallelize(model, cfg, layout, mesh, env.rank, env.device)
-        optimizers = Optimizers(pm.parts, cfg.optim, mesh["pp"].get_group() if layout.pp > 1 else None,
-                                float8_fsdp=cfg.train.float8 and layout.dp_size > 1)
-        return pm, optimizers, Checkpointer(cfg.train.run_dir, cfg.checkpoint, env.rank)
 
     def _say(self, message: str) -> None:
         if self.env.is_main:

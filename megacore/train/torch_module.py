@@ -1,0 +1,166 @@
+"""The torch backend's train module: FSDP2/HSDP, tensor and pipeline parallelism (megacore/parallel), the
+loss (megacore/loss.py), one fused AdamW per model part and DCP checkpoints.
+
+Micro-batches run one after another through the one model part, or (pp > 1) through the pipeline
+schedule, whose loss function is this module's loss, fixed at construction. With tensor parallelism
+the head's logits stay sharded over the vocabulary and the loss runs on the shards (loss_parallel),
+forward and backward both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor.parallel import loss_parallel
+
+from megacore.checkpoint.dcp import Checkpointer
+from megacore.checkpoint.meta import CheckpointMeta
+from megacore.checkpoint.weights import check_init_from, load_weights_into_shards
+from megacore.config import Config
+from megacore.distributed import DistEnv, on_every_rank
+from megacore.loss import LanguageModelLoss, LossSums
+from megacore.model import Llama
+from megacore.parallel.layout import Layout
+from megacore.parallel.parallelize import autocast_policy, parallelize
+from megacore.parallel.pipeline import build_schedule
+from megacore.train.data import micro_batches
+from megacore.train.optim import Optimizers
+
+
+def build_torch_module(cfg: Config, layout: Layout, env: DistEnv, init_from: str | None) -> TorchTrainModule:
+    """Built on the meta device (no memory), parallelized, then each rank allocates and initialises only
+    its shards; `init_from` weights are read into the shards (each rank its slices)."""
+    loss = LanguageModelLoss.for_run(layout.tp, compiled=cfg.parallel.compile is True)
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    mesh = layout.build_mesh(env.device.type)
+    par = parallelize(model, cfg, layout, mesh, env.device, loss)
+    if init_from:
+        check_init_from(cfg)
+        on_every_rank(lambda: load_weights_into_shards(par.parts, init_from), env)
+    optimizers = Optimizers(par.parts, cfg.optim, mesh["pp"].get_group() if layout.pp > 1 else None,
+                            float8_fsdp=cfg.train.float8 and layout.dp_size > 1)
+    return TorchTrainModule(par.stages, layout, env.rank, env.device, loss, optimizers,
+                            Checkpointer(cfg.train.run_dir, cfg.checkpoint, env.rank),
+                            autocast_policy(cfg, layout, env.device), cfg.model.document_masking,
+                            pp_mesh=mesh["pp"] if layout.pp > 1 else None)
+
+
+class TorchTrainModule:
+    """This rank's parts, their loss, optimizers and checkpointer (megacore/train/module.py's protocol).
+    Without optimizers and checkpointer (None) it evaluates only (`megacore eval`)."""
+
+    def __init__(self, stages: list[tuple[int, nn.Module]], layout: Layout, rank: int, device: torch.device,
+                 loss: LanguageModelLoss, optimizers: Optimizers | None = None, checkpointer: Checkpointer | None = None,
+                 amp: contextlib.AbstractContextManager | None = None, document_masking: bool = False,
+                 pp_mesh=None):
+        self.parts = [part for _, part in stages]
+        self.layout, self.device, self.n_micro, self.loss = layout, device, layout.n_micro, loss
+        self.optimizers, self.checkpointer = optimizers, checkpointer
+        self.amp = amp if amp is not None else contextlib.nullcontext()
+        self.document_masking = document_masking
+        coords = layout.coordinates(rank)
+        self.tp_rank, self.pp_rank = coords["tp"], coords["pp"]
+        self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp_size
+        self.has_first = any(p.tok_embeddings is not None for p in self.parts)
+        self.head = next((p.output for p in self.parts if p.output is not None), None)
+        self.reports_loss = self.head is not None and self.tp_rank == 0  # one rank per data-parallel slice
+        self.counts_tokens = self.pp_rank == 0 and self.tp_rank == 0
+        self.schedule = (build_schedule(stages, layout.n_stages, layout.pp_schedule, layout.n_micro, pp_mesh,
+                                        device, self._pipeline_loss, fsdp_lean=layout.fsdp_lean)
+                         if layout.pp > 1 else None)
+
+    def train(self, mode: bool = True) -> None:
+        for p in self.parts:
+            p.train(mode)
+
+    def _context(self):
+        """The amp policy, and loss_parallel under tensor parallelism (forward and backward both)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.amp)
+        if self.layout.tp > 1:
+            stack.enter_context(loss_parallel())
+        return stack
+
+    def _output(self, part: nn.Module, x, pos) -> torch.Tensor:
+        return part(x, pos, return_hidden=self.loss.wants_hidden)
+
+    def train_batch(self, batch: dict, scale: float) -> torch.Tensor:
+        if self.schedule is not None:
+            return self._train_pipeline(batch, scale)
+        model, total = self.parts[0], torch.zeros((), device=self.device)
+        for i, (x, y, pos) in enumerate(micro_batches(batch, self.n_micro, self.device, self.document_masking)):
+            if isinstance(model, FSDPModule) and not self.layout.fsdp_lean:
+                # Reduce-scatter gradients once, on the last micro-batch (lean: on every one, so that
+                # only sharded gradients accumulate).
+                model.set_requires_gradient_sync(i == self.n_micro - 1)
+            with self._context():
+                micro_loss = self.loss(model.output, self._output(model, x, pos), y)
+                (micro_loss * scale).backward()
+            total += micro_loss.detach()
+        return total
+
+    @torch.no_grad()
+    def eval_batch(self, batch: dict) -> LossSums:
+        if self.schedule is not None:
+            sums = self._run_pipeline(self.schedule.eval, batch)
+            return LossSums(sums[0], sums[1])
+        total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for x, y, pos in micro_batches(batch, self.n_micro, self.device, self.document_masking):
+            with self._context():
+                sums = self.loss.sums(self.parts[0].output, self._output(self.parts[0], x, pos), y)
+            total += sums.loss
+            correct += sums.correct
+        return LossSums(total, correct)
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss function, on the last stage: the summed loss in training; in evaluation
+        (no gradients) the loss and the correct count, stacked, as the schedule keeps one tensor each."""
+        if torch.is_grad_enabled():
+            return self.loss(self.head, output, target)
+        sums = self.loss.sums(self.head, output, target)
+        return torch.stack([sums.loss.float(), sums.correct.float()])
+
+    def _train_pipeline(self, batch: dict, scale: float) -> torch.Tensor:
+        """One schedule step on the unscaled loss; the gradients are then scaled (the schedule's loss
+        function is fixed at construction, the scale changes with each step's token count)."""
+        total = self._run_pipeline(self.schedule.step, batch)
+        grads = [p.grad for part in self.parts for p in part.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+        return total
+
+    def _run_pipeline(self, run, batch: dict) -> torch.Tensor:
+        """One schedule step or eval; the sum of the last stage's loss-function outputs (0 elsewhere)."""
+        inputs, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        losses: list[torch.Tensor] = []
+        target = labels if self.head is not None else None
+        # Every stage gets the micro-batch's position ids (document masking) and whether to stop at the
+        # hidden states (the last stage's loss applies the head).
+        kwargs = {"position_ids": batch["position_ids"].to(self.device)} if self.document_masking else {}
+        kwargs["return_hidden"] = self.loss.wants_hidden
+        with self._context():
+            if self.has_first:
+                run(inputs, target=target, losses=losses, return_outputs=False, **kwargs)
+            else:
+                run(target=target, losses=losses, return_outputs=False, **kwargs)
+        if not losses:
+            return torch.zeros(() if torch.is_grad_enabled() else (2,), device=self.device)
+        return torch.stack([loss.detach().float() for loss in losses]).sum(0)
+
+    def zero_grad(self) -> None:
+        self.optimizers.zero_grad()
+
+    def optim_step(self, lr: float, verdict=None):
+        self.optimizers.set_lr(lr)
+        return self.optimizers.step(verdict)
+
+    def save(self, step: int, meta: CheckpointMeta) -> Path | None:
+        return self.checkpointer.save(step, self.parts, self.optimizers, meta)
+
+    def load(self, path: Path) -> CheckpointMeta:
+        return self.checkpointer.load(path, self.parts, self.optimizers)
