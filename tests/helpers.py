@@ -129,6 +129,11 @@ def _tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(line if len(line) <= 300 else line[:300] + " [...]" for line in kept)
 
 
+def popen_failure(proc, out: str) -> str:
+    """failure_message of a Popen whose output (stderr into stdout) the test read into `out`."""
+    return failure_message(subprocess.CompletedProcess(proc.args, proc.returncode, out, ""))
+
+
 def failure_message(proc, title: str | None = None) -> str:
     """What a failed (or wrongly answering) process of a test shows: the title, the first error of its
     output (first_error), then the last lines of stdout and stderr (a process run with stderr=STDOUT

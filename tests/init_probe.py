@@ -6,6 +6,7 @@ are loaded into the shards first, as the trainer does.
     python -m torch.distributed.run --standalone --nproc-per-node N tests/init_probe.py OUT [KEY=VALUE ...]
 """
 
+import gc
 import sys
 
 import torch
@@ -24,25 +25,32 @@ from tests.helpers import REPO
 
 
 def main(out: str, overrides: list[str]) -> None:
-    cfg = load_config(REPO / "configs/tiny.yaml", overrides)
     env = init_distributed("cpu")
     try:
-        layout = Layout.resolve(cfg, env.world_size)
-        with torch.device("meta"):
-            model = Llama(cfg.model)
-        pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.device,
-                         LanguageModelLoss.for_run(layout.tp, compiled=False))
-        on_meta = [name for part in pm.parts for name, local, _, _ in local_parameters(part) if local.is_meta]
-        on_meta += [name for part in pm.parts for name, b in part.named_buffers() if b.is_meta]
-        assert not on_meta, f"every local shard and buffer is materialised: {on_meta}"
-        if cfg.train.init_from:
-            load_weights_into_shards(pm.parts, cfg.train.init_from)
-        state = {}
-        for part in pm.parts:
-            state.update(get_model_state_dict(part))
-        dcp.save({"model": state}, checkpoint_id=out)
+        write_shards(out, load_config(REPO / "configs/tiny.yaml", overrides), env)
+        # The model, its mesh and process subgroups are freed while the process group exists (as the
+        # trainer does): freed by the interpreter after it, gloo may abort at exit.
+        gc.collect()
     finally:
         shutdown()
+
+
+def write_shards(out: str, cfg, env) -> None:
+    """This rank's materialised (and, with train.init_from, loaded) shards as a DCP checkpoint at `out`."""
+    layout = Layout.resolve(cfg, env.world_size)
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    pm = parallelize(model, cfg, layout, layout.build_mesh("cpu"), env.device,
+                     LanguageModelLoss.for_run(layout.tp, compiled=False))
+    on_meta = [name for part in pm.parts for name, local, _, _ in local_parameters(part) if local.is_meta]
+    on_meta += [name for part in pm.parts for name, b in part.named_buffers() if b.is_meta]
+    assert not on_meta, f"every local shard and buffer is materialised: {on_meta}"
+    if cfg.train.init_from:
+        load_weights_into_shards(pm.parts, cfg.train.init_from)
+    state = {}
+    for part in pm.parts:
+        state.update(get_model_state_dict(part))
+    dcp.save({"model": state}, checkpoint_id=out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,15 @@ import torch
 from megacore.checkpoint.dcp import rng_state, set_rng_state
 from megacore.checkpoint.store import list_checkpoints
 from megacore.checkpoint.weights import load_trained
-from tests.helpers import REPO, assert_same_weights, megacore, rank_processes, read_metrics, tiny_run_args
+from tests.helpers import (
+    REPO,
+    assert_same_weights,
+    megacore,
+    popen_failure,
+    rank_processes,
+    read_metrics,
+    tiny_run_args,
+)
 
 COMMON = ["train.steps=8", "checkpoint.every=4", "train.eval_every=100", "checkpoint.keep_last=0"]
 
@@ -192,7 +200,7 @@ def test_kill_9_of_one_rank_restarts_the_group_which_resumes_exactly(runs, tmp_p
         time.sleep(0.05)
     out, _ = proc.communicate(timeout=600)
     assert victim is not None, "the run ended before a rank could be killed"
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0, popen_failure(proc, out)
     assert "resumed from" in out
     assert_same_weights(root / "long_straight", run, "after the restart the run ends where an undisturbed one does")
     # The steps the dead group logged after its last checkpoint are not in metrics.jsonl twice.

@@ -254,11 +254,11 @@ def test_gpu_benchmark_smoke_runs_every_variant_on_this_machine():
     import subprocess
     import sys
 
-    from tests.helpers import REPO
+    from tests.helpers import REPO, failure_message
 
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--smoke"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_message(proc)
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     names = [row.split("|")[1].strip() for row in rows]
     assert len(rows) == 7 and names[0] == "eager", proc.stdout

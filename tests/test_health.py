@@ -18,7 +18,9 @@ from tests.helpers import (
     REPO,
     TINY,
     assert_same_weights,
+    failure_message,
     megacore,
+    popen_failure,
     rank_processes,
     read_metrics,
     tiny_run_args,
@@ -40,7 +42,7 @@ def train(*args: str, env=None, check: bool = True, nproc: int = 2) -> subproces
     cmd = [sys.executable, "-m", "megacore", "train", *args, "--nproc", str(nproc)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(failure_message(proc))
     return proc
 
 
@@ -124,7 +126,7 @@ def test_a_run_that_skipped_a_step_resumes_after_kill_9_as_if_never_killed(tiny_
             killed = True
         time.sleep(0.05)
     out, _ = proc.communicate(timeout=300)
-    assert killed and proc.returncode == 0, out[-3000:]
+    assert killed and proc.returncode == 0, popen_failure(proc, out)
     assert "resumed from" in out
     assert_same_weights(tmp_path / "straight", tmp_path / "killed", "resumed: the skip decided as before")
     assert [e["step"] for e in read_events(tmp_path / "killed") if e["kind"] == "skip"] == [5]
@@ -160,7 +162,7 @@ def test_divergence_keeps_a_healthy_checkpoint_stops_and_says_what_happened(data
                     "optim.grad_clip=0", "optim.warmup_steps=4", "train.steps=30", "checkpoint.every=1",
                     "checkpoint.keep_last=2", "data.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=8",
                     "train.eval_batches=2", "train.peak_tflops=0.1", "logging.log_every=1", check=False)
-    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 3, failure_message(proc)
     assert "steps skipped in a row" in proc.stdout and "rolled back to" in proc.stdout
     assert "stopping (exit status 3)" in proc.stdout
     checkpoints = list_checkpoints(run)
@@ -217,7 +219,7 @@ def _pinned_run(tiny_args, tmp_path, name: str, slow_rank: int | None):
     if busy is not None:
         busy.kill()
         busy.wait()
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0, popen_failure(proc, out)
     return out, read_metrics(tmp_path / name, "stragglers")
 
 

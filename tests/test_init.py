@@ -13,7 +13,7 @@ from megacore.checkpoint.dcp import load_dcp_weights
 from megacore.config import load_config
 from megacore.model import Llama
 from megacore.model import init as model_init
-from tests.helpers import REPO
+from tests.helpers import REPO, failure_message
 
 # Uneven splits on purpose: 301 vocabulary rows over 4 FSDP ranks (76, 76, 76, 73) and 2 TP ranks.
 MODEL = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=301",
@@ -27,7 +27,7 @@ def _probe(out, nproc: int, overrides: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                            "tests/init_probe.py", str(out), *MODEL, *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure_message(proc)
 
 
 def test_initial_weights_identical_on_every_layout(tmp_path):
