@@ -3,6 +3,7 @@
 Every file megacore promises to keep (shards, manifests, tokenizers, checkpoint metadata, pointers, run
 state) goes through `atomic_write`: written under PATH.tmp, flushed and fsynced, then renamed over PATH.
 A crash leaves either the old file or the new one, never half of one; a failed write removes the tmp.
+`read_json_object` reads such a JSON file back, naming it when it is not what was written.
 """
 
 from __future__ import annotations
@@ -47,3 +48,15 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json_object(path: str | Path, error: type[Exception], what: str = "a JSON object") -> dict:
+    """The JSON object in `path`; `error` naming the file when it is not valid JSON or not an object
+    (`what`: what the file should have been, for the message)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: not {what} (a JSON {type(value).__name__}, not an object)")
+    return value

@@ -9,13 +9,12 @@ Shards and the manifest are written with `durable.atomic_write`: a file that has
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from data_pipeline.durable import atomic_write
+from data_pipeline.durable import atomic_write, read_json_object
 from data_pipeline.errors import DataError, ShardError
 from data_pipeline.upgrade import MANIFEST_VERSION, upgrade_manifest, upgrade_v1_settings
 
@@ -76,13 +75,7 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise FileNotFoundError(f"data directory not found: {data_dir} (run `megacore data prepare` first)")
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in data directory {data_dir} (run `megacore data prepare` first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: not a manifest (a JSON {type(manifest).__name__}, not an object)")
-    return upgrade_manifest(manifest, path)
+    return upgrade_manifest(read_json_object(path, DataError, "a manifest"), path)
 
 
 def fingerprint(tokenizer_sha256: str, splits: dict) -> str:

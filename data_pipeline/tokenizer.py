@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from data_pipeline.durable import atomic_write
+from data_pipeline.durable import atomic_write, read_json_object
 from data_pipeline.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -286,13 +285,7 @@ class HFTokenizer:
 
 def _read_json(path: Path) -> dict:
     """A tokenizer's JSON file (a manifest, tokenizer_config.json); DataError naming it if it is not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: a JSON {type(value).__name__}, not an object")
-    return value
+    return read_json_object(path, DataError)
 
 
 def _token_text(value) -> str | None:

@@ -257,3 +257,27 @@ def test_digests_taken_while_writing_are_the_files_sha256(tmp_path):
         stream.write(b"abc")
         stream.seek(0)
         assert not stream.sequential
+
+
+def test_checkpoint_metadata_of_every_version_reads_and_a_newer_one_is_refused(tmp_path):
+    """meta.json is versioned (megacore/checkpoint/meta.py): the fixture's version-1 file reads as today's,
+    a key this code does not know survives a rewrite, and a newer version is refused naming the file."""
+    import dataclasses
+
+    from megacore.checkpoint.meta import META_VERSION, CheckpointMeta, read_meta
+    from megacore.errors import CheckpointError
+
+    old = REPO / "tests/fixtures/run_a02a75f/run/checkpoints/step_00000004"
+    raw = json.loads((old / "meta.json").read_text())
+    assert "version" not in raw and "health" not in raw
+    meta = read_meta(old)
+    assert (meta.version, meta.step, meta.world_size, meta.backend, meta.healthy) == (META_VERSION, 4, 2, "torch", True)
+    assert meta.loader == raw["loader"] and meta.tokenizer_sha256 == raw["tokenizer_sha256"]
+
+    later = {**meta.to_dict(), "written_by_a_later_commit": [1, 2]}
+    again = CheckpointMeta.from_dict(later)
+    assert dataclasses.replace(again, step=5).to_dict()["written_by_a_later_commit"] == [1, 2]
+
+    (tmp_path / "meta.json").write_text(json.dumps({**later, "version": META_VERSION + 1}))
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'meta.json'}: meta.json version {META_VERSION + 1}"):
+        read_meta(tmp_path)

@@ -50,6 +50,30 @@ def test_no_module_imports_a_module_that_imports_it():
     assert not circles, circles
 
 
+def test_parallelism_and_the_loss_reach_nothing_of_the_training_loop():
+    """The layering: model -> loss -> parallel -> train; parallel/ applies parallelism to any model and
+    the train module (megacore/train/) drives it, never the other way round."""
+    graph = _imports()
+    for m in [m for m in graph if m.startswith("megacore.parallel") or m in ("megacore.loss", "megacore.model")]:
+        assert not {t for t in graph[m] if t.startswith("megacore.train")}, m
+
+
+def test_the_model_returns_tensors_and_the_loss_is_defined_once():
+    import typing
+
+    import torch
+
+    import data_pipeline.loader
+    import megacore.loss
+    from megacore.model.llama import Llama
+
+    assert typing.get_type_hints(Llama.forward)["return"] is torch.Tensor
+    defined = [p for p in [*PACKAGE.rglob("*.py"), *(REPO / "data_pipeline").rglob("*.py")]
+               if "IGNORE_INDEX =" in p.read_text()]
+    assert defined == [REPO / "data_pipeline/loader.py"], defined
+    assert megacore.loss.IGNORE_INDEX is data_pipeline.loader.IGNORE_INDEX
+
+
 def test_the_model_imports_nothing_of_megacore_but_its_config():
     graph = _imports()
     model_modules = [m for m in graph if m.startswith("megacore.model")]

@@ -17,10 +17,10 @@ code knows is refused with the way forward. Keys this code does not know are kep
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from data_pipeline.durable import read_json_object
 from megacore.errors import CheckpointError
 
 META = "meta.json"
@@ -87,8 +87,4 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     meta_path = Path(path) / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"not a checkpoint (no {META}): {path}")
-    try:
-        raw = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path}: invalid JSON: {e}") from None
-    return CheckpointMeta.from_dict(raw, meta_path)
+    return CheckpointMeta.from_dict(read_json_object(meta_path, CheckpointError, "a checkpoint's meta.json"), meta_path)
