@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data_pipeline.chat import check_chat_tokenizer, contents, render
 from data_pipeline.cleaning import Cleaner
-from data_pipeline.durable import write_json_atomic
+from data_pipeline.durable import read_json_object, write_json_atomic
 from data_pipeline.errors import DataError
 from data_pipeline.shards import MANIFEST, TOKENIZER, file_sha256, fingerprint, read_manifest, token_dtype, write_shard
 from data_pipeline.sources import SourceStats, iter_documents, source_identity, source_listing
@@ -221,9 +221,8 @@ def _same_tokenizer_key(sidecar: Path, new: dict) -> bool:
     """The tokenizer beside the sidecar was trained from what `new` describes (a sidecar that cannot be
     read, or from a newer megacore, is not: the tokenizer is trained again)."""
     try:
-        old = json.loads(sidecar.read_text())
-        return isinstance(old, dict) and upgrade_sidecar(old, sidecar) == new
-    except (json.JSONDecodeError, DataError):
+        return upgrade_sidecar(read_json_object(sidecar, DataError, "a tokenizer sidecar"), sidecar) == new
+    except DataError:
         return False
 
 

@@ -157,10 +157,10 @@ def load_tokenizer(path: str | Path):
     Hugging Face tokenizer.json (with tokenizer_config.json) if present, else tokenizer.model."""
     path = Path(path)
     if path.is_dir():
-        manifest = path / "manifest.json"
-        if manifest.is_file():
+        from data_pipeline.shards import MANIFEST, read_manifest  # (shards imports this module)
+        if (path / MANIFEST).is_file():
             # (A data directory's own tokenizer.json, if any, is the record of how its tokenizer was trained.)
-            return load_tokenizer(path / _read_json(manifest)["tokenizer"]["file"])
+            return load_tokenizer(path / read_manifest(path)["tokenizer"]["file"])
         if (path / HF_TOKENIZER).is_file():
             return HFTokenizer(path)
         path = path / SENTENCEPIECE
@@ -180,7 +180,7 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         self.path, self.directory = path, path.parent
         config_path = path.parent / HF_TOKENIZER_CONFIG
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path, DataError, "a tokenizer config") if config_path.is_file() else {}
         self.chat_templates, template_files = read_chat_templates(self.directory, config)
         # The config is part of the tokenizer only with a chat template (export-hf writes one without: the
         # tokenizer stays the model file, with its hash).
@@ -241,7 +241,7 @@ class HFTokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer not found: {self.path}")
         config_path = self.directory / HF_TOKENIZER_CONFIG
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path, DataError, "a tokenizer config") if config_path.is_file() else {}
         self.chat_templates, template_files = read_chat_templates(self.directory, config)
         self.files = [self.path, *([config_path] if config_path.is_file() else []), *template_files]
         self.backend = Backend.from_file(str(self.path))
@@ -281,11 +281,6 @@ class HFTokenizer:
         """(ids, (start, end) character span of each) of `text` (for chat templates' loss masks)."""
         encoding = self.backend.encode(text, add_special_tokens=False)
         return encoding.ids, encoding.offsets
-
-
-def _read_json(path: Path) -> dict:
-    """A tokenizer's JSON file (a manifest, tokenizer_config.json); DataError naming it if it is not an object."""
-    return read_json_object(path, DataError)
 
 
 def _token_text(value) -> str | None:

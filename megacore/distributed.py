@@ -6,6 +6,7 @@ collectives and for sharded checkpoints.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -59,7 +60,12 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
 
 
 def shutdown() -> None:
+    """Destroy the process group, after collecting garbage: models, engines and loaders no longer
+    referenced (cyclic references: DeepSpeed's engine, process subgroups, DTensor meshes) are freed while
+    the group exists, not by the interpreter at exit after it is gone (gloo then aborts the process:
+    "terminate called without an active exception"). Callers drop their references first."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -59,15 +59,19 @@ def test_parallelism_and_the_loss_reach_nothing_of_the_training_loop():
 
 
 def test_the_model_returns_tensors_and_the_loss_is_defined_once():
-    import typing
-
     import torch
 
     import data_pipeline.loader
     import megacore.loss
-    from megacore.model.llama import Llama
+    from megacore.config import ModelConfig
+    from megacore.model.llama import KVCache, Llama
 
-    assert typing.get_type_hints(Llama.forward)["return"] is torch.Tensor
+    model = Llama(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, max_seq_len=16))
+    tokens = torch.randint(0, 64, (2, 8))
+    outputs = {"logits": model(tokens), "hidden": model(tokens, return_hidden=True),
+               "cached": model(tokens, cache=KVCache(model, 2, 16))}
+    assert {k: (type(v), tuple(v.shape)) for k, v in outputs.items()} == {
+        "logits": (torch.Tensor, (2, 8, 64)), "hidden": (torch.Tensor, (2, 8, 32)), "cached": (torch.Tensor, (2, 8, 64))}
     defined = [p for p in [*PACKAGE.rglob("*.py"), *(REPO / "data_pipeline").rglob("*.py")]
                if "IGNORE_INDEX =" in p.read_text()]
     assert defined == [REPO / "data_pipeline/loader.py"], defined

@@ -43,15 +43,6 @@ def deepspeed_config(cfg: Config, n_micro: int) -> dict:
     }
 
 
-def cpu_adam(groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
-    """ZeRO-Offload's optimizer: it steps on the CPU with DeepSpeed's vectorised Adam (a C++ op, built on
-    first use); `groups` are the train module's parameter groups (its weight-decay mask)."""
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    return DeepSpeedCPUAdam(groups, adamw_mode=True, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                            eps=cfg.optim.eps)
-
-
 def _start_deepspeed():
     import deepspeed
 

@@ -13,12 +13,11 @@ from torch import nn
 
 from megacore.checkpoint.deepspeed import DeepSpeedCheckpointer
 from megacore.checkpoint.meta import CheckpointMeta
-from megacore.checkpoint.weights import check_init_from, init_weights_from
+from megacore.checkpoint.weights import check_init_from, empty_model, init_weights_from
 from megacore.config import Config
 from megacore.distributed import DistEnv
 from megacore.loss import LanguageModelLoss, LossSums
-from megacore.model import Llama
-from megacore.parallel.deepspeed import build_partitioned, cpu_adam, init_engine
+from megacore.parallel.deepspeed import build_partitioned, init_engine
 from megacore.parallel.layout import Layout
 from megacore.train.data import micro_batches
 from megacore.train.optim import param_groups
@@ -31,9 +30,7 @@ def build_deepspeed_module(cfg: Config, layout: Layout, env: DistEnv, init_from:
     if cfg.parallel.zero_stage == 3 and not init_from:
         model = build_partitioned(cfg, layout, env.device)
     else:
-        with torch.device("meta"):
-            model = Llama(cfg.model)
-        model.to_empty(device=env.device)
+        model = empty_model(cfg, env.device)
         model.init_weights(cfg.train.seed)
         if init_from:
             check_init_from(cfg)
@@ -49,10 +46,13 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """The engine's client optimizer: our AdamW with its weight-decay mask (megacore/train/optim.py), or
     DeepSpeed's CPU Adam when the optimizer state is offloaded."""
     groups = param_groups(model, cfg.optim.weight_decay)
+    kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     if cfg.parallel.offload_optimizer:
-        return cpu_adam(groups, cfg)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                             fused=True)
+        # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (a C++ op, built on first use).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=True, **kw)
 
 
 class _EngineOptimizer:

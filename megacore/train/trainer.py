@@ -15,7 +15,6 @@ same gradients.
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,11 +70,7 @@ def train(cfg: Config, resume: str = "none", hooks: tuple = ()) -> FitResult:
     try:
         trainer = Trainer(preflight(cfg, env.world_size, env.device), resume, env, hooks, watchdog)
         result = trainer.fit()
-        # Teardown order: the model, engine and loader (cyclic references: DeepSpeed's engine, process
-        # subgroups) are freed now, while the process group exists, not by the interpreter at exit
-        # after it is destroyed (an abort at exit, "terminate called without an active exception").
-        del trainer
-        gc.collect()
+        del trainer  # (shutdown() frees the model, engine and loader before the process group: its docstring)
         return result
     except HealthStop:
         return FitResult(step=None, stop_reason="health")
@@ -133,8 +128,7 @@ class Trainer:
             result = self.train_step(step)
             # Run health's verdicts: read now when its policy acts on each step (rerun, rollback, stop), else
             # with the logging step's reads or before a save (megacore/health/).
-            every_step = self.health.policy.reads_every_step
-            if every_step:
+            if self.health.policy.reads_every_step:
                 step, result, stop_reason = self._act_on_health(step, result, stop_reason)
                 if result is None:  # rolled back: continue after the checkpoint's step
                     continue
