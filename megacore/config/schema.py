@@ -180,12 +180,16 @@ class ParallelConfig:
     zero_stage: Literal[1, 2, 3] = 3
     offload_optimizer: bool = False
     offload_params: bool = False
-    # The device mesh is pp x dp_replicate x dp_shard x tp; its product must be the world size.
-    # dp_shard=-1 takes whatever the other three leave.
+    # The device mesh is pp x dp_replicate x dp_shard x cp x tp; its product must be the world size.
+    # dp_shard=-1 takes whatever the others leave.
     dp_replicate: int = 1
     dp_shard: int = -1
     tp: int = 1
     pp: int = 1
+    # Context parallelism: each sequence split over cp ranks (2*cp chunks, head-tail), keys and values
+    # all-gathered in attention; cp ranks read the same batch and FSDP shards over dp_shard x cp.
+    # data.seq_len must be divisible by 2 x cp x tp (megacore/parallel/context_parallel.py).
+    cp: int = 1
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb"] = "1f1b"
     # Pipeline stages held by each pp rank; interleaved schedules need 2 or more.
     pp_stages_per_rank: int = 0  # 0: 1 for gpipe/1f1b, 2 for interleaved schedules
@@ -202,7 +206,7 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be -1 (the rest) or >= 1, got {self.dp_shard}")
-        _positive(self, "parallel", "dp_replicate", "tp", "pp")
+        _positive(self, "parallel", "dp_replicate", "tp", "pp", "cp")
         if self.pp_stages_per_rank < 0:
             raise ConfigError(f"parallel.pp_stages_per_rank must be >= 0, got {self.pp_stages_per_rank}")
         if self.interleaved and self.pp_stages_per_rank == 1:
@@ -214,7 +218,8 @@ class ParallelConfig:
             # What DeepSpeed cannot do here, refused in our terms (README: support matrix).
             for name, why in (("tp", "DeepSpeed AutoTP needs an accelerator; use backend=torch for tensor parallel"),
                               ("pp", "DeepSpeed's pipeline engine needs a PipelineModule; use backend=torch"),
-                              ("dp_replicate", "ZeRO shards over all ranks; use backend=torch for HSDP")):
+                              ("dp_replicate", "ZeRO shards over all ranks; use backend=torch for HSDP"),
+                              ("cp", "context parallelism is applied to the torch backend's mesh; use backend=torch")):
                 if getattr(self, name) != 1:
                     raise ConfigError(f"parallel.{name}={getattr(self, name)} with parallel.backend=deepspeed: {why}")
             if self.compile is True or self.activation_checkpointing != "none":

@@ -90,6 +90,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout_p = cfg.dropout
+        # The attention kernel: (q, k, v, mask, dropout_p) -> output. Context parallelism replaces it from
+        # outside (megacore/parallel/context_parallel.py); the model itself never changes it.
+        self.kernel = attention
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: DocumentMask | None = None, cache: LayerCache | None = None) -> torch.Tensor:
@@ -104,7 +107,7 @@ class Attention(nn.Module):
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         if cache is not None:
             k, v, attn_mask = cache.update(k, v)
-        out = attention(q, k, v, attn_mask, self.dropout_p if self.training else 0.0)
+        out = self.kernel(q, k, v, attn_mask, self.dropout_p if self.training else 0.0)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 

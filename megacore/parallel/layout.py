@@ -1,10 +1,14 @@
-"""The parallel layout of a run: the pp x dp_replicate x dp_shard x tp mesh for one world size.
+"""The parallel layout of a run: the pp x dp_replicate x dp_shard x cp x tp mesh for one world size.
 
 `Layout.resolve(cfg, world_size)` is the one place that checks a config against a world size: the CLI
 calls it before any process starts (so a bad layout exits 2 at once), every rank calls it again at
 start, and `megacore estimate` calls it for any N without starting anything. The result is frozen:
 the degrees, the data-parallel size, the micro-batches per rank and step, and each rank's coordinates
-in the row-major mesh (rank = ((pp * R + dp_replicate) * S + dp_shard) * T + tp).
+in the row-major mesh (rank = (((pp * R + dp_replicate) * S + dp_shard) * C + cp) * T + tp).
+
+Context-parallel ranks (cp) read the same batch and each holds a share of every sequence; FSDP shards
+parameters over dp_shard x cp (the flattened mesh dimension "dp_shard_cp"), so cp ranks share the
+optimizer's work too, as in torchtitan.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from dataclasses import dataclass
 from megacore.config import Config
 from megacore.errors import ConfigError
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+FSDP_SHARD_DIM = "dp_shard_cp"  # dp_shard x cp, flattened
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class Layout:
     pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = 1
+    cp: int = 1
     tp: int = 1
     pp_schedule: str = "1f1b"
     stages_per_rank: int = 1
@@ -42,50 +48,70 @@ class Layout:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def fsdp_size(self) -> int:
+        """Ranks that FSDP's gradient reduction averages over: dp_replicate x dp_shard x cp (1: no FSDP)."""
+        return self.dp_size * self.cp
+
+    @property
     def n_stages(self) -> int:
         return self.pp * self.stages_per_rank
 
     def coordinates(self, rank: int) -> dict[str, int]:
-        """Rank -> its index along each mesh dimension."""
+        """Rank -> its index along each mesh dimension (and along dp_shard_cp, the flattened dp_shard x cp)."""
         coords = {}
         for dim in reversed(MESH_DIMS):
             size = getattr(self, dim)
             coords[dim] = rank % size
             rank //= size
+        coords[FSDP_SHARD_DIM] = coords["dp_shard"] * self.cp + coords["cp"]
         return coords
 
     def dp_rank(self, rank: int) -> int:
-        """Which slice of the global batch `rank` reads (ranks that differ only in pp or tp read the same)."""
+        """Which slice of the global batch `rank` reads (ranks that differ only in pp, cp or tp read the same)."""
         c = self.coordinates(rank)
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
 
     def build_mesh(self, device_type: str):
-        """The device mesh (needs the process group); its dimension names are MESH_DIMS."""
+        """The device mesh (needs the process group); its dimension names are MESH_DIMS, and dp_shard x cp
+        is flattened into FSDP_SHARD_DIM (what FSDP shards over)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+        mesh = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+        mesh["dp_shard", "cp"]._flatten(FSDP_SHARD_DIM)
+        return mesh
+
+    def fsdp_mesh(self, mesh):
+        """The mesh FSDP shards over (dp_shard x cp), with dp_replicate first for HSDP."""
+        return mesh["dp_replicate", FSDP_SHARD_DIM] if self.dp_replicate > 1 else mesh[FSDP_SHARD_DIM]
 
     def describe(self) -> str:
-        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}"
+        cp = f" x cp {self.cp}" if self.cp > 1 else ""
+        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{cp} x tp {self.tp}"
 
     @classmethod
     def resolve(cls, cfg: Config, world_size: int) -> Layout:
         """The layout of `cfg.parallel` on `world_size` ranks; ConfigError naming the keys if the model, batch
         or sequence cannot be split that way (rules between other sections: megacore/preflight.py)."""
         par, m, train = cfg.parallel, cfg.model, cfg.train
-        others = par.dp_replicate * par.tp * par.pp
+        others = par.dp_replicate * par.tp * par.pp * par.cp
         dp_shard = par.dp_shard
+        cp = f" x parallel.cp={par.cp}" if par.cp > 1 else ""
         if dp_shard == -1:
             if world_size % others:
                 raise ConfigError(f"world size {world_size} is not divisible by parallel.dp_replicate="
-                                  f"{par.dp_replicate} x parallel.tp={par.tp} x parallel.pp={par.pp}")
+                                  f"{par.dp_replicate} x parallel.tp={par.tp} x parallel.pp={par.pp}{cp}")
             dp_shard = world_size // others
         if others * dp_shard != world_size:
-            raise ConfigError(f"parallel.pp={par.pp} x dp_replicate={par.dp_replicate} x dp_shard={dp_shard} x "
+            cp = f" x cp={par.cp}" if par.cp > 1 else ""
+            raise ConfigError(f"parallel.pp={par.pp} x dp_replicate={par.dp_replicate} x dp_shard={dp_shard}{cp} x "
                               f"tp={par.tp} = {others * dp_shard}, but the world size is {world_size}")
         if m.n_heads % par.tp or m.n_kv_heads % par.tp:
             raise ConfigError(f"parallel.tp={par.tp} must divide model.n_heads={m.n_heads} and "
                               f"model.n_kv_heads={m.n_kv_heads}")
+        if par.cp > 1 and cfg.data.seq_len % (2 * par.cp * par.tp):
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be divisible by 2 x parallel.cp={par.cp} x "
+                              f"parallel.tp={par.tp} = {2 * par.cp * par.tp} (context parallelism cuts each "
+                              f"sequence into 2 x cp chunks; sequence parallelism splits each rank's share over tp)")
         if cfg.data.seq_len % par.tp:
             raise ConfigError(f"parallel.tp={par.tp} must divide data.seq_len={cfg.data.seq_len} "
                               f"(sequence parallelism splits the sequence)")
@@ -106,5 +132,5 @@ class Layout:
                 f"train.global_batch_size={train.global_batch_size} / (micro_batch_size="
                 f"{train.micro_batch_size} x {dp_size} dp ranks) gives {n_micro}")
         return cls(world_size=world_size, backend=par.backend, pp=par.pp, dp_replicate=par.dp_replicate,
-                   dp_shard=dp_shard, tp=par.tp, pp_schedule=par.pp_schedule, stages_per_rank=stages_per_rank,
+                   dp_shard=dp_shard, cp=par.cp, tp=par.tp, pp_schedule=par.pp_schedule, stages_per_rank=stages_per_rank,
                    n_micro=n_micro, fsdp_lean=par.fsdp_reshard == "always")

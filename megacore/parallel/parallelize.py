@@ -1,8 +1,9 @@
-"""Applying parallelism to a model from the outside, on one device mesh pp x dp_replicate x dp_shard x tp.
+"""Applying parallelism to a model from the outside, on one device mesh pp x dp_replicate x dp_shard x cp x tp.
 
-Order (as in torchtitan): pipeline split -> float8 -> tensor parallel -> activation checkpointing ->
-compile -> FSDP/HSDP -> materialise. The model arrives on the meta device and all of this happens there; only
-then does each rank allocate and initialise the shards it holds (megacore/parallel/materialize.py),
+Order (as in torchtitan): pipeline split -> float8 -> tensor parallel -> context parallel (the attention
+kernel) -> activation checkpointing -> compile -> FSDP/HSDP over dp_shard x cp -> materialise. The
+model arrives on the meta device and all of this happens there; only then does each rank allocate and
+initialise the shards it holds (megacore/parallel/materialize.py),
 with an initialisation that gives the same weights on every layout.
 
 What comes out is this rank's model parts (pipeline stages) with their stage indices and the mesh; the
@@ -21,6 +22,7 @@ from megacore.config import Config
 from megacore.loss import LanguageModelLoss
 from megacore.model.llama import Llama
 from megacore.parallel.activation_checkpoint import apply_activation_checkpointing
+from megacore.parallel.context_parallel import apply_context_parallel
 from megacore.parallel.fsdp import apply_fsdp
 from megacore.parallel.layout import Layout
 from megacore.parallel.materialize import materialize
@@ -31,7 +33,7 @@ from megacore.parallel.tensor_parallel import apply_tensor_parallel
 def autocast_policy(cfg: Config, layout: Layout, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast where nothing else casts: FSDP's mixed-precision policy casts when dp > 1, and
     DeepSpeed's bf16 engine casts itself; fp32 runs need nothing."""
-    if cfg.train.mixed_precision == "bf16" and layout.dp_size == 1 and layout.backend == "torch":
+    if cfg.train.mixed_precision == "bf16" and layout.fsdp_size == 1 and layout.backend == "torch":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -52,16 +54,17 @@ def apply_parallelism(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMes
         if cfg.train.float8:
             from megacore.parallel.float8 import apply_float8
 
-            apply_float8(part, fsdp=layout.dp_size > 1)
+            apply_float8(part, fsdp=layout.fsdp_size > 1)
         if layout.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
+        if layout.cp > 1:
+            apply_context_parallel(part, mesh["cp"])
         apply_activation_checkpointing(part, par.activation_checkpointing)
         if compile_:
             for block in part.layers.values():
                 block.compile()
-        if layout.dp_size > 1:
-            dp_mesh = mesh["dp_replicate", "dp_shard"] if layout.dp_replicate > 1 else mesh["dp_shard"]
-            apply_fsdp(part, dp_mesh, cfg.train.mixed_precision == "bf16", pipelined=layout.pp > 1,
+        if layout.fsdp_size > 1:
+            apply_fsdp(part, layout.fsdp_mesh(mesh), cfg.train.mixed_precision == "bf16", pipelined=layout.pp > 1,
                        lean=layout.fsdp_lean)
     return stages
 

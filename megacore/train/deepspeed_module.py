@@ -74,6 +74,7 @@ class DeepSpeedTrainModule:
         self.parts = [engine.module]
         self.optimizers = _EngineOptimizer(engine)
         self.dp_rank, self.dp_size = dist.get_rank(), dist.get_world_size()
+        self.grad_average_size = self.dp_size
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

@@ -33,6 +33,7 @@ class TrainModule(Protocol):
     device: torch.device
     dp_rank: int
     dp_size: int
+    grad_average_size: int  # ranks the data-parallel gradient reduction averages over (dp_size x cp)
     reports_loss: bool  # this rank contributes its loss to the global sum (one rank per data-parallel slice)
     counts_tokens: bool  # this rank contributes its batch's target count
 

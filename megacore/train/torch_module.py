@@ -4,7 +4,9 @@ loss (megacore/loss.py), one fused AdamW per model part and DCP checkpoints.
 Micro-batches run one after another through the one model part, or (pp > 1) through the pipeline
 schedule, whose loss function is this module's loss, fixed at construction. With tensor parallelism
 the head's logits stay sharded over the vocabulary and the loss runs on the shards (loss_parallel),
-forward and backward both.
+forward and backward both. Under context parallelism each micro-batch is first cut to this rank's
+share of every sequence (megacore/parallel/context_parallel.py): inputs, labels and position ids alike;
+the loss is this rank's tokens' sum, and FSDP's average over dp_shard x cp makes the gradient whole.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from megacore.config import Config
 from megacore.distributed import DistEnv, on_every_rank
 from megacore.loss import LanguageModelLoss, LossSums
 from megacore.model import Llama
+from megacore.parallel.context_parallel import shard_sequence
 from megacore.parallel.layout import Layout
 from megacore.parallel.parallelize import autocast_policy, parallelize
 from megacore.parallel.pipeline import build_schedule
@@ -43,11 +46,12 @@ def build_torch_module(cfg: Config, layout: Layout, env: DistEnv, init_from: str
         check_init_from(cfg)
         on_every_rank(lambda: load_weights_into_shards(par.parts, init_from), env)
     optimizers = Optimizers(par.parts, cfg.optim, mesh["pp"].get_group() if layout.pp > 1 else None,
-                            float8_fsdp=cfg.train.float8 and layout.dp_size > 1)
+                            float8_fsdp=cfg.train.float8 and layout.fsdp_size > 1)
     return TorchTrainModule(par.stages, layout, env.rank, env.device, loss, optimizers,
                             Checkpointer(cfg.train.run_dir, cfg.checkpoint, env.rank),
                             autocast_policy(cfg, layout, env.device), cfg.model.document_masking,
-                            pp_mesh=mesh["pp"] if layout.pp > 1 else None)
+                            pp_mesh=mesh["pp"] if layout.pp > 1 else None,
+                            cp_group=mesh["cp"].get_group() if layout.cp > 1 else None)
 
 
 class TorchTrainModule:
@@ -57,19 +61,21 @@ class TorchTrainModule:
     def __init__(self, stages: list[tuple[int, nn.Module]], layout: Layout, rank: int, device: torch.device,
                  loss: LanguageModelLoss, optimizers: Optimizers | None = None, checkpointer: Checkpointer | None = None,
                  amp: contextlib.AbstractContextManager | None = None, document_masking: bool = False,
-                 pp_mesh=None):
+                 pp_mesh=None, cp_group=None):
         self.parts = [part for _, part in stages]
         self.layout, self.device, self.n_micro, self.loss = layout, device, layout.n_micro, loss
         self.optimizers, self.checkpointer = optimizers, checkpointer
         self.amp = amp if amp is not None else contextlib.nullcontext()
-        self.document_masking = document_masking
+        self.document_masking, self.cp_group = document_masking, cp_group
         coords = layout.coordinates(rank)
-        self.tp_rank, self.pp_rank = coords["tp"], coords["pp"]
+        self.tp_rank, self.pp_rank, self.cp_rank = coords["tp"], coords["pp"], coords["cp"]
         self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp_size
+        self.grad_average_size = layout.fsdp_size
         self.has_first = any(p.tok_embeddings is not None for p in self.parts)
         self.head = next((p.output for p in self.parts if p.output is not None), None)
-        self.reports_loss = self.head is not None and self.tp_rank == 0  # one rank per data-parallel slice
-        self.counts_tokens = self.pp_rank == 0 and self.tp_rank == 0
+        # One rank per data-parallel slice and share of the sequence (cp ranks hold different tokens).
+        self.reports_loss = self.head is not None and self.tp_rank == 0
+        self.counts_tokens = self.pp_rank == 0 and self.tp_rank == 0 and self.cp_rank == 0
         self.schedule = (build_schedule(stages, layout.n_stages, layout.pp_schedule, layout.n_micro, pp_mesh,
                                         device, self._pipeline_loss, fsdp_lean=layout.fsdp_lean)
                          if layout.pp > 1 else None)
@@ -89,11 +95,25 @@ class TorchTrainModule:
     def _output(self, part: nn.Module, x, pos) -> torch.Tensor:
         return part(x, pos, return_hidden=self.loss.wants_hidden)
 
+    def _micro_batches(self, batch: dict, n_micro: int | None = None) -> list[tuple]:
+        """(inputs, labels, position ids or None) of each micro-batch on this rank: under context parallelism,
+        this rank's share of each sequence, with the real position ids (per document, or 0..T-1)."""
+        micro = micro_batches(batch, n_micro or self.n_micro, self.device, self.document_masking)
+        if self.layout.cp == 1:
+            return micro
+        return [self._cp_share(x, y, pos) for x, y, pos in micro]
+
+    def _cp_share(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor | None) -> tuple:
+        cp, r = self.layout.cp, self.cp_rank
+        if pos is None:
+            pos = torch.arange(x.shape[1], device=x.device).expand_as(x)
+        return shard_sequence(x, cp, r), shard_sequence(y, cp, r), shard_sequence(pos, cp, r)
+
     def train_batch(self, batch: dict, scale: float) -> torch.Tensor:
         if self.schedule is not None:
             return self._train_pipeline(batch, scale)
         model, total = self.parts[0], torch.zeros((), device=self.device)
-        for i, (x, y, pos) in enumerate(micro_batches(batch, self.n_micro, self.device, self.document_masking)):
+        for i, (x, y, pos) in enumerate(self._micro_batches(batch)):
             if isinstance(model, FSDPModule) and not self.layout.fsdp_lean:
                 # Reduce-scatter gradients once, on the last micro-batch (lean: on every one, so that
                 # only sharded gradients accumulate).
@@ -110,7 +130,7 @@ class TorchTrainModule:
             sums = self._run_pipeline(self.schedule.eval, batch)
             return LossSums(sums[0], sums[1])
         total, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        for x, y, pos in micro_batches(batch, self.n_micro, self.device, self.document_masking):
+        for x, y, pos in self._micro_batches(batch):
             with self._context():
                 sums = self.loss.sums(self.parts[0].output, self._output(self.parts[0], x, pos), y)
             total += sums.loss
@@ -136,12 +156,12 @@ class TorchTrainModule:
 
     def _run_pipeline(self, run, batch: dict) -> torch.Tensor:
         """One schedule step or eval; the sum of the last stage's loss-function outputs (0 elsewhere)."""
-        inputs, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        ((inputs, labels, positions),) = self._micro_batches(batch, n_micro=1)  # (the schedule splits it)
         losses: list[torch.Tensor] = []
         target = labels if self.head is not None else None
-        # Every stage gets the micro-batch's position ids (document masking) and whether to stop at the
-        # hidden states (the last stage's loss applies the head).
-        kwargs = {"position_ids": batch["position_ids"].to(self.device)} if self.document_masking else {}
+        # Every stage gets the micro-batch's position ids (document masking, context parallelism) and
+        # whether to stop at the hidden states (the last stage's loss applies the head).
+        kwargs = {"position_ids": positions} if positions is not None else {}
         kwargs["return_hidden"] = self.loss.wants_hidden
         with self._context():
             if self.has_first:

@@ -184,8 +184,9 @@ class Trainer:
             return StepResult(step=step, lr=lr, loss_sum=float("nan"), grad_norm_value=0.0, tokens=0,
                               stop_votes=votes)
         self.health.begin_step(step)
-        # FSDP averages gradients over dp ranks; scaling by dp_size makes the result sum / global_tokens.
-        local_loss = module.train_batch(batch, module.dp_size / global_tokens)
+        # FSDP averages gradients over its ranks (dp x cp); scaling by their number makes the result
+        # sum / global_tokens.
+        local_loss = module.train_batch(batch, module.grad_average_size / global_tokens)
         local_loss = self.health.faults.after_backward(step, local_loss, module.parts)
         total = local_loss.detach().clone() if module.reports_loss else torch.zeros_like(local_loss)
         dist.all_reduce(total)

@@ -1,0 +1,146 @@
+"""Context parallelism (parallel.cp) on CPU with gloo: every layout with cp gives the logits, loss and every
+gradient of one process on packed windows (document masking kept exact), no document sees another, runs
+train to the losses of one process and resume on another cp, and bad layouts are refused before launch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megacore.config import ConfigError, load_config
+from megacore.parallel.context_parallel import sequence_order, shard_sequence, unshard_sequence
+from megacore.parallel.layout import Layout
+from tests.helpers import REPO, failure_message, megacore, read_metrics, tiny_run_args
+
+# Sharding ------------------------------------------------------------------------------------------------
+
+
+def test_head_tail_sharding_gives_each_rank_one_early_and_one_late_chunk_and_unshards_exactly():
+    seq = torch.arange(16)[None]
+    shards = [shard_sequence(seq, 4, r) for r in range(4)]
+    assert shards[0].tolist() == [[0, 1, 14, 15]] and shards[3].tolist() == [[6, 7, 8, 9]]
+    assert sequence_order(16, 4).tolist() == torch.cat(shards, dim=1)[0].tolist()
+    assert torch.equal(unshard_sequence(torch.cat(shards, dim=1), 4), seq)
+
+
+# Layouts refused before any process starts ---------------------------------------------------------------
+
+
+def _check(world: int, *overrides: str) -> Layout:
+    return Layout.resolve(load_config(REPO / "configs/tiny.yaml", list(overrides)), world)
+
+
+@pytest.mark.parametrize("world, overrides, named", [
+    (4, ["parallel.cp=2", "parallel.tp=2", "data.seq_len=68"],
+     "data.seq_len=68 must be divisible by 2 x parallel.cp=2 x parallel.tp=2 = 8"),
+    (2, ["parallel.cp=3"], "world size 2 is not divisible by parallel.dp_replicate=1 x parallel.tp=1 x "
+                           "parallel.pp=1 x parallel.cp=3"),
+    (2, ["parallel.cp=2", "parallel.backend=deepspeed"], "parallel.cp=2 with parallel.backend=deepspeed"),
+    (2, ["parallel.cp=0"], "parallel.cp must be > 0"),
+])
+def test_bad_context_parallel_layouts_are_refused_naming_the_values(world, overrides, named):
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        _check(world, *overrides)
+
+
+def test_cp_ranks_read_the_same_batch_and_fsdp_shards_over_dp_shard_x_cp():
+    layout = _check(8, "parallel.cp=2", "parallel.tp=2")
+    assert (layout.dp_shard, layout.cp, layout.tp, layout.dp_size, layout.fsdp_size) == (2, 2, 2, 2, 4)
+    coords = [layout.coordinates(r) for r in range(8)]
+    assert [layout.dp_rank(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [c["cp"] for c in coords] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [c["dp_shard_cp"] for c in coords] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+# Exactness against one process (tests/cp_probe.py) -------------------------------------------------------
+
+PROBES = {
+    "cp2": (2, ["parallel.cp=2"]),
+    "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
+    "cp2_dp_shard2": (4, ["parallel.cp=2", "parallel.dp_shard=2"]),
+    "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2", "train.micro_batch_size=1"]),
+}
+
+
+def _probe(out, case: str, nproc: int, overrides: list[str]) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           "tests/cp_probe.py", str(out), case, *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, failure_message(proc)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("name, masking", [*((name, "documents") for name in PROBES), ("cp2", "causal")])
+def test_logits_loss_and_every_gradient_equal_one_process(name, masking, tmp_path):
+    """Windows with documents crossing chunk edges, one longer than two chunks, one cut at the window's start
+    and 1-token documents (tests/cp_probe.py), and plain causal attention; differences relative to each
+    tensor's largest value."""
+    nproc, overrides = PROBES[name]
+    reports = _probe(tmp_path, "windows", nproc, [*overrides, f"model.document_masking={masking == 'documents'}"])
+    grads_seen = set()
+    for rank, report in enumerate(reports):
+        if report["logits"] is not None:
+            assert report["logits"] < 1e-5, (name, rank)
+        assert report["loss"] < 1e-5, (name, rank)
+        for param, diff in report["grads"].items():
+            assert diff < 1e-5, (name, rank, param)
+        grads_seen |= set(report["grads"])
+    assert len(grads_seen) == 21, "every parameter of the 2-layer model is compared on some rank"
+
+
+@pytest.mark.processes
+def test_no_document_sees_another_under_cp(tmp_path):
+    """Changing a token of a document that two cp ranks share moves that document's later logits and
+    nothing else in the window, on either rank."""
+    for rank, report in enumerate(_probe(tmp_path, "leak", 2, ["parallel.cp=2", "model.document_masking=true"])):
+        assert report["inside"] > 1e-3, rank
+        assert report["outside"] == 0.0, rank
+
+
+# Training and resuming -----------------------------------------------------------------------------------
+
+DOC_STEPS = ["train.steps=6", "checkpoint.every=3", "train.eval_every=6", "model.document_masking=true"]
+
+
+@pytest.fixture(scope="module")
+def single(short_documents, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cp") / "single"
+    megacore("train", *tiny_run_args(short_documents, run, *DOC_STEPS))
+    return read_metrics(run), read_metrics(run, "val")
+
+
+def _same_losses(run, reference, steps) -> None:
+    train, val = read_metrics(run), read_metrics(run, "val")
+    for step in steps:
+        assert train[step]["loss"] == pytest.approx(reference[0][step]["loss"], rel=1e-5), (run.name, step)
+        assert train[step]["grad_norm"] == pytest.approx(reference[0][step]["grad_norm"], rel=1e-4), (run.name, step)
+    assert val[6]["loss"] == pytest.approx(reference[1][6]["loss"], rel=1e-5), run.name
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("nproc, layout", [(2, ["parallel.cp=2"]), (4, ["parallel.cp=2", "parallel.dp_shard=2"])],
+                         ids=["cp2", "cp2_dp_shard2"])
+def test_packed_documents_train_to_the_losses_of_one_process(nproc, layout, single, short_documents, tmp_path):
+    run = tmp_path / "run"
+    proc = megacore("train", *tiny_run_args(short_documents, run, *DOC_STEPS, *layout), "--nproc", str(nproc),
+                    timeout=600)
+    assert "x cp 2 x tp 1" in proc.stdout  # (the layout line names cp)
+    _same_losses(run, single, range(1, 7))
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("nproc, layout", [(1, ["parallel.cp=1"]), (2, ["parallel.cp=1", "parallel.dp_shard=2"])],
+                         ids=["cp1", "dp2"])
+def test_a_cp2_run_resumes_on_another_layout_with_the_same_losses(nproc, layout, single, short_documents, tmp_path):
+    run = tmp_path / "run"
+    megacore("train", *tiny_run_args(short_documents, run, *DOC_STEPS, "parallel.cp=2", "train.stop_after=3"),
+             "--nproc", "2", timeout=600)
+    assert (run / "checkpoints" / "step_00000003").is_dir()
+    megacore("train", *tiny_run_args(short_documents, run, *DOC_STEPS, *layout), "--resume", "auto",
+             "--nproc", str(nproc), timeout=600)
+    _same_losses(run, single, range(1, 7))
