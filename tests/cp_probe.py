@@ -47,6 +47,13 @@ def window_batch(vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": tokens[:, :-1], "labels": labels, "position_ids": positions}
 
 
+def long_batch(cfg) -> dict[str, torch.Tensor]:
+    """One micro-batch of data.seq_len random tokens (one document per row)."""
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len)
+    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    return {"input_ids": tokens, "labels": tokens, "position_ids": torch.arange(shape[1]).expand(shape)}
+
+
 def reference(cfg, batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One plain process: (logits, summed loss, gradients of loss / target tokens by parameter name)."""
     model = Llama(cfg.model)
@@ -93,16 +100,20 @@ def main(out: str, case: str, overrides: list[str]) -> None:
     try:
         cfg = load_config(REPO / "configs/tiny.yaml", [*MODEL, f"train.run_dir={out}/run", *overrides])
         layout = Layout.resolve(cfg, env.world_size)
-        batch = window_batch(cfg.model.vocab_size)
+        batch = window_batch(cfg.model.vocab_size) if case != "memory" else long_batch(cfg)
         module = build_torch_module(cfg, layout, env, None)
         module.train(False)  # (no dropout either way; eval mode keeps the comparison about attention)
-        rows = slice(module.dp_rank * 4 // layout.dp_size, (module.dp_rank + 1) * 4 // layout.dp_size)
+        n = len(batch["input_ids"])
+        rows = slice(module.dp_rank * n // layout.dp_size, (module.dp_rank + 1) * n // layout.dp_size)
         mine = {k: v[rows] for k, v in batch.items()}
         ((x, _, pos),) = module._micro_batches(mine, n_micro=1)
         if case == "leak":
             report = leak(module, layout, env.rank, mine, x, pos)
+        elif case == "memory":
+            report = saved_activations(cfg, module, layout, env.rank, x, pos)
         else:
             report = compare(cfg, module, layout, env.rank, batch, mine, rows, x, pos)
+        Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, f"rank{env.rank}.json").write_text(json.dumps(report))
         del module
     finally:
@@ -145,6 +156,38 @@ def leak(module, layout, rank, mine, x, pos) -> dict:
     inside = torch.zeros_like(diff, dtype=torch.bool)
     inside[1, at:24 + 25] = True
     return {"inside": diff[inside].max().item(), "outside": diff[~inside].max().item()}
+
+
+def saved_activations(cfg, module, layout, rank, x, pos) -> dict:
+    """Bytes the transformer blocks keep for the backward of this rank's share (distinct storages that autograd
+    saves, parameters and views of them left out), next to the estimator's figure for them."""
+    from megacore.parallel.estimate import block_activations
+
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t if t._base is None else t._base
+        if not (base.is_leaf and base.requires_grad):  # (a parameter, or FSDP's gathered one)
+            storage = t.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def enter(block, args):
+        block.saving = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        block.saving.__enter__()
+
+    def leave(block, args, out):
+        block.saving.__exit__(None, None, None)
+
+    part = module.parts[0]
+    for block in part.layers.values():
+        block.register_forward_pre_hook(enter)
+        block.register_forward_hook(leave)
+    module.train(True)
+    out = part(x, pos, return_hidden=True)
+    estimated = block_activations(cfg, layout, len(part.layers), layout.coordinates(rank)["cp"])
+    del out
+    return {"measured": sum(saved.values()), "estimated": estimated}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,27 @@ def test_head_tail_sharding_gives_each_rank_one_early_and_one_late_chunk_and_uns
     assert torch.equal(unshard_sequence(torch.cat(shards, dim=1), 4), seq)
 
 
+def test_the_cuda_block_mask_attends_like_the_cpu_pieces():
+    """The FlexAttention block mask (CUDA's path) and the per-document SDPA pieces (CPU's) give each cp rank's
+    queries the same output, with documents and without (FlexAttention runs forward on CPU; its backward
+    does not, so this compares forward only)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from megacore.parallel.context_parallel import ContextParallelAttention, _attend_pieces, _GlobalLayout
+
+    torch.manual_seed(0)
+    seq, cp = 256, 2
+    documents = torch.cat([torch.arange(n) for n in (40, 1, 100, 115)])
+    q, k, v = torch.randn(2, 4, seq, 16), torch.randn(2, 2, seq, 16), torch.randn(2, 2, seq, 16)
+    for positions in (torch.stack([documents, torch.arange(seq)]), None):
+        for rank in range(cp):
+            layout = _GlobalLayout(ContextParallelAttention(None, cp, rank), positions, seq, torch.device("cpu"))
+            local_q = shard_sequence(q, cp, rank, dim=2)
+            flex = flex_attention(local_q, k, v, block_mask=layout.block_mask(), enable_gqa=True)
+            pieces = _attend_pieces(local_q, k, v, layout.pieces(), gqa=True, dropout_p=0.0)
+            torch.testing.assert_close(flex, pieces, atol=1e-5, rtol=1e-5)
+
+
 # Layouts refused before any process starts ---------------------------------------------------------------
 
 
@@ -62,6 +83,7 @@ PROBES = {
     "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
     "cp2_dp_shard2": (4, ["parallel.cp=2", "parallel.dp_shard=2"]),
     "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2", "train.micro_batch_size=1"]),
+    "cp2_full_ac": (2, ["parallel.cp=2", "parallel.activation_checkpointing=full"]),
 }
 
 
@@ -144,3 +166,23 @@ def test_a_cp2_run_resumes_on_another_layout_with_the_same_losses(nproc, layout,
     megacore("train", *tiny_run_args(short_documents, run, *DOC_STEPS, *layout), "--resume", "auto",
              "--nproc", str(nproc), timeout=600)
     _same_losses(run, single, range(1, 7))
+
+
+# Memory ----------------------------------------------------------------------------------------------------
+
+LONG = ["model.document_masking=false", "train.device=cpu", "data.seq_len=1024", "model.max_seq_len=1024",
+        "model.dim=128", "train.global_batch_size=1", "train.micro_batch_size=1"]
+
+
+@pytest.mark.processes
+def test_activation_memory_per_rank_falls_with_cp_as_the_estimator_says(tmp_path):
+    """At a fixed 1024-token sequence, what the blocks keep for the backward on each rank (measured at the
+    end of the forward, the peak: tests/cp_probe.py) is the estimator's block activations within 15%, and
+    falls with cp (the gathered keys and values and the CPU kernel's masks are what keeps it above 1/cp)."""
+    peaks = {}
+    for cp in (1, 2, 4):
+        reports = _probe(tmp_path / f"cp{cp}", "memory", cp, [f"parallel.cp={cp}", *LONG])
+        for rank, r in enumerate(reports):
+            assert 0.85 < r["measured"] / r["estimated"] < 1.15, (cp, rank, r)
+        peaks[cp] = max(r["measured"] for r in reports)
+    assert peaks[2] < 0.75 * peaks[1] and peaks[4] < 0.6 * peaks[2], peaks

@@ -37,9 +37,14 @@ def test_dry_run_plans_a_cluster_job_without_its_data():
     assert float(rows[0][1]) == pytest.approx(4 * 8.03e9 / 8 / 2**30, rel=0.01)  # params GiB, FSDP over 8
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+CP_LAYOUTS = {"cp2": (2, ["parallel.cp=2"]), "cp2_tp2_dp2": (8, ["parallel.cp=2", "parallel.tp=2"]),
+              "hsdp2_cp2": (4, ["parallel.cp=2", "parallel.dp_replicate=2", "train.micro_batch_size=1"]),
+              "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"])}
+
+
+@pytest.mark.parametrize("name", [*LAYOUTS, *CP_LAYOUTS])
 def test_the_plan_and_the_estimator_agree_on_every_layout(name):
-    nproc, overrides = LAYOUTS[name]
+    nproc, overrides = LAYOUTS.get(name) or CP_LAYOUTS[name]
     cfg = load_config(REPO / "configs/tiny.yaml", [*TINY, "model.vocab_size=301", *STEPS, *overrides])
     _same_ranks(estimate(cfg, nproc), estimate(cfg, nproc, analytic=True))
 
@@ -49,3 +54,15 @@ def test_8b_layout_is_refused_by_name_before_planning():
     assert proc.returncode == 2 and "train.global_batch_size=512 is not divisible" in proc.stderr
     proc = megacore("train", "configs/llama3_8b.yaml", "--world-size", "8", check=False)
     assert proc.returncode == 2 and "--world-size plans a job with --dry-run" in proc.stderr
+
+
+def test_long_context_8b_needs_cp8_on_8_gpus_of_80_gb():
+    """README's long-context example: Llama 3 8B at 131,072 tokens on 8 x 80 GB (selective activation
+    checkpointing, bf16): without cp a rank would need several times its memory; cp=8 fits."""
+    totals = {}
+    for cp in (1, 8):
+        cfg = load_config(REPO / "configs/llama3_8b.yaml", ["data.seq_len=131072", "model.max_seq_len=131072",
+                                                            "train.global_batch_size=8", f"parallel.cp={cp}"])
+        rank = estimate(cfg, 8)["ranks"][0]
+        totals[cp] = sum(rank[k] for k in ("parameters", "gradients", "optimizer", "activations_approx")) / 1e9
+    assert totals[1] > 4 * 80 and totals[8] < 80, totals

@@ -73,36 +73,57 @@ def analytic_numels(cfg: Config, layout: Layout, rank: int, shapes: dict | None 
         dim = _tp_dim(name)
         if layout.tp > 1 and dim is not None:
             shape[dim] = chunk_size(shape[dim], layout.tp, c["tp"])
-        if layout.dp_size > 1:
-            shape[0] = chunk_size(shape[0], layout.dp_shard, c["dp_shard"])
+        if layout.fsdp_size > 1:  # FSDP shards dim 0 over dp_shard x cp
+            shape[0] = chunk_size(shape[0], layout.dp_shard * layout.cp, c["dp_shard_cp"])
         out[name] = math.prod(shape)
     return out
 
 
-def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int]) -> dict[str, float]:
-    """Bytes on a rank holding `numels` of each parameter: fp32 parameters and gradients, AdamW state
-    (two moments and a step count per parameter tensor), and approximate peak activations of one
-    micro-batch with the loss's logits and FSDP's gathered units."""
-    elements = sum(numels.values())
-    m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len
+def block_activations(cfg: Config, layout: Layout, layers_here: int, cp_rank: int = 0) -> float:
+    """Bytes that the transformer blocks of a rank keep for the backward of one micro-batch (what autograd
+    saves; parameters not counted). Under context parallelism a rank keeps seq_len / cp tokens of
+    everything but keys and values, and the keys and values of the whole sequence (the all-gather); on a
+    CPU device the per-document kernel's lower-right masks too (megacore/parallel/context_parallel.py;
+    the figure for one document per window, an upper bound with document masking)."""
+    m, b, t, cp = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, layout.cp
     # (auto counts as bf16: plans are made for GPUs, where auto is bf16)
     act_bytes = 4 if cfg.train.mixed_precision == "fp32" else 2
-    layers_here = len({n.split(".")[1] for n in numels if n.startswith("layers.")})
     hidden, q, kv = ffn_hidden_dim(m), m.n_heads * m.head_size, m.n_kv_heads * m.head_size
-    # Per layer and token: norms, q/k/v, attention output, MLP (w1, w3, silu, product), residuals.
-    per_token = (4 * m.dim + q + 2 * kv + q + 4 * hidden) / layout.tp
+    # Per layer and token (measured in fp32): the block input, the two norms' input scaled and output,
+    # the residual after attention (6 x dim); queries and the attention output (2 x q); keys and values
+    # (2 x kv); the MLP's w1 and w3 outputs, silu and the product (4 x hidden); the rotary cos/sin rows
+    # (2 x head_size) and the attention's log-sum-exp (one per head).
+    per_token = (6 * m.dim + 2 * q + 4 * hidden + 2 * m.head_size + m.n_heads) / layout.tp
+    kv_per_token = 2 * kv / layout.tp
     if cfg.parallel.activation_checkpointing == "full":
-        per_token = m.dim / layout.tp  # only the block input survives
+        per_token, kv_per_token = m.dim / layout.tp, 0  # only the block input survives
     elif cfg.parallel.activation_checkpointing == "selective":
-        per_token = (q + 2 * kv + q + 2 * hidden) / layout.tp  # matmul outputs only
+        per_token = (2 * q + 2 * hidden) / layout.tp  # matmul outputs only
     in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B holds up to pp micro-batches per stage
-    activations = b * t * per_token * layers_here * act_bytes * in_flight
+    tokens = b * (t // cp)
+    per_layer = (tokens * per_token + b * t * kv_per_token) * act_bytes
+    if cp > 1 and cfg.train.device == "cpu" and kv_per_token:
+        c = t // (2 * cp)  # each query chunk's boolean mask, kept as fp32 by SDPA: c x (keys up to its end)
+        masked = [chunk + 1 for chunk in (cp_rank, 2 * cp - 1 - cp_rank) if chunk > 0]
+        per_layer += b * sum(c * n * c for n in masked) * 4
+    return per_layer * layers_here * in_flight
+
+
+def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int], cp_rank: int = 0) -> dict[str, float]:
+    """Bytes on a rank holding `numels` of each parameter: fp32 parameters and gradients, AdamW state
+    (two moments and a step count per parameter tensor), and approximate peak activations of one
+    micro-batch (the blocks', the loss's logits and FSDP's gathered units)."""
+    elements = sum(numels.values())
+    m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len // layout.cp
+    hidden = ffn_hidden_dim(m)
+    layers_here = len({n.split(".")[1] for n in numels if n.startswith("layers.")})
+    activations = block_activations(cfg, layout, layers_here, cp_rank)
     if any(n.startswith("output.") for n in numels):
         if layout.tp > 1:  # loss parallel: fp32 logits of this rank's vocabulary shard and their gradient
             activations += b * t * m.vocab_size / layout.tp * 4 * 2
         else:  # the head's chunked loss: one chunk of fp32 logits, and the hidden states' gradient
             activations += chunk_rows(m.vocab_size) * m.vocab_size * 4 + b * t * m.dim * 4
-    if layout.dp_size > 1 and layout.backend == "torch":
+    if layout.fsdp_size > 1 and layout.backend == "torch":
         # FSDP's gathered weights (approx.): the norm + head unit, kept gathered from its forward through
         # its backward, and two blocks (the one computing and the next, prefetched); in the backward, one
         # block's unsharded gradients and the reduce-scatter's input they are copied into (two more).
@@ -111,7 +132,7 @@ def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int]) -> dict
         head = m.vocab_size * m.dim if any(n.startswith("output.") for n in numels) else 0
         activations += (head + 4 * block) / layout.tp * param_bytes
     grad_elements = elements
-    if layout.tp > 1 and layout.dp_size == 1 and "tok_embeddings.weight" in numels:
+    if layout.tp > 1 and layout.fsdp_size == 1 and "tok_embeddings.weight" in numels:
         # The row-parallel embedding's backward yields a replicated (full-vocabulary) gradient; with
         # FSDP the reduce-scatter shards it again.
         grad_elements += m.vocab_size * m.dim - numels["tok_embeddings.weight"]
@@ -132,12 +153,13 @@ def estimate(cfg: Config, world_size: int, analytic: bool = False) -> dict:
         from megacore.parallel.plan import planned_numels
 
         numels = planned_numels(cfg, layout)
-    ranks = [dict(rank=r, **memory_per_rank(cfg, layout, numels[r])) for r in range(world_size)]
+    ranks = [dict(rank=r, **memory_per_rank(cfg, layout, numels[r], layout.coordinates(r)["cp"]))
+             for r in range(world_size)]
     return {
         "parameters": num_params(model),
         "parameters_without_embeddings": num_params(model, exclude_embeddings=True),
         "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
-        "layout": {d: getattr(layout, d) for d in ("pp", "dp_replicate", "dp_shard", "tp")},
+        "layout": {d: getattr(layout, d) for d in ("pp", "dp_replicate", "dp_shard", "cp", "tp")},
         "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
         "ranks": ranks,
     }
@@ -148,7 +170,8 @@ def format_estimate(est: dict) -> str:
     lay = est["layout"]
     lines = [f"parameters: {est['parameters'] / 1e6:,.2f}M ({est['parameters_without_embeddings'] / 1e6:,.2f}M "
              f"without embeddings); {est['flops_per_token'] / 1e9:.3f} GFLOP per token (training)",
-             f"layout: pp {lay['pp']} x dp_replicate {lay['dp_replicate']} x dp_shard {lay['dp_shard']} x tp {lay['tp']}"
+             f"layout: pp {lay['pp']} x dp_replicate {lay['dp_replicate']} x dp_shard {lay['dp_shard']} x "
+             f"cp {lay.get('cp', 1)} x tp {lay['tp']}"
              + (f", schedule {est['pp_schedule']}" if est["pp_schedule"] else ""),
              f"{'rank':>5} {'params GiB':>11} {'grads GiB':>10} {'optim GiB':>10} {'activ. GiB (approx)':>20} {'total':>8}"]
     for r in est["ranks"]:

@@ -13,6 +13,7 @@ optimizer's work too, as in torchtitan.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from megacore.config import Config
@@ -77,12 +78,18 @@ class Layout:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-        mesh["dp_shard", "cp"]._flatten(FSDP_SHARD_DIM)
+        if self.cp > 1:
+            mesh["dp_shard", "cp"]._flatten(FSDP_SHARD_DIM)
         return mesh
 
     def fsdp_mesh(self, mesh):
-        """The mesh FSDP shards over (dp_shard x cp), with dp_replicate first for HSDP."""
-        return mesh["dp_replicate", FSDP_SHARD_DIM] if self.dp_replicate > 1 else mesh[FSDP_SHARD_DIM]
+        """The mesh FSDP shards over: dp_shard (x cp), with dp_replicate first for HSDP."""
+        shard = FSDP_SHARD_DIM if self.cp > 1 else "dp_shard"
+        with warnings.catch_warnings():
+            # torch 2.13 slices a flattened dimension from the root mesh as before, warning that a later
+            # release may not; the mesh it returns is the one FSDP needs.
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+            return mesh["dp_replicate", shard] if self.dp_replicate > 1 else mesh[shard]
 
     def describe(self) -> str:
         cp = f" x cp {self.cp}" if self.cp > 1 else ""
