@@ -12,7 +12,9 @@ import torch
 
 from megacore.config import ConfigError, load_config
 from megacore.parallel.context_parallel import sequence_order, shard_sequence, unshard_sequence
+from megacore.parallel.estimate import estimate
 from megacore.parallel.layout import Layout
+from megacore.run_dir import load_run_config
 from tests.helpers import REPO, failure_message, megacore, read_metrics, tiny_run_args
 
 # Sharding ------------------------------------------------------------------------------------------------
@@ -153,6 +155,11 @@ def test_packed_documents_train_to_the_losses_of_one_process(nproc, layout, sing
                     timeout=600)
     assert "x cp 2 x tp 1" in proc.stdout  # (the layout line names cp)
     _same_losses(run, single, range(1, 7))
+    # FSDP shards over dp_shard x cp: each rank's real shards are the estimator's.
+    measured = json.loads((run / "memory.json").read_text())["ranks"]
+    for real, est in zip(measured, estimate(load_run_config(run), nproc)["ranks"], strict=True):
+        for key in ("parameters", "gradients", "optimizer"):
+            assert real[key] == est[key], (real["rank"], key)
 
 
 @pytest.mark.processes
