@@ -101,9 +101,9 @@ def cpu_mmap_threshold(cfg: Config) -> int:
 
 def check_supported(cfg: Config, device: torch.device) -> None:
     """What this device cannot run of the config, refused with the reason before the model is built."""
-    if device.type == "cuda" and cfg.model.document_masking and cfg.model.dropout > 0:
-        raise ConfigError("model.document_masking on CUDA runs FlexAttention, which has no attention dropout: set "
-                          "model.dropout=0")
+    if device.type == "cuda" and (cfg.model.document_masking or cfg.parallel.cp > 1) and cfg.model.dropout > 0:
+        why = "model.document_masking" if cfg.model.document_masking else f"parallel.cp={cfg.parallel.cp}"
+        raise ConfigError(f"{why} on CUDA runs FlexAttention, which has no attention dropout: set model.dropout=0")
     check_float8(cfg, device)
 
 

@@ -45,7 +45,7 @@ def test_the_cuda_block_mask_attends_like_the_cpu_pieces():
             layout = _GlobalLayout(ContextParallelAttention(None, cp, rank), positions, seq, torch.device("cpu"))
             local_q = shard_sequence(q, cp, rank, dim=2)
             flex = flex_attention(local_q, k, v, block_mask=layout.block_mask(), enable_gqa=True)
-            pieces = _attend_pieces(local_q, k, v, layout.pieces(), gqa=True, dropout_p=0.0)
+            pieces = _attend_pieces(local_q, k, v, layout.pieces(2), gqa=True, dropout_p=0.0)
             torch.testing.assert_close(flex, pieces, atol=1e-5, rtol=1e-5)
 
 
@@ -57,8 +57,9 @@ def _check(world: int, *overrides: str) -> Layout:
 
 
 @pytest.mark.parametrize("world, overrides, named", [
-    (4, ["parallel.cp=2", "parallel.tp=2", "data.seq_len=68"],
-     "data.seq_len=68 must be divisible by 2 x parallel.cp=2 x parallel.tp=2 = 8"),
+    (4, ["parallel.cp=2", "parallel.tp=2", "data.seq_len=66"], "data.seq_len=66 must be divisible by 2 x parallel.cp=2"),
+    (8, ["parallel.cp=2", "parallel.tp=4", "data.seq_len=68", "model.n_kv_heads=4"],
+     "each cp rank's share of it by parallel.tp=4"),
     (2, ["parallel.cp=3"], "world size 2 is not divisible by parallel.dp_replicate=1 x parallel.tp=1 x "
                            "parallel.pp=1 x parallel.cp=3"),
     (2, ["parallel.cp=2", "parallel.backend=deepspeed"], "parallel.cp=2 with parallel.backend=deepspeed"),
@@ -67,6 +68,16 @@ def _check(world: int, *overrides: str) -> Layout:
 def test_bad_context_parallel_layouts_are_refused_naming_the_values(world, overrides, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         _check(world, *overrides)
+
+
+def test_attention_dropout_under_cp_on_cuda_is_refused_naming_the_key():
+    """CUDA's CP attention is FlexAttention, which has no dropout: refused rather than silently dropped."""
+    from megacore.device import check_supported
+
+    cfg = load_config(REPO / "configs/tiny.yaml", ["parallel.cp=2", "model.dropout=0.1"])
+    with pytest.raises(ConfigError, match="parallel.cp=2 on CUDA runs FlexAttention, which has no attention dropout"):
+        check_supported(cfg, torch.device("cuda"))
+    check_supported(cfg, torch.device("cpu"))  # (the CPU kernel applies dropout in each SDPA call)
 
 
 def test_cp_ranks_read_the_same_batch_and_fsdp_shards_over_dp_shard_x_cp():
@@ -80,12 +91,15 @@ def test_cp_ranks_read_the_same_batch_and_fsdp_shards_over_dp_shard_x_cp():
 
 # Exactness against one process (tests/cp_probe.py) -------------------------------------------------------
 
+# name: (processes, overrides, document masking)
 PROBES = {
-    "cp2": (2, ["parallel.cp=2"]),
-    "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
-    "cp2_dp_shard2": (4, ["parallel.cp=2", "parallel.dp_shard=2"]),
-    "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2", "train.micro_batch_size=1"]),
-    "cp2_full_ac": (2, ["parallel.cp=2", "parallel.activation_checkpointing=full"]),
+    "cp2": (2, ["parallel.cp=2"], True),
+    "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"], True),
+    "cp2_dp_shard2": (4, ["parallel.cp=2", "parallel.dp_shard=2"], True),
+    "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"], True),  # (2 micro-batches of 2 rows)
+    "hsdp2_cp2": (4, ["parallel.cp=2", "parallel.dp_replicate=2"], True),
+    "cp2_selective_ac": (2, ["parallel.cp=2", "parallel.activation_checkpointing=selective"], True),
+    "cp2_causal_full_ac": (2, ["parallel.cp=2", "parallel.activation_checkpointing=full"], False),
 }
 
 
@@ -99,13 +113,13 @@ def _probe(out, case: str, nproc: int, overrides: list[str]) -> list[dict]:
 
 
 @pytest.mark.processes
-@pytest.mark.parametrize("name, masking", [*((name, "documents") for name in PROBES), ("cp2", "causal")])
-def test_logits_loss_and_every_gradient_equal_one_process(name, masking, tmp_path):
+@pytest.mark.parametrize("name", list(PROBES))
+def test_logits_loss_and_every_gradient_equal_one_process(name, tmp_path):
     """Windows with documents crossing chunk edges, one longer than two chunks, one cut at the window's start
     and 1-token documents (tests/cp_probe.py), and plain causal attention; differences relative to each
     tensor's largest value."""
-    nproc, overrides = PROBES[name]
-    reports = _probe(tmp_path, "windows", nproc, [*overrides, f"model.document_masking={masking == 'documents'}"])
+    nproc, overrides, documents = PROBES[name]
+    reports = _probe(tmp_path, "windows", nproc, [*overrides, f"model.document_masking={documents}"])
     grads_seen = set()
     for rank, report in enumerate(reports):
         if report["logits"] is not None:

@@ -52,23 +52,24 @@ def packed_positions(lengths_per_row: list[list[int]], t: int) -> torch.Tensor:
 
 
 class DenseDocumentAttention:
-    """Routes DocumentMask through the old dense-mask SDPA call: the reference."""
+    """Routes `model`'s DocumentMask through the old dense-mask SDPA call (each block's attention kernel):
+    the reference."""
+
+    def __init__(self, model):
+        self.attentions = [block.attention for block in model.layers.values()]
 
     def __enter__(self):
-        self.saved = attention_module.attention
-
         def dense(q, k, v, mask, dropout_p=0.0):
             if isinstance(mask, attention_module.DocumentMask):
                 mask = dense_document_mask(mask.position_ids)
-            return self.saved(q, k, v, mask, dropout_p)
-        attention_module.attention = dense
-        import megacore.model.llama as llama
-        self.llama_saved, llama.attention = llama.attention, dense
+            return attention_module.attention(q, k, v, mask, dropout_p)
+        for attention in self.attentions:
+            attention.kernel = dense
         return self
 
     def __exit__(self, *exc):
-        import megacore.model.llama as llama
-        attention_module.attention, llama.attention = self.saved, self.llama_saved
+        for attention in self.attentions:
+            attention.kernel = attention_module.attention
 
 
 def forward_backward(model, tokens, positions, labels):
@@ -88,7 +89,7 @@ def test_document_masking_equals_the_dense_mask_forward_and_backward():
     labels = torch.randint(0, 128, (3, t))
     logits = model(tokens, positions)
     loss, grads = forward_backward(model, tokens, positions, labels)
-    with DenseDocumentAttention():
+    with DenseDocumentAttention(model):
         ref_logits = model(tokens, positions)
         ref_loss, ref_grads = forward_backward(model, tokens, positions, labels)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
@@ -138,7 +139,7 @@ def test_masked_forward_and_backward_at_4096_hold_no_t_by_t_tensor():
     with LargestTensors(t * t) as rec:
         fused_loss(model, tokens, positions, labels).backward()
     assert rec.found == [], rec.found[:5]
-    with DenseDocumentAttention(), LargestTensors(t * t) as dense:  # the check sees the old mask
+    with DenseDocumentAttention(model), LargestTensors(t * t) as dense:  # the check sees the old mask
         fused_loss(model, tokens, positions, labels)
     assert dense.found
 

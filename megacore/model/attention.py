@@ -32,6 +32,9 @@ class DocumentMask:
         self.doc_ids = (position_ids == 0).cumsum(-1)
         self._spans: list[list[tuple[int, int]]] | None = None
         self._block_mask = None
+        # Under context parallelism: the window's documents in global positions, built by the first layer's
+        # kernel and shared by the others (megacore/parallel/context_parallel.py).
+        self.context_parallel_layout = None
         if use_flex(position_ids.device):
             self.block_mask()
 

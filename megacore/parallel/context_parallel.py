@@ -69,7 +69,9 @@ class _GatherSequence(torch.autograd.Function):
         x = x.contiguous()
         out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
         dist.all_gather_single(out, x, group=group)
-        return out.unflatten(0, (size, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)  # rank-major along the sequence
+        # Rank-major along the sequence. (flatten copies once and unshard_sequence's index_select again: two
+        # transient copies of a layer's gathered keys or values, next to the one the attention keeps.)
+        return out.unflatten(0, (size, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -92,6 +94,7 @@ class ContextParallelAttention:
 
     def __init__(self, group, cp: int, cp_rank: int):
         self.group, self.cp, self.cp_rank = group, cp, cp_rank
+        self._causal: dict[tuple, _GlobalLayout] = {}  # without documents: one layout per (length, device)
 
     @torch.compiler.disable  # collectives and a per-batch loop over documents
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float = 0.0):
@@ -106,14 +109,17 @@ class ContextParallelAttention:
             from megacore.model.attention import _compiled
 
             return _compiled(flex_attention)(q, k, v, block_mask=layout.block_mask(), enable_gqa=q.shape[1] != k.shape[1])
-        return _attend_pieces(q, k, v, layout.pieces(), q.shape[1] != k.shape[1], dropout_p)
+        return _attend_pieces(q, k, v, layout.pieces(q.shape[0]), q.shape[1] != k.shape[1], dropout_p)
 
     def _layout(self, mask: DocumentMask | None, seq_len: int, device) -> _GlobalLayout:
         """The window's documents in global positions, built by the first layer and kept on the mask (one per
         forward, shared by every layer); without document masking, one document (plain causal)."""
         if mask is None:
-            return _GlobalLayout(self, None, seq_len, device)
-        cached = getattr(mask, "context_parallel_layout", None)
+            key = (seq_len, device)
+            if key not in self._causal:
+                self._causal[key] = _GlobalLayout(self, None, seq_len, device)
+            return self._causal[key]
+        cached = mask.context_parallel_layout
         if cached is None:
             positions = mask.position_ids.contiguous()
             gathered = torch.empty((self.cp * positions.shape[0], positions.shape[1]), dtype=positions.dtype,
@@ -141,14 +147,13 @@ class _GlobalLayout:
         c = self.seq_len // (2 * self.cp)
         return [(i * c, (i + 1) * c) for i in chunk_ids(self.cp, self.cp_rank)]
 
-    def pieces(self) -> list[list[tuple[int, int, int]]]:
+    def pieces(self, batch: int) -> list[list[tuple[int, int, int]]]:
         """Per batch row, the (query start, query end, key start) of every document piece in global positions,
         in the order of the local queries (CPU path; read to the host once per forward)."""
+        if self.global_positions is None:  # one document per row: the chunks themselves
+            return [[(s, e, 0) for s, e in self.chunks()]] * batch
         if self._pieces is None:
-            if self.global_positions is None:
-                self._pieces = [[(s, e, 0) for s, e in self.chunks()]]
-            else:
-                self._pieces = [self._row_pieces(row) for row in self._document_starts()]
+            self._pieces = [self._row_pieces(row) for row in self._document_starts()]
         return self._pieces
 
     def _document_starts(self) -> list[list[int]]:
@@ -197,7 +202,7 @@ def _attend_pieces(q, k, v, pieces: list[list[tuple[int, int, int]]], gqa: bool,
     """CPU: one SDPA call per document piece; q holds the local queries (their global positions are the
     pieces' in order), k and v the whole sequence in order."""
     rows = []
-    for row, row_pieces in enumerate(pieces if len(pieces) == q.shape[0] else pieces * q.shape[0]):
+    for row, row_pieces in enumerate(pieces):
         qr, kr, vr = q[row:row + 1], k[row:row + 1], v[row:row + 1]
         outs, local = [], 0
         for qs, qe, ks in row_pieces:

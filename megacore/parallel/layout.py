@@ -102,23 +102,25 @@ class Layout:
         par, m, train = cfg.parallel, cfg.model, cfg.train
         others = par.dp_replicate * par.tp * par.pp * par.cp
         dp_shard = par.dp_shard
-        cp = f" x parallel.cp={par.cp}" if par.cp > 1 else ""
+        with_cp = par.cp > 1  # (cp is named in messages only where it is used)
         if dp_shard == -1:
             if world_size % others:
                 raise ConfigError(f"world size {world_size} is not divisible by parallel.dp_replicate="
-                                  f"{par.dp_replicate} x parallel.tp={par.tp} x parallel.pp={par.pp}{cp}")
+                                  f"{par.dp_replicate} x parallel.tp={par.tp} x parallel.pp={par.pp}"
+                                  + (f" x parallel.cp={par.cp}" if with_cp else ""))
             dp_shard = world_size // others
         if others * dp_shard != world_size:
-            cp = f" x cp={par.cp}" if par.cp > 1 else ""
-            raise ConfigError(f"parallel.pp={par.pp} x dp_replicate={par.dp_replicate} x dp_shard={dp_shard}{cp} x "
-                              f"tp={par.tp} = {others * dp_shard}, but the world size is {world_size}")
+            raise ConfigError(f"parallel.pp={par.pp} x dp_replicate={par.dp_replicate} x dp_shard={dp_shard} x "
+                              + (f"cp={par.cp} x " if with_cp else "")
+                              + f"tp={par.tp} = {others * dp_shard}, but the world size is {world_size}")
         if m.n_heads % par.tp or m.n_kv_heads % par.tp:
             raise ConfigError(f"parallel.tp={par.tp} must divide model.n_heads={m.n_heads} and "
                               f"model.n_kv_heads={m.n_kv_heads}")
-        if par.cp > 1 and cfg.data.seq_len % (2 * par.cp * par.tp):
-            raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be divisible by 2 x parallel.cp={par.cp} x "
-                              f"parallel.tp={par.tp} = {2 * par.cp * par.tp} (context parallelism cuts each "
-                              f"sequence into 2 x cp chunks; sequence parallelism splits each rank's share over tp)")
+        seq = cfg.data.seq_len
+        if par.cp > 1 and (seq % (2 * par.cp) or (seq // par.cp) % par.tp):
+            raise ConfigError(f"data.seq_len={seq} must be divisible by 2 x parallel.cp={par.cp} (context parallelism "
+                              f"cuts each sequence into 2 x cp chunks), and each cp rank's share of it by "
+                              f"parallel.tp={par.tp} (sequence parallelism splits that share)")
         if cfg.data.seq_len % par.tp:
             raise ConfigError(f"parallel.tp={par.tp} must divide data.seq_len={cfg.data.seq_len} "
                               f"(sequence parallelism splits the sequence)")
