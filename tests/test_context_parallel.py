@@ -64,6 +64,7 @@ def _check(world: int, *overrides: str) -> Layout:
                            "parallel.pp=1 x parallel.cp=3"),
     (2, ["parallel.cp=2", "parallel.backend=deepspeed"], "parallel.cp=2 with parallel.backend=deepspeed"),
     (2, ["parallel.cp=0"], "parallel.cp must be > 0"),
+    (2, ["parallel.cp_regather_kv=true"], "parallel.cp_regather_kv=true needs parallel.cp > 1"),
 ])
 def test_bad_context_parallel_layouts_are_refused_naming_the_values(world, overrides, named):
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
@@ -99,6 +100,8 @@ PROBES = {
     "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"], True),  # (2 micro-batches of 2 rows)
     "hsdp2_cp2": (4, ["parallel.cp=2", "parallel.dp_replicate=2"], True),
     "cp2_selective_ac": (2, ["parallel.cp=2", "parallel.activation_checkpointing=selective"], True),
+    "cp2_regather_kv_selective_ac": (2, ["parallel.cp=2", "parallel.cp_regather_kv=true",
+                                         "parallel.activation_checkpointing=selective"], True),
     "cp2_causal_full_ac": (2, ["parallel.cp=2", "parallel.activation_checkpointing=full"], False),
 }
 
@@ -199,11 +202,15 @@ LONG = ["model.document_masking=false", "train.device=cpu", "data.seq_len=1024",
 def test_activation_memory_per_rank_falls_with_cp_as_the_estimator_says(tmp_path):
     """At a fixed 1024-token sequence, what the blocks keep for the backward on each rank (measured at the
     end of the forward, the peak: tests/cp_probe.py) is the estimator's block activations within 15%, and
-    falls with cp (the gathered keys and values and the CPU kernel's masks are what keeps it above 1/cp)."""
+    falls with cp (the gathered keys and values and the CPU kernel's masks are what keeps it above 1/cp),
+    further with parallel.cp_regather_kv."""
     peaks = {}
-    for cp in (1, 2, 4):
-        reports = _probe(tmp_path / f"cp{cp}", "memory", cp, [f"parallel.cp={cp}", *LONG])
+    for name, cp, extra in (("cp1", 1, []), ("cp2", 2, []), ("cp4", 4, []),
+                            ("cp2_regather", 2, ["parallel.cp_regather_kv=true"])):
+        reports = _probe(tmp_path / name, "memory", cp, [f"parallel.cp={cp}", *LONG, *extra])
         for rank, r in enumerate(reports):
-            assert 0.85 < r["measured"] / r["estimated"] < 1.15, (cp, rank, r)
-        peaks[cp] = max(r["measured"] for r in reports)
-    assert peaks[2] < 0.75 * peaks[1] and peaks[4] < 0.6 * peaks[2], peaks
+            assert 0.85 < r["measured"] / r["estimated"] < 1.15, (name, rank, r)
+        peaks[name] = max(r["measured"] for r in reports)
+    assert peaks["cp2"] < 0.75 * peaks["cp1"] and peaks["cp4"] < 0.6 * peaks["cp2"], peaks
+    # Re-gathering keeps only the local keys and values (and no CPU masks): closer to 1/cp.
+    assert peaks["cp2_regather"] < 0.8 * peaks["cp2"], peaks

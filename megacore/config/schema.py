@@ -190,6 +190,9 @@ class ParallelConfig:
     # all-gathered in attention; cp ranks read the same batch and FSDP shards over dp_shard x cp.
     # data.seq_len must be divisible by 2 x cp x tp (megacore/parallel/context_parallel.py).
     cp: int = 1
+    # cp > 1: keep only each rank's keys and values for the backward (gathered again there and the
+    # attention recomputed) instead of the whole sequence's: less memory per layer, one more all-gather.
+    cp_regather_kv: bool = False
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb"] = "1f1b"
     # Pipeline stages held by each pp rank; interleaved schedules need 2 or more.
     pp_stages_per_rank: int = 0  # 0: 1 for gpipe/1f1b, 2 for interleaved schedules
@@ -207,6 +210,8 @@ class ParallelConfig:
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be -1 (the rest) or >= 1, got {self.dp_shard}")
         _positive(self, "parallel", "dp_replicate", "tp", "pp", "cp")
+        if self.cp_regather_kv and self.cp == 1:
+            raise ConfigError("parallel.cp_regather_kv=true needs parallel.cp > 1 (there is nothing to gather)")
         if self.pp_stages_per_rank < 0:
             raise ConfigError(f"parallel.pp_stages_per_rank must be >= 0, got {self.pp_stages_per_rank}")
         if self.interleaved and self.pp_stages_per_rank == 1:

@@ -17,7 +17,8 @@ order. Each local query chunk then attends to the keys it may see, in global pos
   query indices to global positions; built once per forward and shared by every layer.
 
 What grows with what: per layer, the gathered K/V hold T tokens of kv heads (what all-gather CP costs;
-with GQA it is small next to the local activations, T / cp tokens of everything else); the CPU path's
+with GQA it is small next to the local activations, T / cp tokens of everything else), kept for the
+backward unless parallel.cp_regather_kv (then gathered again in the backward, attention recomputed); the CPU path's
 lower-right masks hold (queries x keys) booleans per document piece (at most c x T per chunk), the CUDA
 block mask (T / cp / 128) x (T / 128) blocks. The number of SDPA calls on CPU grows with the documents
 per window. Parameters are sharded by FSDP over dp_shard x cp (megacore/parallel/parallelize.py).
@@ -28,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from megacore.errors import ConfigError
 from megacore.model.attention import DocumentMask, use_flex
@@ -92,14 +94,22 @@ class ContextParallelAttention:
     """The attention kernel of every block under context parallelism (set as `Attention.kernel` by
     `apply_context_parallel`): local queries against the keys and values of the whole sequence."""
 
-    def __init__(self, group, cp: int, cp_rank: int):
-        self.group, self.cp, self.cp_rank = group, cp, cp_rank
+    def __init__(self, group, cp: int, cp_rank: int, regather_kv: bool = False):
+        self.group, self.cp, self.cp_rank, self.regather_kv = group, cp, cp_rank, regather_kv
         self._causal: dict[tuple, _GlobalLayout] = {}  # without documents: one layout per (length, device)
 
     @torch.compiler.disable  # collectives and a per-batch loop over documents
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float = 0.0):
         if isinstance(mask, torch.Tensor):
             raise ConfigError("generation (a KV cache) cannot run under parallel.cp > 1: generate in one process")
+        if self.regather_kv and torch.is_grad_enabled():
+            # Keep only this rank's keys and values for the backward, which gathers them again and recomputes
+            # the attention (random state restored: dropout draws the same masks). Every rank recomputes in
+            # the same order, so the collectives match.
+            return checkpoint(self._attend, q, k, v, mask, dropout_p, use_reentrant=False)
+        return self._attend(q, k, v, mask, dropout_p)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float) -> torch.Tensor:
         local = q.shape[2]
         k, v = gather_sequence(k, self.group, self.cp), gather_sequence(v, self.group, self.cp)
         layout = self._layout(mask, local * self.cp, q.device)
@@ -221,9 +231,9 @@ def _attend_pieces(q, k, v, pieces: list[list[tuple[int, int, int]]], gqa: bool,
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
-def apply_context_parallel(model, cp_mesh) -> None:
+def apply_context_parallel(model, cp_mesh, regather_kv: bool = False) -> None:
     """Every block of `model` (a Llama or a pipeline stage of one) attends through ContextParallelAttention
-    over `cp_mesh` (a 1-D mesh: this rank's cp group)."""
-    kernel = ContextParallelAttention(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank())
+    over `cp_mesh` (a 1-D mesh: this rank's cp group); regather_kv: parallel.cp_regather_kv."""
+    kernel = ContextParallelAttention(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank(), regather_kv)
     for block in model.layers.values():
         block.attention.kernel = kernel

@@ -101,6 +101,10 @@ def block_activations(cfg: Config, layout: Layout, layers_here: int, cp_rank: in
         per_token = (2 * q + 2 * hidden) / layout.tp  # matmul outputs only
     in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B holds up to pp micro-batches per stage
     tokens = b * (t // cp)
+    if cp > 1 and cfg.parallel.cp_regather_kv:  # only the local keys and values stay; the attention's
+        # saved outputs are recomputed in the backward (the queries and its output stay, as the block's)
+        per_layer = tokens * (per_token + kv_per_token) * act_bytes
+        return per_layer * layers_here * in_flight
     per_layer = (tokens * per_token + b * t * kv_per_token) * act_bytes
     if cp > 1 and cfg.train.device == "cpu" and kv_per_token:
         c = t // (2 * cp)  # each query chunk's boolean mask, kept as fp32 by SDPA: c x (keys up to its end)

@@ -58,7 +58,7 @@ def apply_parallelism(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMes
         if layout.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
         if layout.cp > 1:
-            apply_context_parallel(part, mesh["cp"])
+            apply_context_parallel(part, mesh["cp"], par.cp_regather_kv)
         apply_activation_checkpointing(part, par.activation_checkpointing)
         if compile_:
             for block in part.layers.values():
