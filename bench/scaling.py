@@ -9,7 +9,10 @@ ranks share this machine's cores (`--nproc` gives each cores/N threads), so on a
 ideal ratio is 1.0 for every layout: what is measured is the cost of each parallelism, not a speed-up.
 With pipeline parallelism the share includes the bubble: a stage waiting in recv for its neighbour.
 
-    python bench/scaling.py [--steps 8] [--dim 256] [--only fsdp2 tp2 ...]
+    python bench/scaling.py [--steps 8] [--dim 256] [--seq-len 256] [--only fsdp2 tp2 ...]
+
+Context parallelism at a long sequence: `--seq-len 2048 --only cp2 "1 rank documents" "cp2 documents"`
+(the plain 1-rank run is always the reference).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ LAYOUTS = {
     "hsdp 2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2", "train.micro_batch_size=4"]),
     "fsdp2 x tp2": (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
     "pp2 x fsdp2": (4, ["parallel.pp=2", "parallel.dp_shard=2", "train.micro_batch_size=4"]),
+    "cp2": (2, ["parallel.cp=2", "parallel.dp_shard=1"]),
+    "cp2 documents": (2, ["parallel.cp=2", "parallel.dp_shard=1", "model.document_masking=true"]),
+    "1 rank documents": (1, ["model.document_masking=true"]),
 }
 
 
@@ -49,6 +55,7 @@ def run(name: str, nproc: int, overrides: list[str], args, workdir: Path) -> dic
     cmd = [sys.executable, "-m", "megacore.cli", "train", str(REPO / "configs/tiny.yaml"), "--nproc", str(nproc),
            f"data.dir={REPO / 'data/shakespeare'}", f"train.run_dir={run_dir}", f"train.steps={total}",
            f"model.dim={args.dim}", f"logging.log_every={warmup}", "train.eval_batches=1",
+           f"data.seq_len={args.seq_len}", f"model.max_seq_len={max(args.seq_len, 1024)}",
            f"logging.profile_start={warmup + measured + 1}", "logging.profile_steps=2", *overrides]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
@@ -65,11 +72,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6, help="measured steps after 2 warm-up steps (even)")
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (context parallelism: longer)")
     parser.add_argument("--only", nargs="*", default=None, help="layout names (default: all)")
     args = parser.parse_args()
     names = args.only or list(LAYOUTS)
     cores = len(os.sched_getaffinity(0))
-    print(f"demo model (configs/tiny.yaml) with model.dim={args.dim}, global batch 16 x 256 tokens; {cores} cores")
+    print(f"demo model (configs/tiny.yaml) with model.dim={args.dim}, global batch 16 x {args.seq_len} tokens; "
+          f"{cores} cores")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["1 rank"] + [n for n in names if n != "1 rank"]:
