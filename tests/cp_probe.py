@@ -87,7 +87,7 @@ def distributed_logits(module, layout: Layout, rank: int, x, pos) -> torch.Tenso
     if layout.cp == 1:
         return out
     gathered = torch.empty((layout.cp * out.shape[0], *out.shape[1:]))
-    dist.all_gather_single(gathered, out, group=module.cp_group)
+    dist.all_gather_single(gathered, out, group=part.layers[next(iter(part.layers))].attention.kernel.group)
     return unshard_sequence(gathered.unflatten(0, (layout.cp, -1)).transpose(0, 1).flatten(1, 2), layout.cp, dim=1)
 
 

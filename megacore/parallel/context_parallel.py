@@ -26,6 +26,8 @@ per window. Parameters are sharded by FSDP over dp_shard x cp (megacore/parallel
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -55,10 +57,16 @@ def sequence_order(seq_len: int, cp: int, device=None) -> torch.Tensor:
     return torch.cat([torch.arange(s, s + c, device=device) for s in starts])
 
 
+@functools.lru_cache(maxsize=8)
+def _restore_order(seq_len: int, cp: int, device: torch.device) -> torch.Tensor:
+    """Index that puts rank-major shards back in sequence order (computed once per length: every layer of
+    every step uses it)."""
+    return torch.argsort(sequence_order(seq_len, cp, device))
+
+
 def unshard_sequence(shards: torch.Tensor, cp: int, dim: int = 1) -> torch.Tensor:
     """The inverse of shard_sequence for shards gathered rank-major along `dim`: sequence order."""
-    order = sequence_order(shards.shape[dim], cp, shards.device)
-    return shards.index_select(dim, torch.argsort(order))
+    return shards.index_select(dim, _restore_order(shards.shape[dim], cp, shards.device))
 
 
 class _GatherSequence(torch.autograd.Function):

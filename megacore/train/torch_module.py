@@ -50,8 +50,7 @@ def build_torch_module(cfg: Config, layout: Layout, env: DistEnv, init_from: str
     return TorchTrainModule(par.stages, layout, env.rank, env.device, loss, optimizers,
                             Checkpointer(cfg.train.run_dir, cfg.checkpoint, env.rank),
                             autocast_policy(cfg, layout, env.device), cfg.model.document_masking,
-                            pp_mesh=mesh["pp"] if layout.pp > 1 else None,
-                            cp_group=mesh["cp"].get_group() if layout.cp > 1 else None)
+                            pp_mesh=mesh["pp"] if layout.pp > 1 else None)
 
 
 class TorchTrainModule:
@@ -61,12 +60,12 @@ class TorchTrainModule:
     def __init__(self, stages: list[tuple[int, nn.Module]], layout: Layout, rank: int, device: torch.device,
                  loss: LanguageModelLoss, optimizers: Optimizers | None = None, checkpointer: Checkpointer | None = None,
                  amp: contextlib.AbstractContextManager | None = None, document_masking: bool = False,
-                 pp_mesh=None, cp_group=None):
+                 pp_mesh=None):
         self.parts = [part for _, part in stages]
         self.layout, self.device, self.n_micro, self.loss = layout, device, layout.n_micro, loss
         self.optimizers, self.checkpointer = optimizers, checkpointer
         self.amp = amp if amp is not None else contextlib.nullcontext()
-        self.document_masking, self.cp_group = document_masking, cp_group
+        self.document_masking = document_masking
         coords = layout.coordinates(rank)
         self.tp_rank, self.pp_rank, self.cp_rank = coords["tp"], coords["pp"], coords["cp"]
         self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp_size
