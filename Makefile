@@ -108,6 +108,7 @@ bench: $(VENV)/.installed $(VENV)/.deepspeed $(SHAKESPEARE)
 	cd bench && ../$(PY) checkpoint.py
 	cd bench && ../$(PY) train_step.py
 	cd bench && ../$(PY) scaling.py
+	cd bench && ../$(PY) moe.py
 	cd bench && ../$(PY) gpu.py
 	cd bench && ../$(PY) report.py
 

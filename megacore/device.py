@@ -60,7 +60,9 @@ def resolve_auto(cfg: Config, device: torch.device) -> None:
     if cfg.train.mixed_precision == "auto":
         cfg.train.mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if cfg.parallel.compile == "auto":
-        cfg.parallel.compile = cuda and cfg.parallel.backend == "torch"
+        # (Mixtures of experts stay eager: the tokens per expert and rank change every step, and each new
+        # size would compile again; parallel.compile=true asks for it anyway.)
+        cfg.parallel.compile = cuda and cfg.parallel.backend == "torch" and not cfg.model.moe
 
 
 def configure(cfg: Config, device: torch.device) -> None:

@@ -78,6 +78,19 @@ def check_combinations(cfg: Config) -> None:
                           "output head are placed differently)")
     if par.backend == "deepspeed" and cfg.checkpoint.async_save:
         raise ConfigError("checkpoint.async_save is not supported with parallel.backend=deepspeed")
+    if m.moe:
+        # What mixtures of experts do not have yet, refused by name (README: support matrix).
+        for clash, why in ((par.tp > 1, f"parallel.tp={par.tp}: tensor parallelism of experts is not implemented; "
+                                        f"use parallel.ep and FSDP"),
+                           (par.backend == "deepspeed", "parallel.backend=deepspeed: the experts' grouped GEMMs and "
+                                                        "all-to-all are wired into the torch backend; use backend=torch"),
+                           (cfg.train.float8, "train.float8: the experts' grouped GEMMs are not float8"),
+                           (par.pp > 1 and m.moe_aux_loss_coef > 0,
+                            f"parallel.pp={par.pp} and model.moe_aux_loss_coef={m.moe_aux_loss_coef}: the auxiliary loss "
+                            f"couples every layer's routing (transformers' formula), and pipeline stages hold different "
+                            f"layers; use model.moe_bias_update_rate (auxiliary-loss-free balancing) with pp")):
+            if clash:
+                raise ConfigError(f"model.n_experts={m.n_experts} (a mixture of experts) with {why}")
 
 
 def _model_from_init_dir(cfg: Config, overrides: list[str]) -> None:

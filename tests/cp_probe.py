@@ -185,7 +185,10 @@ def saved_activations(cfg, module, layout, rank, x, pos) -> dict:
         block.register_forward_hook(leave)
     module.train(True)
     out = part(x, pos, return_hidden=True)
-    estimated = block_activations(cfg, layout, len(part.layers), layout.coordinates(rank)["cp"])
+    from megacore.model.moe import moe_layers
+
+    estimated = block_activations(cfg, layout, len(part.layers), layout.coordinates(rank)["cp"],
+                                  moe_here=len(moe_layers(part)))
     del out
     return {"measured": sum(saved.values()), "estimated": estimated}
 

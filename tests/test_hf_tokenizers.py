@@ -1,12 +1,13 @@
 """A published model's tokenizer and chat template, saved as transformers saves them: a byte-level BPE
 `tokenizer.json` trained by `tokenizers` on Shakespeare, with a ChatML template (system prompt included)
 that `save_pretrained` writes to chat_template.jinja, next to random models of the Llama 3, Mistral,
-Qwen2 and Qwen3 families. Templates are read wherever transformers reads them; ids equal
+Qwen2, Qwen3, Qwen3-MoE and Mixtral families. Templates are read wherever transformers reads them; ids equal
 `transformers'` on text with Chinese, code and emoji, and decode back exactly; chat ids equal
 apply_chat_template, with the loss mask on the assistant's turns; a tokenizer with no template is refused
 before any shard is written; data prepared with data.tokenizer_from=HF_DIR fine-tunes each imported model
-on 2 ranks (FSDP2, and TP2 where the shapes allow), and its export loads in transformers
-(AutoModelForCausalLM, AutoTokenizer) with our logits, our greedy generation and our chat replies."""
+on 2 ranks (FSDP2, TP2 where the shapes allow, expert parallelism for the mixtures of experts), and its
+export loads in transformers (AutoModelForCausalLM, AutoTokenizer) with our logits, our greedy generation
+and our chat replies."""
 
 import json
 
@@ -32,7 +33,13 @@ FAMILIES = {"llama3": ("LlamaConfig", {"rope_theta": 500000.0, "rope_scaling": {
                  "original_max_position_embeddings": 64}}, [[]]),
             "mistral": ("MistralConfig", {"sliding_window": None}, [[]]),
             "qwen2": ("Qwen2Config", {}, [[], ["parallel.tp=2"]]),  # (one family under TP: qkv biases sharded)
-            "qwen3": ("Qwen3Config", {"head_dim": 32}, [[]])}  # (q/k norm with TP is refused for now)
+            "qwen3": ("Qwen3Config", {"head_dim": 32}, [[]]),  # (q/k norm with TP is refused for now)
+            # Mixtures of experts, fine-tuned with their experts split over the 2 ranks (expert parallelism).
+            "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 32, "mlp_only_layers": [0]},
+                          [["parallel.ep=2", "model.moe_aux_loss_coef=0.001"]]),
+            "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+                        [["parallel.ep=2"]])}
 
 
 def _bpe_tokenizer():
@@ -194,7 +201,8 @@ def test_fine_tune_an_imported_model_with_its_tokenizer_on_2_ranks_and_export(fa
         assert "initialised weights from" in proc.stdout
     run = tmp_path / "run0"
     question, cli_reply = "Who goes there?", None
-    if family == "qwen2":  # the commands of the workflow, once; eval and generate also take the published dir
+    if family in ("qwen2", "qwen3_moe"):  # the workflow's commands, dense and MoE; eval and generate take the
+        # published dir too
         assert "bits_per_byte" in megacore("eval", run).stdout
         cli_reply = megacore("generate", run, "--chat", "--prompt", question, "--temperature", "0",
                              "--max-new-tokens", "12").stdout

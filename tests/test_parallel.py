@@ -92,7 +92,7 @@ def test_estimate_command_prints_parameters_flops_and_memory_per_rank(data_dir, 
     out = megacore("estimate", "configs/tiny.yaml", f"data.dir={data_dir}", "parallel.tp=2", "--world-size", "4",
                    "--json").stdout
     est = json.loads(out)
-    assert est["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2}
+    assert est["layout"] == {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 2, "ep": 1}
     assert len(est["ranks"]) == 4 and est["parameters"] > 0 and est["flops_per_token"] > 0
     # Sharded 4 ways, each rank holds about a quarter of the fp32 weights.
     assert est["ranks"][0]["parameters"] == pytest.approx(4 * est["parameters"] / 4, rel=0.05)

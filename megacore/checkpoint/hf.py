@@ -1,5 +1,5 @@
-"""Hugging Face format: export a checkpoint as a directory of its family (Llama, Mistral, Qwen2, Qwen3),
-and read one back.
+"""Hugging Face format: export a checkpoint as a directory of its family (Llama, Mistral, Qwen2, Qwen3,
+Qwen3-MoE, Mixtral), and read one back.
 
 The directory holds model.safetensors, config.json (megacore/checkpoint/hf_config.py), and the
 tokenizer: ours as tokenizer.model with tokenizer_config.json and special_tokens_map.json, a published
@@ -45,23 +45,73 @@ _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "mo
         "output.weight": "lm_head.weight"}
 
 
-def to_hf_name(name: str) -> str:
+# Mixture-of-experts layers: (module name, expert weight names for our w1, w2, w3). The router is
+# `{module}.gate.weight`; experts are separate tensors per expert on disk (transformers fuses them in memory
+# only), stacked along dim 0 in ours.
+_MOE = {"qwen3_moe": ("mlp", {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}),
+        "mixtral": ("block_sparse_moe", {"w1": "w1", "w2": "w2", "w3": "w3"})}
+# Ours and not the format's: the auxiliary-loss-free balancing bias (zero, or export is refused).
+_NOT_EXPORTED = re.compile(r"layers\.\d+\.feed_forward\.router\.expert_bias")
+
+
+def to_hf_name(name: str, family: str = "llama") -> str:
+    """The Hugging Face name of one of our tensors (for stacked experts: hf_expert_names)."""
     if name in _TOP:
         return _TOP[name]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m.group(2) == "feed_forward.router.gate.weight" and family in _MOE:
+        return f"model.layers.{m.group(1)}.{_MOE[family][0]}.gate.weight"
     return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
 
 
-def from_hf_name(name: str) -> str | None:
+def hf_expert_names(name: str, family: str, n_experts: int) -> list[str] | None:
+    """The per-expert Hugging Face tensors of our stacked expert weight `name` (None: not an expert weight)."""
+    m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.experts\.(w[123])", name)
+    if m is None:
+        return None
+    module, names = _MOE[family]
+    return [f"model.layers.{m.group(1)}.{module}.experts.{e}.{names[m.group(2)]}.weight" for e in range(n_experts)]
+
+
+def from_hf_name(name: str, family: str = "llama") -> tuple[str, int | None] | None:
+    """(our name, expert index or None) of a Hugging Face tensor; None: not one of the family's."""
     for ours, theirs in _TOP.items():
         if name == theirs:
-            return ours
+            return ours, None
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if m:
-        for ours, theirs in _LAYER.items():
-            if m.group(2) == theirs:
-                return f"layers.{m.group(1)}.{ours}"
+    if not m:
+        return None
+    layer, rest = m.groups()
+    if family in _MOE:
+        module, names = _MOE[family]
+        if rest == f"{module}.gate.weight":
+            return f"layers.{layer}.feed_forward.router.gate.weight", None
+        e = re.fullmatch(rf"{module}\.experts\.(\d+)\.(\w+)\.weight", rest)
+        if e and e.group(2) in names.values():
+            ours = next(k for k, v in names.items() if v == e.group(2))
+            return f"layers.{layer}.feed_forward.experts.{ours}", int(e.group(1))
+    for ours, theirs in _LAYER.items():
+        if rest == theirs:
+            return f"layers.{layer}.{ours}", None
     return None
+
+
+def hf_state(model: Llama) -> dict[str, torch.Tensor]:
+    """The model's tensors under their Hugging Face names, stacked experts split (views, no copies)."""
+    cfg, out = model.cfg, {}
+    for name, tensor in model.state_dict().items():
+        if _NOT_EXPORTED.fullmatch(name):
+            if tensor.abs().max() > 0:
+                raise CheckpointError(f"{name} is not zero (auxiliary-loss-free balancing moved it): the "
+                                      f"{cfg.family} format has no such bias, so the export would route tokens "
+                                      f"differently; export is refused")
+            continue
+        experts = hf_expert_names(name, cfg.family, cfg.n_experts) if cfg.moe else None
+        if experts is None:
+            out[to_hf_name(name, cfg.family)] = tensor.detach()
+        else:
+            out.update({theirs: tensor[e].detach() for e, theirs in enumerate(experts)})
+    return out
 
 
 # Export shards: transformers' default size, so that a 70B model is ~30 files, not one of 280 GB.
@@ -71,7 +121,7 @@ MAX_SHARD_BYTES = 5 * 10**9
 def save_hf_weights(model: Llama, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """config.json of the model's family and its weights as safetensors: one model.safetensors, or
     model-0000i-of-0000n.safetensors with model.safetensors.index.json beyond max_shard_bytes."""
-    state = {to_hf_name(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous() for k, v in hf_state(model).items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     shards, size = [{}], 0
@@ -120,14 +170,22 @@ def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, our-named state dict) of a Hugging Face Llama directory."""
     path = Path(path)
     config = read_hf_config(path)
+    family = config.get("model_type", "llama")
     files = sorted(set(_hf_tensor_files(path).values()))
-    state = {}
+    state, experts = {}, {}
     for f in files:
         for name, tensor in load_file(str(f)).items():
-            ours = from_hf_name(name)
+            ours = from_hf_name(name, family)
             if ours is None:
-                raise CheckpointError(f"{f}: unexpected tensor {name!r} for a Llama-family model")
-            state[ours] = tensor
+                raise CheckpointError(f"{f}: unexpected tensor {name!r} for a {family} model")
+            if ours[1] is None:
+                state[ours[0]] = tensor
+            else:
+                experts.setdefault(ours[0], {})[ours[1]] = tensor
+    for name, by_index in experts.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise CheckpointError(f"{path}: experts of {name} are not numbered 0..n-1: {sorted(by_index)}")
+        state[name] = torch.stack([by_index[e] for e in range(len(by_index))])
     if config.get("tie_word_embeddings") and "output.weight" not in state:
         state["output.weight"] = state["tok_embeddings.weight"]
     return config, state
@@ -146,15 +204,17 @@ def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path) -> None:
         shapes = {name: tuple(p.shape) for name, p in Llama(cfg).named_parameters()}
     files, handles = _hf_tensor_files(Path(source)), {}
     for name, shape in shapes.items():
-        theirs = to_hf_name(name)
-        if theirs not in files:
-            raise ConfigError(f"train.init_from={source}: no tensor {theirs} (for {name})")
-        if files[theirs] not in handles:
-            handles[files[theirs]] = safe_open(str(files[theirs]), framework="pt")
-        found = tuple(handles[files[theirs]].get_slice(theirs).get_shape())
-        if found != shape:
-            raise ConfigError(f"train.init_from={source}: {files[theirs].name} has {theirs} of shape {found}, the model "
-                              f"its config.json describes needs {shape}")
+        experts = hf_expert_names(name, cfg.family, cfg.n_experts) if cfg.moe else None
+        for theirs, want in ([(to_hf_name(name, cfg.family), shape)] if experts is None
+                             else [(e, shape[1:]) for e in experts]):
+            if theirs not in files:
+                raise ConfigError(f"train.init_from={source}: no tensor {theirs} (for {name})")
+            if files[theirs] not in handles:
+                handles[files[theirs]] = safe_open(str(files[theirs]), framework="pt")
+            found = tuple(handles[files[theirs]].get_slice(theirs).get_shape())
+            if found != want:
+                raise ConfigError(f"train.init_from={source}: {files[theirs].name} has {theirs} of shape {found}, the "
+                                  f"model its config.json describes needs {want}")
 
 
 def read_hf_config(path: str | Path) -> dict:
@@ -187,15 +247,14 @@ def load_hf_slices(parts: list, path: str | Path) -> None:
 
     path = Path(path)
     config, files = read_hf_config(path), _hf_tensor_files(path)
+    family = config.get("model_type", "llama")
+    n_experts = config.get("num_experts") or config.get("num_local_experts") or 0
     for name in files:
-        if from_hf_name(name) is None:
-            raise CheckpointError(f"{files[name]}: unexpected tensor {name!r} for a Llama-family model")
+        if from_hf_name(name, family) is None:
+            raise CheckpointError(f"{files[name]}: unexpected tensor {name!r} for a {family} model")
     handles: dict[Path, object] = {}
 
-    def read(name: str, shape: tuple, offset: tuple, local: tuple) -> torch.Tensor:
-        theirs = to_hf_name(name)
-        if theirs not in files and name == "output.weight" and config.get("tie_word_embeddings"):
-            theirs = to_hf_name("tok_embeddings.weight")
+    def read_one(theirs: str, name: str, shape: tuple, offset: tuple, local: tuple) -> torch.Tensor:
         if theirs not in files:
             raise CheckpointError(f"{path}: missing weight {theirs} (for {name})")
         f = files[theirs]
@@ -206,6 +265,18 @@ def load_hf_slices(parts: list, path: str | Path) -> None:
             raise CheckpointError(f"{f}: {theirs} has shape {tuple(piece.get_shape())}, the model needs {tuple(shape)}")
         return piece[tuple(slice(o, o + n) for o, n in zip(offset, local))].to(torch.float32)
 
+    def read(name: str, shape: tuple, offset: tuple, local: tuple) -> torch.Tensor:
+        experts = hf_expert_names(name, family, n_experts) if family in _MOE else None
+        if experts is not None:  # this rank's experts (a range of dim 0), each from its own tensor
+            if local[0] == 0:
+                return torch.empty(local)
+            return torch.stack([read_one(experts[e], name, shape[1:], offset[1:], local[1:])
+                                for e in range(offset[0], offset[0] + local[0])])
+        theirs = to_hf_name(name, family)
+        if theirs not in files and name == "output.weight" and config.get("tie_word_embeddings"):
+            theirs = to_hf_name("tok_embeddings.weight")
+        return read_one(theirs, name, shape, offset, local)
+
     load_slices(parts, read)
 
 
@@ -213,8 +284,8 @@ def load_hf_into(model: Llama, path: str | Path) -> None:
     """Initialise `model` from a Hugging Face directory whose config.json describes this model."""
     config, state = read_hf(path)
     check_hf_config(config, model.cfg, path)
-    missing = set(model.state_dict()) - set(state)
+    missing = {k for k in set(model.state_dict()) - set(state) if not _NOT_EXPORTED.fullmatch(k)}
     if missing:
         raise CheckpointError(f"{path}: missing weights {sorted(missing)[:5]}")
     with torch.no_grad():
-        model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+        model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)

@@ -10,6 +10,7 @@ process is started. What depends on the world size (degrees, micro-batches) is c
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,13 +55,48 @@ class ModelConfig:
     rope_original_max_seq_len: int = 8192
     # The Hugging Face family that export-hf writes (and that init_from=HF_DIR read): its architecture
     # class and config fields.
-    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
+    family: Literal["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
     # Confine attention to each packed document (positions restart after EOS), as in pretraining
     # on packed data without cross-document contamination.
     document_masking: bool = False
     # Dropout on attention probabilities and on each block's attention and MLP outputs, in training only
     # (0: none, as in modern pretraining; 0.05-0.1 helps small fine-tuning sets).
     dropout: float = 0.0
+    # Mixture of experts (megacore/model/moe.py); n_experts 0: a dense model. An MoE layer's router sends
+    # each token to n_active_experts of n_experts SwiGLU experts of width moe_ffn_dim (0: ffn_dim's rule).
+    # Layer i is an MoE layer when (i + 1) % moe_every == 0 and i is not in moe_dense_layers (Qwen3-MoE's
+    # decoder_sparse_step and mlp_only_layers; dense layers keep ffn_dim).
+    n_experts: int = 0
+    n_active_experts: int = 2
+    moe_ffn_dim: int = 0
+    moe_every: int = 1
+    moe_dense_layers: list[int] = field(default_factory=list)
+    # Renormalise the chosen experts' weights to sum to 1 (Qwen3-MoE's norm_topk_prob; Mixtral always does).
+    moe_norm_topk: bool = True
+    # Load balancing: the auxiliary loss, with transformers' router_aux_loss_coef meaning (0: off), and
+    # auxiliary-loss-free balancing: a per-expert bias added to the scores for choosing experts only,
+    # moved by this much towards the mean load after each step (DeepSeek-V3's update speed; 0: off).
+    moe_aux_loss_coef: float = 0.0
+    moe_bias_update_rate: float = 0.0
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def ffn_width(self) -> int:
+        """The dense SwiGLU's hidden size: ffn_dim, or 8/3 * dim rounded up to ffn_multiple_of."""
+        if self.ffn_dim:
+            return self.ffn_dim
+        return self.ffn_multiple_of * math.ceil(int(8 * self.dim / 3) / self.ffn_multiple_of)
+
+    @property
+    def expert_width(self) -> int:
+        """Each expert's SwiGLU hidden size: moe_ffn_dim, or the dense rule."""
+        return self.moe_ffn_dim or self.ffn_width
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe and (layer + 1) % self.moe_every == 0 and layer not in self.moe_dense_layers
 
     @property
     def head_size(self) -> int:
@@ -91,6 +127,32 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps, model.rope_theta and model.init_std must be > 0")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if self.n_experts < 0 or self.moe_ffn_dim < 0:
+            raise ConfigError(f"model.n_experts={self.n_experts} and model.moe_ffn_dim={self.moe_ffn_dim} must be >= 0")
+        if self.family in ("qwen3_moe", "mixtral") and not self.moe:
+            raise ConfigError(f"model.family={self.family} is a mixture of experts: set model.n_experts")
+        if not self.moe:
+            return
+        if not 1 <= self.n_active_experts <= self.n_experts:
+            raise ConfigError(f"model.n_active_experts={self.n_active_experts} must be in [1, model.n_experts="
+                              f"{self.n_experts}]")
+        if self.moe_every < 1:
+            raise ConfigError(f"model.moe_every must be >= 1, got {self.moe_every}")
+        bad = [i for i in self.moe_dense_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ConfigError(f"model.moe_dense_layers={self.moe_dense_layers}: {bad} not layers of model.n_layers="
+                              f"{self.n_layers}")
+        if self.moe_aux_loss_coef < 0 or self.moe_bias_update_rate < 0:
+            raise ConfigError("model.moe_aux_loss_coef and model.moe_bias_update_rate must be >= 0")
+        if self.family == "mixtral" and (not self.moe_norm_topk or self.moe_every != 1 or self.moe_dense_layers):
+            raise ConfigError("model.family=mixtral: every layer is an MoE layer with renormalised weights "
+                              "(model.moe_norm_topk=true, model.moe_every=1, model.moe_dense_layers=[])")
+        if self.family not in ("qwen3_moe", "mixtral", "llama"):
+            raise ConfigError(f"model.n_experts={self.n_experts} with model.family={self.family}: mixtures of experts "
+                              f"export as qwen3_moe or mixtral")
 
 
 @dataclass
@@ -193,6 +255,10 @@ class ParallelConfig:
     # cp > 1: keep only each rank's keys and values for the backward (gathered again there and the
     # attention recomputed) instead of the whole sequence's: less memory per layer, one more all-gather.
     cp_regather_kv: bool = False
+    # Expert parallelism (mixtures of experts): each MoE layer's experts split over ep ranks of dp_shard,
+    # tokens exchanged with all-to-all (megacore/parallel/expert_parallel.py); ep must divide dp_shard and
+    # model.n_experts.
+    ep: int = 1
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb"] = "1f1b"
     # Pipeline stages held by each pp rank; interleaved schedules need 2 or more.
     pp_stages_per_rank: int = 0  # 0: 1 for gpipe/1f1b, 2 for interleaved schedules
@@ -209,7 +275,7 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be -1 (the rest) or >= 1, got {self.dp_shard}")
-        _positive(self, "parallel", "dp_replicate", "tp", "pp", "cp")
+        _positive(self, "parallel", "dp_replicate", "tp", "pp", "cp", "ep")
         if self.cp_regather_kv and self.cp == 1:
             raise ConfigError("parallel.cp_regather_kv=true needs parallel.cp > 1 (there is nothing to gather)")
         if self.pp_stages_per_rank < 0:
@@ -224,7 +290,8 @@ class ParallelConfig:
             for name, why in (("tp", "DeepSpeed AutoTP needs an accelerator; use backend=torch for tensor parallel"),
                               ("pp", "DeepSpeed's pipeline engine needs a PipelineModule; use backend=torch"),
                               ("dp_replicate", "ZeRO shards over all ranks; use backend=torch for HSDP"),
-                              ("cp", "context parallelism is applied to the torch backend's mesh; use backend=torch")):
+                              ("cp", "context parallelism is applied to the torch backend's mesh; use backend=torch"),
+                              ("ep", "expert parallelism is applied to the torch backend's mesh; use backend=torch")):
                 if getattr(self, name) != 1:
                     raise ConfigError(f"parallel.{name}={getattr(self, name)} with parallel.backend=deepspeed: {why}")
             if self.compile is True or self.activation_checkpointing != "none":

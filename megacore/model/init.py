@@ -67,8 +67,16 @@ def init_slice(local: torch.Tensor, name: str, global_shape: Sequence[int], offs
     if len(global_shape) == 1:
         local.copy_(normal_values(seed, name, numel, offset[0], offset[0] + local.shape[0], std, local.device))
         return
-    if len(global_shape) != 2:
-        raise ValueError(f"{name}: initialisation of {len(global_shape)}-d parameters is not implemented")
+    if len(global_shape) > 2:
+        # Stacked matrices (MoE experts): the rows of all of them, when the slice takes whole matrices'
+        # rows (split over dim 0 only, by expert and FSDP parallelism), as one 2-d tensor.
+        if any(o or n != g for o, n, g in zip(offset[1:-1], local.shape[1:-1], global_shape[1:-1])):
+            raise ValueError(f"{name}: a slice {tuple(local.shape)} at {tuple(offset)} of {tuple(global_shape)} "
+                             f"that splits a dimension other than the first and last")
+        inner = numel // global_shape[0] // global_shape[-1]
+        init_slice(local.view(-1, local.shape[-1]), name, (numel // global_shape[-1], global_shape[-1]),
+                   (offset[0] * inner, offset[-1]), std, seed)
+        return
     rows, cols = global_shape
     (r0, c0), (n_rows, n_cols) = offset, local.shape
     chunk = max(1, CHUNK_ELEMENTS // cols)

@@ -19,13 +19,11 @@ from torch import nn
 from megacore.config import ModelConfig
 from megacore.model.attention import DocumentMask, attention
 from megacore.model.init import init_slice
+from megacore.model.moe import MoE, moe_hidden_dim
 
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
-    if cfg.ffn_dim:
-        return cfg.ffn_dim
-    hidden = int(8 * cfg.dim / 3)
-    return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
+    return cfg.ffn_width
 
 
 class RMSNorm(nn.Module):
@@ -124,12 +122,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer) else FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()  # off in eval mode
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -147,7 +145,7 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -165,7 +163,7 @@ class Llama(nn.Module):
             return None
         if name.endswith(".bias"):
             return 0.0
-        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "feed_forward.experts.w2")):
             return self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         return self.cfg.init_std
 
@@ -180,9 +178,14 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """The rotary tables, on the device the model now lives on (they are not saved in checkpoints)."""
+        """The rotary tables, on the device the model now lives on (they are not saved in checkpoints), and
+        the MoE routers' balancing bias and load counts at zero (a checkpoint's bias is loaded after)."""
         cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
         self.rope_cos, self.rope_sin = cos, sin
+        for block in self.layers.values():
+            if isinstance(block.feed_forward, MoE):
+                block.feed_forward.router.expert_bias.zero_()
+                block.feed_forward.router.tokens_per_expert.zero_()
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
@@ -244,23 +247,37 @@ class KVCache:
         return self._layers[name]
 
 
-def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+def num_params(model: nn.Module, exclude_embeddings: bool = False, active: bool = False) -> int:
+    """Parameters of the model; `active`: those one token uses (k of each MoE layer's experts)."""
     total = sum(p.numel() for p in model.parameters())
     if exclude_embeddings and isinstance(model, Llama):
         total -= model.tok_embeddings.weight.numel()
+    if active and isinstance(model, Llama) and model.cfg.moe:
+        idle = model.cfg.n_experts - model.cfg.n_active_experts
+        total -= sum(idle * sum(w[0].numel() for w in (m.experts.w1, m.experts.w2, m.experts.w3))
+                     for m in model.modules() if isinstance(m, MoE))
     return total
+
+
+def ffn_weights(cfg: ModelConfig, layer: int) -> int:
+    """Weights of layer `layer`'s feed-forward that one token multiplies with: its k active experts and the
+    router in an MoE layer."""
+    if cfg.is_moe_layer(layer):
+        return 3 * cfg.dim * moe_hidden_dim(cfg) * cfg.n_active_experts + cfg.dim * cfg.n_experts
+    return 3 * cfg.dim * ffn_hidden_dim(cfg)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward).
 
-    Forward: 2 FLOPs per weight of every matmul (the output head included, the embedding lookup not)
-    plus attention scores and values, 2 * 2 * seq_len * dim per layer (the PaLM convention: the causal
-    mask is not credited, as in published MFU figures).
+    Forward: 2 FLOPs per weight of every matmul a token goes through (the output head included, the
+    embedding lookup not; an MoE layer's active experts and router only) plus attention scores and
+    values, 2 * 2 * seq_len * dim per layer (the PaLM convention: the causal mask is not credited, as in
+    published MFU figures).
     """
     head_dim = cfg.head_size
     attn_weights = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    ffn_weights = 3 * cfg.dim * ffn_hidden_dim(cfg)
-    matmul_weights = cfg.n_layers * (attn_weights + ffn_weights) + cfg.dim * cfg.vocab_size
+    matmul_weights = (cfg.n_layers * attn_weights + sum(ffn_weights(cfg, i) for i in range(cfg.n_layers))
+                      + cfg.dim * cfg.vocab_size)
     attention = 4 * cfg.n_layers * seq_len * cfg.n_heads * head_dim
     return 3.0 * (2 * matmul_weights + attention)

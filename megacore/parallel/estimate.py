@@ -20,6 +20,7 @@ import torch
 from megacore.config import Config
 from megacore.loss import chunk_rows
 from megacore.model.llama import Llama, ffn_hidden_dim, flops_per_token, num_params
+from megacore.model.moe import moe_hidden_dim
 from megacore.parallel.layout import Layout
 from megacore.parallel.pipeline import stage_layers
 
@@ -73,18 +74,28 @@ def analytic_numels(cfg: Config, layout: Layout, rank: int, shapes: dict | None 
         dim = _tp_dim(name)
         if layout.tp > 1 and dim is not None:
             shape[dim] = chunk_size(shape[dim], layout.tp, c["tp"])
-        if layout.fsdp_size > 1:  # FSDP shards dim 0 over dp_shard x cp
+        if layout.ep > 1 and ".experts." in name:  # experts split over ep, then FSDP over what ep leaves
+            shape[0] = chunk_size(chunk_size(shape[0], layout.ep, c["ep"]), layout.dp_shard // layout.ep, c["efsdp"])
+        elif layout.fsdp_size > 1:  # FSDP shards dim 0 over dp_shard x cp
             shape[0] = chunk_size(shape[0], layout.dp_shard * layout.cp, c["dp_shard_cp"])
         out[name] = math.prod(shape)
     return out
 
 
-def block_activations(cfg: Config, layout: Layout, layers_here: int, cp_rank: int = 0) -> float:
+def block_activations(cfg: Config, layout: Layout, layers_here: int, cp_rank: int = 0, moe_here: int = 0) -> float:
     """Bytes that the transformer blocks of a rank keep for the backward of one micro-batch (what autograd
     saves; parameters not counted). Under context parallelism a rank keeps seq_len / cp tokens of
     everything but keys and values, and the keys and values of the whole sequence (the all-gather); on a
     CPU device the per-document kernel's lower-right masks too (megacore/parallel/context_parallel.py;
-    the figure for one document per window, an upper bound with document masking)."""
+    the figure for one document per window, an upper bound with document masking). `moe_here` of the
+    layers are MoE layers: k copies of each token through its experts instead of the dense MLP."""
+    dense = _block_activations(cfg, layout, cp_rank, moe=False)
+    return dense * (layers_here - moe_here) + (_block_activations(cfg, layout, cp_rank, moe=True) * moe_here
+                                               if moe_here else 0.0)
+
+
+def _block_activations(cfg: Config, layout: Layout, cp_rank: int, moe: bool) -> float:
+    """block_activations of one layer."""
     m, b, t, cp = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len, layout.cp
     # (auto counts as bf16: plans are made for GPUs, where auto is bf16)
     act_bytes = 4 if cfg.train.mixed_precision == "fp32" else 2
@@ -93,24 +104,30 @@ def block_activations(cfg: Config, layout: Layout, layers_here: int, cp_rank: in
     # the residual after attention (6 x dim); queries and the attention output (2 x q); keys and values
     # (2 x kv); the MLP's w1 and w3 outputs, silu and the product (4 x hidden); the rotary cos/sin rows
     # (2 x head_size) and the attention's log-sum-exp (one per head).
-    per_token = (6 * m.dim + 2 * q + 4 * hidden + 2 * m.head_size + m.n_heads) / layout.tp
+    mlp = 4 * hidden
+    if moe:
+        # The router's logits and probabilities (fp32), then per chosen expert (k per token): the token's
+        # copy, its expert's w1 and w3 outputs, silu and product, the output and its weighted copy; under
+        # expert parallelism the all-to-all's received tokens and returned outputs too.
+        hidden = moe_hidden_dim(m)
+        mlp = 2 * m.n_experts + m.n_active_experts * (3 * m.dim + 4 * hidden + (2 * m.dim if layout.ep > 1 else 0))
+    per_token = (6 * m.dim + 2 * q + mlp + 2 * m.head_size + m.n_heads) / layout.tp
     kv_per_token = 2 * kv / layout.tp
     if cfg.parallel.activation_checkpointing == "full":
         per_token, kv_per_token = m.dim / layout.tp, 0  # only the block input survives
     elif cfg.parallel.activation_checkpointing == "selective":
-        per_token = (2 * q + 2 * hidden) / layout.tp  # matmul outputs only
+        per_token = (2 * q + 2 * hidden * (m.n_active_experts if moe else 1)) / layout.tp  # matmul outputs only
     in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B holds up to pp micro-batches per stage
     tokens = b * (t // cp)
     if cp > 1 and cfg.parallel.cp_regather_kv:  # only the local keys and values stay; the attention's
         # saved outputs are recomputed in the backward (the queries and its output stay, as the block's)
-        per_layer = tokens * (per_token + kv_per_token) * act_bytes
-        return per_layer * layers_here * in_flight
+        return tokens * (per_token + kv_per_token) * act_bytes * in_flight
     per_layer = (tokens * per_token + b * t * kv_per_token) * act_bytes
     if cp > 1 and cfg.train.device == "cpu" and kv_per_token:
         c = t // (2 * cp)  # each query chunk's boolean mask, kept as fp32 by SDPA: c x (keys up to its end)
         masked = [chunk + 1 for chunk in (cp_rank, 2 * cp - 1 - cp_rank) if chunk > 0]
         per_layer += b * sum(c * n * c for n in masked) * 4
-    return per_layer * layers_here * in_flight
+    return per_layer * in_flight
 
 
 def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int], cp_rank: int = 0) -> dict[str, float]:
@@ -121,7 +138,8 @@ def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int], cp_rank
     m, b, t = cfg.model, cfg.train.micro_batch_size, cfg.data.seq_len // layout.cp
     hidden = ffn_hidden_dim(m)
     layers_here = len({n.split(".")[1] for n in numels if n.startswith("layers.")})
-    activations = block_activations(cfg, layout, layers_here, cp_rank)
+    moe_here = len({n.split(".")[1] for n in numels if ".experts." in n})
+    activations = block_activations(cfg, layout, layers_here, cp_rank, moe_here)
     if any(n.startswith("output.") for n in numels):
         if layout.tp > 1:  # loss parallel: fp32 logits of this rank's vocabulary shard and their gradient
             activations += b * t * m.vocab_size / layout.tp * 4 * 2
@@ -132,7 +150,10 @@ def memory_per_rank(cfg: Config, layout: Layout, numels: dict[str, int], cp_rank
         # its backward, and two blocks (the one computing and the next, prefetched); in the backward, one
         # block's unsharded gradients and the reduce-scatter's input they are copied into (two more).
         param_bytes = 2 if cfg.train.mixed_precision != "fp32" else 4
-        block = m.dim * m.head_size * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.dim * hidden + 2 * m.dim
+        mlp = 3 * m.dim * hidden
+        if m.moe:  # an MoE block gathers its router and the experts this ep rank holds
+            mlp = max(mlp, 3 * m.dim * moe_hidden_dim(m) * m.n_experts // layout.ep + m.dim * m.n_experts)
+        block = m.dim * m.head_size * (2 * m.n_heads + 2 * m.n_kv_heads) + mlp + 2 * m.dim
         head = m.vocab_size * m.dim if any(n.startswith("output.") for n in numels) else 0
         activations += (head + 4 * block) / layout.tp * param_bytes
     grad_elements = elements
@@ -162,8 +183,9 @@ def estimate(cfg: Config, world_size: int, analytic: bool = False) -> dict:
     return {
         "parameters": num_params(model),
         "parameters_without_embeddings": num_params(model, exclude_embeddings=True),
+        "active_parameters": num_params(model, active=True),
         "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
-        "layout": {d: getattr(layout, d) for d in ("pp", "dp_replicate", "dp_shard", "cp", "tp")},
+        "layout": {d: getattr(layout, d) for d in ("pp", "dp_replicate", "dp_shard", "cp", "tp", "ep")},
         "pp_schedule": layout.pp_schedule if layout.pp > 1 else None,
         "ranks": ranks,
     }
@@ -172,10 +194,12 @@ def estimate(cfg: Config, world_size: int, analytic: bool = False) -> dict:
 def format_estimate(est: dict) -> str:
     gib = 2**30
     lay = est["layout"]
+    active = est.get("active_parameters", est["parameters"])
     lines = [f"parameters: {est['parameters'] / 1e6:,.2f}M ({est['parameters_without_embeddings'] / 1e6:,.2f}M "
-             f"without embeddings); {est['flops_per_token'] / 1e9:.3f} GFLOP per token (training)",
-             f"layout: pp {lay['pp']} x dp_replicate {lay['dp_replicate']} x dp_shard {lay['dp_shard']} x "
-             f"cp {lay.get('cp', 1)} x tp {lay['tp']}"
+             f"without embeddings" + (f"; {active / 1e6:,.2f}M active per token" if active != est["parameters"] else "")
+             + f"); {est['flops_per_token'] / 1e9:.3f} GFLOP per token (training)",
+             f"layout: pp {lay['pp']} x dp_replicate {lay['dp_replicate']} x dp_shard {lay['dp_shard']}"
+             + (f" (ep {lay['ep']})" if lay.get("ep", 1) > 1 else "") + f" x cp {lay.get('cp', 1)} x tp {lay['tp']}"
              + (f", schedule {est['pp_schedule']}" if est["pp_schedule"] else ""),
              f"{'rank':>5} {'params GiB':>11} {'grads GiB':>10} {'optim GiB':>10} {'activ. GiB (approx)':>20} {'total':>8}"]
     for r in est["ranks"]:

@@ -8,8 +8,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from megacore.model.moe import moe_layers
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, bf16: bool, pipelined: bool = False, lean: bool = False) -> None:
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, bf16: bool, pipelined: bool = False, lean: bool = False,
+               expert_mesh: DeviceMesh | None = None, expert_divide: int = 1) -> None:
     """FSDP units as torchtitan cuts them: the embedding, each block, and the final norm with the output
     head; the root (the model) then holds no parameters of its own. Only one unit's full weights are
     gathered at a time, plus the head's.
@@ -23,6 +26,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, bf16: bool, pipelined: boo
     gathering the weights again for each micro-batch (the pipeline schedule is then given the stage
     without its FSDP root: megacore/parallel/pipeline.py).
     With tied embeddings the one weight stays with the root, which then holds the embedding and head.
+    Under expert parallelism (`expert_mesh`: the ranks that hold the same experts) each MoE layer's experts
+    are a unit of their own on that mesh, whose gradient is divided by `expert_divide` (the whole
+    data-parallel size: megacore/parallel/expert_parallel.py) instead of the mesh's size.
     """
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     reshard = True if lean else not pipelined
@@ -30,6 +36,14 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, bf16: bool, pipelined: boo
     if model.tok_embeddings is not None and not tied:
         fully_shard(model.tok_embeddings, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     for block in model.layers.values():
+        if expert_mesh is not None:
+            for _, moe in moe_layers(block):
+                fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard)
+                moe.experts.set_gradient_divide_factor(float(expert_divide))
+                if expert_mesh.device_type == "cpu" and expert_mesh.size(-1) > 1:
+                    # gloo has no pre-multiplied sum: sum, then divide. (A shard group of one rank divides
+                    # as it copies, and must not be told to divide again.)
+                    moe.experts.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     if model.output is not None and not tied:
         fully_shard([model.norm, model.output], mesh=dp_mesh, mp_policy=mp, reshard_after_forward=lean)

@@ -9,6 +9,10 @@ in the row-major mesh (rank = (((pp * R + dp_replicate) * S + dp_shard) * C + cp
 Context-parallel ranks (cp) read the same batch and each holds a share of every sequence; FSDP shards
 parameters over dp_shard x cp (the flattened mesh dimension "dp_shard_cp"), so cp ranks share the
 optimizer's work too, as in torchtitan.
+
+Expert parallelism (ep) splits dp_shard: ep consecutive dp_shard ranks hold different experts of each MoE
+layer and exchange tokens; the mesh is then built with dp_shard as (efsdp, ep), flattened back into
+dp_shard for everything else, and the experts are FSDP-sharded over efsdp (and dp_replicate) only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from megacore.errors import ConfigError
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 FSDP_SHARD_DIM = "dp_shard_cp"  # dp_shard x cp, flattened
+EXPERT_DIMS = ("efsdp", "ep")  # dp_shard = efsdp x ep under expert parallelism
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class Layout:
     dp_shard: int = 1
     cp: int = 1
     tp: int = 1
+    ep: int = 1  # expert parallelism, within dp_shard
     pp_schedule: str = "1f1b"
     stages_per_rank: int = 1
     # Micro-batches per optimizer step on each data-parallel rank: gradient-accumulation steps, or the
@@ -65,6 +71,7 @@ class Layout:
             coords[dim] = rank % size
             rank //= size
         coords[FSDP_SHARD_DIM] = coords["dp_shard"] * self.cp + coords["cp"]
+        coords["efsdp"], coords["ep"] = divmod(coords["dp_shard"], self.ep)
         return coords
 
     def dp_rank(self, rank: int) -> int:
@@ -77,10 +84,20 @@ class Layout:
         is flattened into FSDP_SHARD_DIM (what FSDP shards over)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+        if self.ep == 1:
+            mesh = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+        else:  # dp_shard split into (efsdp, ep), then flattened back (cp is 1: Layout.resolve)
+            dims = ("pp", "dp_replicate", *EXPERT_DIMS, "cp", "tp")
+            sizes = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
+            mesh = init_device_mesh(device_type, sizes, mesh_dim_names=dims)
+            mesh[EXPERT_DIMS]._flatten("dp_shard")
         if self.cp > 1:
             mesh["dp_shard", "cp"]._flatten(FSDP_SHARD_DIM)
         return mesh
+
+    def expert_fsdp_mesh(self, mesh):
+        """The mesh FSDP shards the experts over under expert parallelism: efsdp, with dp_replicate first."""
+        return mesh["dp_replicate", "efsdp"] if self.dp_replicate > 1 else mesh["efsdp"]
 
     def fsdp_mesh(self, mesh):
         """The mesh FSDP shards over: dp_shard (x cp), with dp_replicate first for HSDP."""
@@ -93,7 +110,8 @@ class Layout:
 
     def describe(self) -> str:
         cp = f" x cp {self.cp}" if self.cp > 1 else ""
-        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{cp} x tp {self.tp}"
+        ep = f" (ep {self.ep})" if self.ep > 1 else ""
+        return f"pp {self.pp} x dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}{ep}{cp} x tp {self.tp}"
 
     @classmethod
     def resolve(cls, cfg: Config, world_size: int) -> Layout:
@@ -116,6 +134,15 @@ class Layout:
         if m.n_heads % par.tp or m.n_kv_heads % par.tp:
             raise ConfigError(f"parallel.tp={par.tp} must divide model.n_heads={m.n_heads} and "
                               f"model.n_kv_heads={m.n_kv_heads}")
+        if par.ep > 1:
+            if not m.moe:
+                raise ConfigError(f"parallel.ep={par.ep} needs a mixture of experts (model.n_experts > 0)")
+            if dp_shard % par.ep or m.n_experts % par.ep:
+                raise ConfigError(f"parallel.ep={par.ep} must divide parallel.dp_shard={dp_shard} (expert parallelism "
+                                  f"splits the sharded data-parallel ranks) and model.n_experts={m.n_experts}")
+            if par.cp > 1 or par.tp > 1:
+                raise ConfigError(f"parallel.ep={par.ep} with parallel.cp={par.cp} and parallel.tp={par.tp}: expert "
+                                  f"parallelism composes with dp_shard, dp_replicate and pp only (cp and tp must be 1)")
         seq = cfg.data.seq_len
         if par.cp > 1 and (seq % (2 * par.cp) or (seq // par.cp) % par.tp):
             raise ConfigError(f"data.seq_len={seq} must be divisible by 2 x parallel.cp={par.cp} (context parallelism "
@@ -141,5 +168,6 @@ class Layout:
                 f"train.global_batch_size={train.global_batch_size} / (micro_batch_size="
                 f"{train.micro_batch_size} x {dp_size} dp ranks) gives {n_micro}")
         return cls(world_size=world_size, backend=par.backend, pp=par.pp, dp_replicate=par.dp_replicate,
-                   dp_shard=dp_shard, cp=par.cp, tp=par.tp, pp_schedule=par.pp_schedule, stages_per_rank=stages_per_rank,
+                   dp_shard=dp_shard, cp=par.cp, tp=par.tp, ep=par.ep, pp_schedule=par.pp_schedule,
+                   stages_per_rank=stages_per_rank,
                    n_micro=n_micro, fsdp_lean=par.fsdp_reshard == "always")

@@ -1,7 +1,8 @@
 """Applying parallelism to a model from the outside, on one device mesh pp x dp_replicate x dp_shard x cp x tp.
 
 Order (as in torchtitan): pipeline split -> float8 -> tensor parallel -> context parallel (the attention
-kernel) -> activation checkpointing -> compile -> FSDP/HSDP over dp_shard x cp -> materialise. The
+kernel) -> expert parallel (experts sharded over ep, tokens dispatched) -> activation checkpointing ->
+compile -> FSDP/HSDP over dp_shard x cp (experts over what ep leaves of it) -> materialise. The
 model arrives on the meta device and all of this happens there; only then does each rank allocate and
 initialise the shards it holds (megacore/parallel/materialize.py),
 with an initialisation that gives the same weights on every layout.
@@ -23,6 +24,7 @@ from megacore.loss import LanguageModelLoss
 from megacore.model.llama import Llama
 from megacore.parallel.activation_checkpoint import apply_activation_checkpointing
 from megacore.parallel.context_parallel import apply_context_parallel
+from megacore.parallel.expert_parallel import apply_expert_parallel
 from megacore.parallel.fsdp import apply_fsdp
 from megacore.parallel.layout import Layout
 from megacore.parallel.materialize import materialize
@@ -59,13 +61,16 @@ def apply_parallelism(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMes
             apply_tensor_parallel(part, mesh["tp"])
         if layout.cp > 1:
             apply_context_parallel(part, mesh["cp"], par.cp_regather_kv)
+        if layout.ep > 1:
+            apply_expert_parallel(part, mesh["ep"])
         apply_activation_checkpointing(part, par.activation_checkpointing)
         if compile_:
             for block in part.layers.values():
                 block.compile()
         if layout.fsdp_size > 1:
             apply_fsdp(part, layout.fsdp_mesh(mesh), cfg.train.mixed_precision == "bf16", pipelined=layout.pp > 1,
-                       lean=layout.fsdp_lean)
+                       lean=layout.fsdp_lean, expert_mesh=layout.expert_fsdp_mesh(mesh) if layout.ep > 1 else None,
+                       expert_divide=layout.fsdp_size)
     return stages
 
 

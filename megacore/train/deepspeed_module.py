@@ -66,6 +66,7 @@ class DeepSpeedTrainModule:
     """The engine behind the train-module protocol (megacore/train/module.py)."""
 
     reports_loss = counts_tokens = True
+    routing: dict = {}  # (dense models only: megacore/preflight.py)
 
     def __init__(self, engine, loss: LanguageModelLoss, n_micro: int, device: torch.device, document_masking: bool,
                  checkpointer: DeepSpeedCheckpointer):

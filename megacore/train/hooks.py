@@ -19,7 +19,7 @@ memory report (megacore/monitor/memory.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ class StepResult:
     tokens: int  # target tokens in the global batch
     stop_votes: int  # ranks asking to stop (signal or STOP file)
     verdict: torch.Tensor | None = None  # run health's verdict of the step (megacore/health/checks.py)
+    routing: dict[str, torch.Tensor] = field(default_factory=dict)  # MoE routing metrics (device tensors)
 
     @property
     def loss(self) -> float:

@@ -36,6 +36,7 @@ class TrainModule(Protocol):
     grad_average_size: int  # ranks the data-parallel gradient reduction averages over (dp_size x cp)
     reports_loss: bool  # this rank contributes its loss to the global sum (one rank per data-parallel slice)
     counts_tokens: bool  # this rank contributes its batch's target count
+    routing: dict[str, torch.Tensor]  # the last step's MoE routing metrics, global (empty: a dense model)
 
     def train(self, mode: bool = True) -> None: ...
 

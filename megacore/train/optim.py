@@ -77,15 +77,22 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
     """Global gradient norm over every rank's shards and stages; clips in place when max_norm > 0."""
     params = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if isinstance(total, DTensor):
-        # Sharded gradients (FSDP, TP): the norm is a partial DTensor; reduce it over its mesh.
-        total = total.full_tensor()
+    # Gradients sharded on different meshes (the experts' under expert parallelism, the rest's) make
+    # separate norms; each group's is a partial DTensor, reduced over its own mesh.
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
     if pp_group is not None:
         # Each pipeline rank holds other layers: add the squares across the pp dimension.
         total = total ** 2
         dist.all_reduce(total, group=pp_group)
         total = total.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total

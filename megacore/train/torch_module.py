@@ -7,11 +7,14 @@ the head's logits stay sharded over the vocabulary and the loss runs on the shar
 forward and backward both. Under context parallelism each micro-batch is first cut to this rank's
 share of every sequence (megacore/parallel/context_parallel.py): inputs, labels and position ids alike;
 the loss is this rank's tokens' sum, and FSDP's average over dp_shard x cp makes the gradient whole.
+A mixture of experts adds its auxiliary loss to each micro-batch's objective and moves its balancing
+bias after each optimizer step (megacore/parallel/load_balance.py); `routing` holds the step's metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,14 +27,26 @@ from megacore.checkpoint.meta import CheckpointMeta
 from megacore.checkpoint.weights import check_init_from, load_weights_into_shards
 from megacore.config import Config
 from megacore.distributed import DistEnv, on_every_rank
+from megacore.health.checks import VERDICT_SKIP
 from megacore.loss import LanguageModelLoss, LossSums
 from megacore.model import Llama
 from megacore.parallel.context_parallel import shard_sequence
 from megacore.parallel.layout import Layout
+from megacore.parallel.load_balance import after_step, auxiliary_loss, reset_counts
 from megacore.parallel.parallelize import autocast_policy, parallelize
 from megacore.parallel.pipeline import build_schedule
 from megacore.train.data import micro_batches
 from megacore.train.optim import Optimizers
+
+
+@dataclass(frozen=True)
+class Balancing:
+    """A mixture of experts' load balancing in training (model.moe_*), over `mesh`: the ranks that hold
+    different tokens of the same layers (None: one rank)."""
+
+    aux_coef: float
+    bias_rate: float
+    mesh: object = None
 
 
 def build_torch_module(cfg: Config, layout: Layout, env: DistEnv, init_from: str | None) -> TorchTrainModule:
@@ -50,7 +65,10 @@ def build_torch_module(cfg: Config, layout: Layout, env: DistEnv, init_from: str
     return TorchTrainModule(par.stages, layout, env.rank, env.device, loss, optimizers,
                             Checkpointer(cfg.train.run_dir, cfg.checkpoint, env.rank),
                             autocast_policy(cfg, layout, env.device), cfg.model.document_masking,
-                            pp_mesh=mesh["pp"] if layout.pp > 1 else None)
+                            pp_mesh=mesh["pp"] if layout.pp > 1 else None,
+                            balancing=Balancing(cfg.model.moe_aux_loss_coef, cfg.model.moe_bias_update_rate,
+                                                layout.fsdp_mesh(mesh) if layout.fsdp_size > 1 else None)
+                            if cfg.model.moe else None)
 
 
 class TorchTrainModule:
@@ -60,12 +78,13 @@ class TorchTrainModule:
     def __init__(self, stages: list[tuple[int, nn.Module]], layout: Layout, rank: int, device: torch.device,
                  loss: LanguageModelLoss, optimizers: Optimizers | None = None, checkpointer: Checkpointer | None = None,
                  amp: contextlib.AbstractContextManager | None = None, document_masking: bool = False,
-                 pp_mesh=None):
+                 pp_mesh=None, balancing: Balancing | None = None):
         self.parts = [part for _, part in stages]
         self.layout, self.device, self.n_micro, self.loss = layout, device, layout.n_micro, loss
         self.optimizers, self.checkpointer = optimizers, checkpointer
         self.amp = amp if amp is not None else contextlib.nullcontext()
-        self.document_masking = document_masking
+        self.document_masking, self.balancing = document_masking, balancing
+        self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing metrics (device tensors)
         coords = layout.coordinates(rank)
         self.tp_rank, self.pp_rank, self.cp_rank = coords["tp"], coords["pp"], coords["cp"]
         self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp_size
@@ -112,6 +131,7 @@ class TorchTrainModule:
         if self.schedule is not None:
             return self._train_pipeline(batch, scale)
         model, total = self.parts[0], torch.zeros((), device=self.device)
+        aux = self._begin_routing()
         for i, (x, y, pos) in enumerate(self._micro_batches(batch)):
             if isinstance(model, FSDPModule) and not self.layout.fsdp_lean:
                 # Reduce-scatter gradients once, on the last micro-batch (lean: on every one, so that
@@ -119,9 +139,27 @@ class TorchTrainModule:
                 model.set_requires_gradient_sync(i == self.n_micro - 1)
             with self._context():
                 micro_loss = self.loss(model.output, self._output(model, x, pos), y)
-                (micro_loss * scale).backward()
+                objective = micro_loss * scale
+                if aux is not None:
+                    # The step's auxiliary term is the mean over micro-batches; FSDP averages the ranks'
+                    # gradients, so each rank's share is scaled by their number as the token loss is.
+                    share, value = auxiliary_loss(self.parts, self.balancing.mesh)
+                    objective = objective + share * (self.balancing.aux_coef * self.grad_average_size / self.n_micro)
+                    aux += value.detach() / self.n_micro
+                objective.backward()
             total += micro_loss.detach()
         return total
+
+    def _begin_routing(self) -> torch.Tensor | None:
+        """A new step's expert counts; the accumulator of its auxiliary loss when there is one."""
+        if self.balancing is None:
+            return None
+        reset_counts(self.parts)
+        self.routing = {}
+        if self.balancing.aux_coef > 0:
+            self.routing["moe/aux_loss"] = torch.zeros((), device=self.device)
+            return self.routing["moe/aux_loss"]
+        return None
 
     @torch.no_grad()
     def eval_batch(self, batch: dict) -> LossSums:
@@ -147,6 +185,7 @@ class TorchTrainModule:
     def _train_pipeline(self, batch: dict, scale: float) -> torch.Tensor:
         """One schedule step on the unscaled loss; the gradients are then scaled (the schedule's loss
         function is fixed at construction, the scale changes with each step's token count)."""
+        self._begin_routing()  # (no auxiliary loss under pp: megacore/preflight.py)
         total = self._run_pipeline(self.schedule.step, batch)
         grads = [p.grad for part in self.parts for p in part.parameters() if p.grad is not None]
         if grads:
@@ -176,7 +215,11 @@ class TorchTrainModule:
 
     def optim_step(self, lr: float, verdict=None):
         self.optimizers.set_lr(lr)
-        return self.optimizers.step(verdict)
+        norm, judged = self.optimizers.step(verdict)
+        if self.balancing is not None:
+            skip = judged[VERDICT_SKIP].float() if judged is not None else None
+            self.routing.update(after_step(self.parts, self.balancing.mesh, self.balancing.bias_rate, skip))
+        return norm, judged
 
     def save(self, step: int, meta: CheckpointMeta) -> Path | None:
         return self.checkpointer.save(step, self.parts, self.optimizers, meta)

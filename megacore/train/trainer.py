@@ -192,7 +192,7 @@ class Trainer:
         dist.all_reduce(total)
         grad_norm, verdict = module.optim_step(lr, lambda norm: self.health.verdict(step, total / global_tokens, norm))
         return StepResult(step=step, lr=lr, loss_sum=total, grad_norm_value=grad_norm, tokens=global_tokens,
-                          stop_votes=votes, verdict=verdict)
+                          stop_votes=votes, verdict=verdict, routing=dict(module.routing))
 
     def _act_on_health(self, step: int, result: StepResult,
                        stop_reason: str | None = None) -> tuple[int, StepResult | None, str | None]:
@@ -242,7 +242,8 @@ class Trainer:
     def _log_train(self, result: StepResult) -> dict:
         metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, **self.throughput.take(),
                    "epoch": self.batches.epoch, "epoch_progress": self.batches.epoch_progress,
-                   "peak_memory_gib": peak_memory_gib(self.env.device), "skipped_batches": self.skipped_batches}
+                   "peak_memory_gib": peak_memory_gib(self.env.device), "skipped_batches": self.skipped_batches,
+                   **{name: float(value) for name, value in result.routing.items()}}
         self.metrics.log(result.step, metrics)
         report = self.health.stragglers.report(result.step)  # (every rank: an all-gather of one float each)
         if report is not None:
@@ -364,8 +365,12 @@ class Trainer:
     def _describe(self, peak_tflops: float, peak_source: str) -> str:
         cfg = self.cfg
         with torch.device("meta"):
-            n_params = num_params(Llama(cfg.model))
-        return (f"model: {n_params / 1e6:.2f}M parameters, {self.throughput.flops_per_token / 1e6:.1f} MFLOP/token; "
+            model = Llama(cfg.model)
+        n_params, active = num_params(model), num_params(model, active=True)
+        experts = (f" ({active / 1e6:.2f}M active: {cfg.model.n_active_experts} of {cfg.model.n_experts} experts)"
+                   if cfg.model.moe else "")
+        return (f"model: {n_params / 1e6:.2f}M parameters{experts}, {self.throughput.flops_per_token / 1e6:.1f} "
+                f"MFLOP/token; "
                 f"{self.env.world_size} rank(s) as {self.layout.describe()}; global batch "
                 f"{cfg.train.global_batch_size} x {cfg.data.seq_len} tokens in {self.layout.n_micro} micro-batch(es) "
                 f"per dp rank; {cfg.train.mixed_precision}{', compiled' if cfg.parallel.compile else ''}; MFU "
