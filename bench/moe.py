@@ -30,7 +30,8 @@ from scaling import run  # noqa: E402
 from megacore.model.moe import expert_swiglu  # noqa: E402
 
 SHAPES = [(8, 256, 512, 4096), (64, 256, 128, 8192)]  # (experts, dim, hidden, tokens x k)
-MOE = ["model.n_experts=8", "model.n_active_experts=2", "model.moe_ffn_dim=256", "model.moe_aux_loss_coef=0.001"]
+MOE = ["model.family=mixtral", "model.n_experts=8", "model.n_active_experts=2", "model.moe_ffn_dim=256",
+       "model.moe_aux_loss_coef=0.001"]
 LAYOUTS = {"moe 1 rank": (1, MOE), "moe fsdp2": (2, [*MOE, "parallel.dp_shard=2"]),
            "moe ep2": (2, [*MOE, "parallel.dp_shard=2", "parallel.ep=2"])}
 

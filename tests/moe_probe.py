@@ -26,6 +26,7 @@ from megacore.loss import loss_sum
 from megacore.model import Llama
 from megacore.model.moe import Router, moe_layers
 from megacore.parallel.layout import Layout
+from megacore.parallel.load_balance import after_step
 from megacore.parallel.materialize import canonical_name
 from megacore.train.torch_module import build_torch_module
 from tests.helpers import REPO
@@ -51,9 +52,11 @@ def starve(model: torch.nn.Module) -> None:
         moe.router.expert_bias.copy_(STARVED_BIAS)
 
 
-def reference(cfg, data, case) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def reference(cfg, data, case, groups) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict]:
     """One plain process: (summed token loss, transformers' auxiliary loss, gradients of loss / target tokens
-    + coef x auxiliary loss by parameter name)."""
+    + coef x auxiliary loss by parameter name, each MoE layer's balancing bias after the step). The
+    auxiliary loss is the mean of transformers' over `groups`, the rows of each global micro-batch (a
+    micro-batch of every data-parallel rank together)."""
     model = Llama(cfg.model)
     model.init_weights(cfg.train.seed)
     if case == "starved":
@@ -64,12 +67,20 @@ def reference(cfg, data, case) -> tuple[torch.Tensor, torch.Tensor, dict[str, to
             module.register_forward_hook(lambda m, args, out: logits.append(out.probs.log()))
     model.train()
     loss = loss_sum(model(data["input_ids"]), data["labels"])
-    aux = load_balancing_loss_func(tuple(logits), cfg.model.n_experts, cfg.model.n_active_experts)
-    if case == "starved":  # (transformers' function chooses without the bias; ours counts what was chosen)
-        aux = _aux_with_choice(logits, cfg.model.n_experts, cfg.model.n_active_experts)
+    auxes = []
+    for rows in groups:
+        mine = tuple(layer.view(ROWS, SEQ, -1)[rows].flatten(0, 1) for layer in logits)
+        if case == "starved":  # (transformers' function chooses without the bias; ours counts what was chosen)
+            auxes.append(_aux_with_choice(mine, cfg.model.n_experts, cfg.model.n_active_experts))
+        else:
+            auxes.append(load_balancing_loss_func(mine, cfg.model.n_experts, cfg.model.n_active_experts))
+    aux = torch.stack(auxes).mean()
     objective = loss / (data["labels"] != IGNORE_INDEX).sum() + cfg.model.moe_aux_loss_coef * aux
     objective.backward()
-    return loss.detach(), aux.detach(), {name: p.grad for name, p in model.named_parameters()}
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    after_step([model], None, cfg.model.moe_bias_update_rate)
+    biases = {name: moe.router.expert_bias.clone() for name, moe in moe_layers(model)}
+    return loss.detach(), aux.detach(), grads, biases
 
 
 def _aux_with_choice(logits, n_experts, k) -> torch.Tensor:
@@ -102,9 +113,12 @@ def main(out: str, case: str, overrides: list[str]) -> None:
         if case == "starved":
             for part in module.parts:
                 starve(part)
-        rows = slice(module.dp_rank * ROWS // layout.dp_size, (module.dp_rank + 1) * ROWS // layout.dp_size)
+        per_rank, mbs = ROWS // layout.dp_size, cfg.train.micro_batch_size
+        rows = slice(module.dp_rank * per_rank, (module.dp_rank + 1) * per_rank)
         mine = {k: v[rows] for k, v in data.items()}
-        ref_loss, ref_aux, ref_grads = reference(cfg, data, case)
+        groups = [[r * per_rank + m * mbs + j for r in range(layout.dp_size) for j in range(mbs)]
+                  for m in range(layout.n_micro)]
+        ref_loss, ref_aux, ref_grads, ref_biases = reference(cfg, data, case, groups)
         tokens = int((data["labels"] != IGNORE_INDEX).sum())
         module.train(True)
         loss = module.train_batch(mine, module.grad_average_size / tokens)
@@ -122,6 +136,11 @@ def main(out: str, case: str, overrides: list[str]) -> None:
                 local = p.to_local() if isinstance(p, DTensor) else p
                 report["grads"][name] = (full(p.grad) - ref_grads[name]).abs().max().item() / scale_of(ref_grads[name])
                 report.setdefault("local_experts", {})[name] = list(local.shape)
+        # The optimizer step moves the balancing bias from the step's global loads: one process's values.
+        module.optim_step(1e-3)
+        report["bias"] = {name: (moe.router.expert_bias - ref_biases[canonical_name(name)]).abs().max().item()
+                          for part in module.parts for name, moe in moe_layers(part)}
+        report["bias_moved"] = max(b.abs().max().item() for b in ref_biases.values())
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, f"rank{env.rank}.json").write_text(json.dumps(report))
         del module

@@ -24,7 +24,7 @@ from megacore.parallel.layout import Layout
 from megacore.parallel.load_balance import after_step, auxiliary_loss
 from megacore.preflight import check_combinations
 from megacore.run_dir import load_run_config
-from tests.helpers import REPO, failure_message, megacore, read_metrics, tiny_run_args
+from tests.helpers import REPO, failure_message, megacore, read_metrics, tiny_run_args, trained_weights
 
 FAMILIES = {
     # (norm_topk_prob false: the weights are the raw probabilities of the chosen experts; a dense first layer)
@@ -140,7 +140,8 @@ def test_grouped_experts_equal_a_loop_over_experts_forward_and_backward_with_an_
 def test_the_auxiliary_loss_is_transformers_load_balancing_loss_for_the_same_logits():
     from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-    cfg = load_config(REPO / "configs/tiny.yaml", ["model.n_experts=8", "model.n_active_experts=2",
+    cfg = load_config(REPO / "configs/tiny.yaml", ["model.family=qwen3_moe", "model.qk_norm=true",
+                                                   "model.n_experts=8", "model.n_active_experts=2",
                                                    "model.vocab_size=64", "model.dim=32", "model.n_heads=4",
                                                    "model.moe_dense_layers=[0]", "model.moe_ffn_dim=16"]).model
     model = Llama(cfg).train()
@@ -156,7 +157,8 @@ def test_the_auxiliary_loss_is_transformers_load_balancing_loss_for_the_same_log
 
 
 def test_the_balancing_bias_moves_towards_the_mean_load_and_not_on_a_skipped_step():
-    cfg = load_config(REPO / "configs/tiny.yaml", ["model.n_experts=4", "model.vocab_size=64", "model.dim=32",
+    cfg = load_config(REPO / "configs/tiny.yaml", ["model.family=mixtral", "model.n_experts=4", "model.vocab_size=64",
+                                                   "model.dim=32",
                                                    "model.n_heads=4", "model.n_layers=2"]).model
     model = Llama(cfg).train()
     routers = [m.router for _, m in moe_layers(model)]
@@ -175,7 +177,8 @@ def test_the_balancing_bias_moves_towards_the_mean_load_and_not_on_a_skipped_ste
 
 def test_flops_and_the_active_parameter_count_take_k_experts_per_moe_layer():
     dense = ["model.dim=64", "model.n_heads=4", "model.n_layers=3", "model.vocab_size=100", "model.ffn_dim=96"]
-    moe = [*dense, "model.n_experts=8", "model.n_active_experts=2", "model.moe_ffn_dim=48",
+    moe = [*dense, "model.family=qwen3_moe", "model.qk_norm=true", "model.n_experts=8", "model.n_active_experts=2",
+           "model.moe_ffn_dim=48",
            "model.moe_dense_layers=[0]"]
     d, m = (load_config(REPO / "configs/tiny.yaml", o) for o in (dense, moe))
     # Two of 8 experts of width 48 are as many multiply-adds as one dense FFN of width 96, plus the router.
@@ -186,15 +189,27 @@ def test_flops_and_the_active_parameter_count_take_k_experts_per_moe_layer():
 
 
 @pytest.mark.parametrize("world, overrides, named", [
-    (2, ["parallel.ep=2", "model.n_experts=0"], "model.n_experts > 0"),
+    (2, ["parallel.ep=2", "model.n_experts=0", "model.family=llama"], "model.n_experts > 0"),
     (4, ["parallel.ep=3", "model.n_experts=6"], "parallel.ep=3 must divide parallel.dp_shard=4"),
     (4, ["parallel.ep=2", "model.n_experts=3"], "model.n_experts=3"),
     (4, ["parallel.ep=2", "parallel.tp=2"], "cp and tp must be 1"),
 ])
 def test_bad_expert_parallel_layouts_are_refused_naming_the_values(world, overrides, named):
-    cfg = load_config(REPO / "configs/tiny.yaml", ["model.n_experts=4", *overrides])
+    cfg = load_config(REPO / "configs/tiny.yaml", ["model.family=mixtral", "model.n_experts=4", *overrides])
     with pytest.raises(ConfigError, match=named.replace(".", r"\.").replace("[", r"\[")):
         Layout.resolve(cfg, world)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.family=llama", "model.n_experts=4"], "model.n_experts=4 with model.family=llama"),
+    (["model.family=mixtral", "model.n_experts=0"], "model.family=mixtral is a mixture of experts"),
+    (["model.family=mixtral", "model.n_experts=4", "model.moe_every=5"], "no layer is an MoE layer"),
+    (["model.family=mixtral", "model.n_experts=4", "model.moe_dense_layers=[1]"], r"model.moe_dense_layers=\[1\]"),
+    (["model.family=mixtral", "model.n_experts=4", "model.n_active_experts=5"], "model.n_active_experts=5"),
+])
+def test_a_bad_moe_model_section_is_refused_naming_the_keys(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(REPO / "configs/tiny.yaml", overrides)
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -203,7 +218,7 @@ def test_bad_expert_parallel_layouts_are_refused_naming_the_values(world, overri
     (["parallel.backend=deepspeed"], "parallel.backend=deepspeed"),
 ])
 def test_what_moe_does_not_have_yet_is_refused_before_launch(overrides, named):
-    cfg = load_config(REPO / "configs/tiny.yaml", ["model.n_experts=4", *overrides])
+    cfg = load_config(REPO / "configs/tiny.yaml", ["model.family=mixtral", "model.n_experts=4", *overrides])
     with pytest.raises(ConfigError, match=named):
         check_combinations(cfg)
 
@@ -222,14 +237,21 @@ def test_a_published_moe_field_we_do_not_implement_is_refused_by_name(family, ch
 
 # Expert parallelism against one process (tests/moe_probe.py) --------------------------------------------
 
-AUX = "model.moe_aux_loss_coef=0.01"
+AUX, BIAS = "model.moe_aux_loss_coef=0.01", "model.moe_bias_update_rate=0.001"
 PROBES = {  # name: (processes, case, overrides)
-    "ep2": (2, "step", ["parallel.ep=2", "train.micro_batch_size=2", AUX]),
+    "ep2": (2, "step", ["parallel.ep=2", "train.micro_batch_size=2", AUX, BIAS]),
     "ep2_idle_rank": (2, "starved", ["parallel.ep=2", "train.micro_batch_size=2", AUX]),
+    # two micro-batches per step: the auxiliary loss is the mean of each global micro-batch's
+    "ep2_two_micro_batches": (2, "step", ["parallel.ep=2", "train.micro_batch_size=1", AUX]),
+    "ep2_full_ac": (2, "step", ["parallel.ep=2", "train.micro_batch_size=2", AUX,
+                                "parallel.activation_checkpointing=full"]),
     "ep2_dp_shard4": (4, "step", ["parallel.ep=2", "parallel.dp_shard=4", "train.micro_batch_size=1", AUX]),
+    # FSDP on the experts' rows (dim 1): an ep rank's experts are fewer than the ranks that shard them
+    "fsdp4_experts_dim1": (4, "step", ["parallel.dp_shard=4", "model.n_experts=3", "train.micro_batch_size=1", AUX]),
+    "ep2_dp_shard4_experts_dim1": (4, "step", ["parallel.ep=2", "parallel.dp_shard=4", "model.n_experts=2",
+                                               "model.n_active_experts=1", "train.micro_batch_size=1", AUX]),
     "hsdp2_ep2": (4, "step", ["parallel.ep=2", "parallel.dp_replicate=2", "train.micro_batch_size=1", AUX]),
-    "pp2_ep2": (4, "step", ["parallel.ep=2", "parallel.pp=2", "train.micro_batch_size=1",
-                            "model.moe_bias_update_rate=0.001"]),
+    "pp2_ep2": (4, "step", ["parallel.ep=2", "parallel.pp=2", "train.micro_batch_size=1", BIAS]),
 }
 
 
@@ -251,9 +273,16 @@ def test_one_training_step_under_expert_parallelism_equals_one_process(name, tmp
         for param, diff in report["grads"].items():
             assert diff < 1e-5, (name, rank, param)
         seen |= set(report["grads"])
+        assert all(diff == 0 for diff in report["bias"].values()), (name, rank)
+        if BIAS in overrides:
+            assert report["bias_moved"] > 0
         # Each ep rank holds its share of the experts (then FSDP splits that share further).
-        held = [shape[0] for param, shape in report["local_experts"].items() if param.endswith("experts.w1")]
-        assert held and max(held) <= 2, (name, rank)
+        held = [shape for param, shape in report["local_experts"].items() if param.endswith("experts.w1")]
+        if "parallel.ep=2" in overrides:
+            experts = 2 if "model.n_experts=2" in overrides else 4
+            assert held and max(shape[0] for shape in held) <= experts // 2, (name, rank)
+        if name.endswith("experts_dim1"):  # every rank holds a slice of each of its experts' rows
+            assert all(shape[1] < 32 for shape in held), (name, rank)
         if case == "starved":  # experts 2 and 3 (the second ep rank's) received no token anywhere
             assert all(layer[2] == layer[3] == 0 for layer in report["tokens_per_expert"]), rank
     assert len(seen) == 38, "every parameter of the 3-layer model is compared on some rank"
@@ -261,7 +290,8 @@ def test_one_training_step_under_expert_parallelism_equals_one_process(name, tmp
 
 # Training runs -----------------------------------------------------------------------------------------------
 
-MOE = ["model.n_layers=3", "model.n_experts=4", "model.n_active_experts=2", "model.moe_ffn_dim=64",
+MOE = ["model.n_layers=3", "model.family=qwen3_moe", "model.qk_norm=true", "model.n_experts=4",
+       "model.n_active_experts=2", "model.moe_ffn_dim=64",
        "model.moe_dense_layers=[0]", "model.moe_aux_loss_coef=0.01", "model.moe_bias_update_rate=0.001",
        "train.steps=6", "checkpoint.every=3", "train.eval_every=6", "train.global_batch_size=4",
        "train.micro_batch_size=2", "optim.grad_clip=0.05"]
@@ -300,20 +330,29 @@ def test_an_moe_run_logs_each_layers_expert_load_and_resumes_bitwise(moe_single,
 
 
 @pytest.mark.processes
-def test_an_ep2_run_trains_like_one_process_and_resumes_on_ep1(moe_single, short_documents, tmp_path):
+@pytest.mark.parametrize("nproc, layout", [(2, ["parallel.ep=2"]),
+                                           (4, ["parallel.ep=2", "parallel.dp_shard=4", "train.micro_batch_size=1"])],
+                         ids=["ep2", "ep2_dp_shard4"])
+def test_an_ep2_run_trains_like_one_process_and_resumes_on_ep1(nproc, layout, moe_single, short_documents, tmp_path):
+    """ep2 x dp_shard4: the experts are FSDP-sharded over 2 ranks as well (efsdp 2) before the checkpoint."""
     single = read_metrics(moe_single)
     run = tmp_path / "run"
-    proc = megacore("train", *tiny_run_args(short_documents, run, *MOE, "parallel.ep=2", "train.stop_after=3"),
-                    "--nproc", "2", timeout=600)
+    proc = megacore("train", *tiny_run_args(short_documents, run, *MOE, *layout, "train.stop_after=3"),
+                    "--nproc", str(nproc), timeout=600)
     assert "(ep 2)" in proc.stdout and "M active" in proc.stdout
     # Each rank's real shards (experts split over ep) are the estimator's.
     measured = json.loads((run / "memory.json").read_text())["ranks"]
-    for real, est in zip(measured, estimate(load_run_config(run), 2)["ranks"], strict=True):
+    for real, est in zip(measured, estimate(load_run_config(run), nproc)["ranks"], strict=True):
         for key in ("parameters", "gradients", "optimizer"):
             assert real[key] == est[key], (real["rank"], key)
+    # The balancing bias moved, and its checkpoint holds one process's values (written from 2 ranks).
+    step3 = "checkpoints/step_00000003"
+    ours, reference = trained_weights(run / step3), trained_weights(moe_single / step3)
+    bias = "layers.1.feed_forward.router.expert_bias"
+    assert ours[bias].abs().max() > 0 and torch.equal(ours[bias], reference[bias])
     megacore("train", *tiny_run_args(short_documents, run, *MOE, "train.micro_batch_size=4"), "--resume", "auto")
     train = read_metrics(run)
-    for step in range(1, 7):  # 1-3 on ep2 (2 ranks), 4-6 resumed on one process from its checkpoint
+    for step in range(1, 7):  # 1-3 with ep2, 4-6 resumed on one process from its checkpoint
         for key in ("loss", "moe/aux_loss", "moe/layer2/load_max"):
             assert train[step][key] == pytest.approx(single[step][key], rel=1e-5), (step, key)
         assert train[step]["grad_norm"] == pytest.approx(single[step]["grad_norm"], rel=1e-4), step

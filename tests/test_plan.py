@@ -40,9 +40,11 @@ def test_dry_run_plans_a_cluster_job_without_its_data():
 CP_LAYOUTS = {"cp2": (2, ["parallel.cp=2"]), "cp2_tp2_dp2": (8, ["parallel.cp=2", "parallel.tp=2"]),
               "hsdp2_cp2": (4, ["parallel.cp=2", "parallel.dp_replicate=2", "train.micro_batch_size=1"]),
               "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"])}
-MOE = ["model.n_experts=8", "model.n_active_experts=2", "model.moe_ffn_dim=64", "model.moe_dense_layers=[0]"]
-# (8 experts on 12 ranks: FSDP pads the experts' last shards, as it pads any dim 0)
-EP_LAYOUTS = {"ep2": (2, [*MOE, "parallel.ep=2"]),
+MOE = ["model.family=qwen3_moe", "model.qk_norm=true", "model.n_experts=8", "model.n_active_experts=2",
+       "model.moe_ffn_dim=64", "model.moe_dense_layers=[0]"]
+# (FSDP shards the experts' rows, dim 1, where an ep rank's experts are fewer than the ranks sharding them)
+EP_LAYOUTS = {"ep2": (2, [*MOE, "parallel.ep=2"]), "fsdp16_experts_dim1": (16, [*MOE, "train.global_batch_size=32"]),
+              "ep2_dp_shard16_experts_dim1": (16, [*MOE, "parallel.ep=2", "train.global_batch_size=32"]),
               "ep4_dp_shard8": (8, [*MOE, "parallel.ep=4", "train.global_batch_size=16"]),
               "hsdp2_ep2": (4, [*MOE, "parallel.ep=2", "parallel.dp_replicate=2", "train.micro_batch_size=1"]),
               "pp2_ep2_dp_shard6": (12, [*MOE, "parallel.ep=2", "parallel.pp=2", "train.global_batch_size=24"])}

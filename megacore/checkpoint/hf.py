@@ -284,8 +284,9 @@ def load_hf_into(model: Llama, path: str | Path) -> None:
     """Initialise `model` from a Hugging Face directory whose config.json describes this model."""
     config, state = read_hf(path)
     check_hf_config(config, model.cfg, path)
-    missing = {k for k in set(model.state_dict()) - set(state) if not _NOT_EXPORTED.fullmatch(k)}
+    own = {k: v for k, v in model.state_dict().items() if _NOT_EXPORTED.fullmatch(k)}  # (the balancing bias: 0)
+    missing = set(model.state_dict()) - set(state) - set(own)
     if missing:
         raise CheckpointError(f"{path}: missing weights {sorted(missing)[:5]}")
     with torch.no_grad():
-        model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=False)
+        model.load_state_dict({**own, **{k: v.to(torch.float32) for k, v in state.items()}}, strict=True)

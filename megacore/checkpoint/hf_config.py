@@ -134,12 +134,14 @@ def _moe(config: dict, family: str, source) -> dict:
     experts = config.get("num_experts") or config.get("num_local_experts")
     if not experts:
         _refuse(source, "num_experts", experts, "no experts in a mixture-of-experts family")
+    width = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    if not config.get(width):
+        _refuse(source, width, config.get(width), "no expert width")
     if family == "mixtral":
         return {"n_experts": experts, "n_active_experts": config.get("num_experts_per_tok", 2),
-                "moe_ffn_dim": config["intermediate_size"], "moe_every": 1, "moe_dense_layers": [],
-                "moe_norm_topk": True}
+                "moe_ffn_dim": config[width], "moe_every": 1, "moe_dense_layers": [], "moe_norm_topk": True}
     return {"n_experts": experts, "n_active_experts": config.get("num_experts_per_tok", 8),
-            "moe_ffn_dim": config["moe_intermediate_size"], "moe_every": config.get("decoder_sparse_step", 1),
+            "moe_ffn_dim": config[width], "moe_every": config.get("decoder_sparse_step", 1),
             "moe_dense_layers": sorted(config.get("mlp_only_layers") or []),
             "moe_norm_topk": bool(config.get("norm_topk_prob", False))}
 

@@ -133,9 +133,13 @@ class ModelConfig:
         if self.n_experts < 0 or self.moe_ffn_dim < 0:
             raise ConfigError(f"model.n_experts={self.n_experts} and model.moe_ffn_dim={self.moe_ffn_dim} must be >= 0")
         if self.family in ("qwen3_moe", "mixtral") and not self.moe:
-            raise ConfigError(f"model.family={self.family} is a mixture of experts: set model.n_experts")
+            raise ConfigError(f"model.family={self.family} is a mixture of experts: set model.n_experts (> 0)")
         if not self.moe:
             return
+        if self.family not in ("qwen3_moe", "mixtral"):
+            raise ConfigError(f"model.n_experts={self.n_experts} with model.family={self.family}: a mixture of experts "
+                              f"is a qwen3_moe (q/k norms: model.qk_norm=true) or mixtral model (the family it "
+                              f"exports as); set model.family")
         if not 1 <= self.n_active_experts <= self.n_experts:
             raise ConfigError(f"model.n_active_experts={self.n_active_experts} must be in [1, model.n_experts="
                               f"{self.n_experts}]")
@@ -145,14 +149,17 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"model.moe_dense_layers={self.moe_dense_layers}: {bad} not layers of model.n_layers="
                               f"{self.n_layers}")
+        if not any(self.is_moe_layer(i) for i in range(self.n_layers)):
+            raise ConfigError(f"model.n_experts={self.n_experts} but no layer is an MoE layer (model.moe_every="
+                              f"{self.moe_every}, model.moe_dense_layers={self.moe_dense_layers}, model.n_layers="
+                              f"{self.n_layers})")
         if self.moe_aux_loss_coef < 0 or self.moe_bias_update_rate < 0:
-            raise ConfigError("model.moe_aux_loss_coef and model.moe_bias_update_rate must be >= 0")
+            raise ConfigError(f"model.moe_aux_loss_coef={self.moe_aux_loss_coef} and model.moe_bias_update_rate="
+                              f"{self.moe_bias_update_rate} must be >= 0")
         if self.family == "mixtral" and (not self.moe_norm_topk or self.moe_every != 1 or self.moe_dense_layers):
-            raise ConfigError("model.family=mixtral: every layer is an MoE layer with renormalised weights "
-                              "(model.moe_norm_topk=true, model.moe_every=1, model.moe_dense_layers=[])")
-        if self.family not in ("qwen3_moe", "mixtral", "llama"):
-            raise ConfigError(f"model.n_experts={self.n_experts} with model.family={self.family}: mixtures of experts "
-                              f"export as qwen3_moe or mixtral")
+            raise ConfigError(f"model.family=mixtral has every layer an MoE layer with renormalised weights, but "
+                              f"model.moe_norm_topk={self.moe_norm_topk}, model.moe_every={self.moe_every}, "
+                              f"model.moe_dense_layers={self.moe_dense_layers} (need true, 1, [])")
 
 
 @dataclass

@@ -67,16 +67,18 @@ def init_slice(local: torch.Tensor, name: str, global_shape: Sequence[int], offs
     if len(global_shape) == 1:
         local.copy_(normal_values(seed, name, numel, offset[0], offset[0] + local.shape[0], std, local.device))
         return
-    if len(global_shape) > 2:
-        # Stacked matrices (MoE experts): the rows of all of them, when the slice takes whole matrices'
-        # rows (split over dim 0 only, by expert and FSDP parallelism), as one 2-d tensor.
-        if any(o or n != g for o, n, g in zip(offset[1:-1], local.shape[1:-1], global_shape[1:-1])):
-            raise ValueError(f"{name}: a slice {tuple(local.shape)} at {tuple(offset)} of {tuple(global_shape)} "
-                             f"that splits a dimension other than the first and last")
-        inner = numel // global_shape[0] // global_shape[-1]
-        init_slice(local.view(-1, local.shape[-1]), name, (numel // global_shape[-1], global_shape[-1]),
-                   (offset[0] * inner, offset[-1]), std, seed)
+    if len(global_shape) == 3:
+        # Stacked matrices (MoE experts, e x rows x cols) are the matrix of all their rows, e * rows x cols.
+        experts, rows, cols = global_shape
+        flat = (experts * rows, cols)
+        if offset[1] == 0 and local.shape[1] == rows:  # whole experts (split by expert): one row range
+            init_slice(local.view(-1, local.shape[-1]), name, flat, (offset[0] * rows, offset[2]), std, seed)
+            return
+        for i in range(local.shape[0]):  # a range of each expert's rows (FSDP on dim 1)
+            init_slice(local[i], name, flat, ((offset[0] + i) * rows + offset[1], offset[2]), std, seed)
         return
+    if len(global_shape) > 3:
+        raise ValueError(f"{name}: initialisation of {len(global_shape)}-d parameters is not implemented")
     rows, cols = global_shape
     (r0, c0), (n_rows, n_cols) = offset, local.shape
     chunk = max(1, CHUNK_ELEMENTS // cols)

@@ -53,8 +53,7 @@ class Router(nn.Module):
         # Updated after each optimizer step (megacore/parallel/load_balance.py) and checkpointed.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts), persistent=True)
         # Tokens each expert received in this step's training forwards (for the bias update and the load
-        # metrics). Recomputation under activation checkpointing counts a layer's tokens again: every
-        # use of it is per layer and invariant to scale (fractions, the sign of load - mean).
+        # metrics).
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -74,7 +73,8 @@ def grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether torch._grouped_mm takes these operands: its strides must be multiples of 16 bytes."""
     if not hasattr(torch, "_grouped_mm") or x.device.type not in ("cpu", "cuda"):
         return False
-    if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability()[0] < 9):
+    # CUDA: bf16 on Hopper only (on Blackwell, experts without tokens get non-zero gradients: pytorch#172439).
+    if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability()[0] != 9):
         return False
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or any(w.dtype != x.dtype for w in weights):
         return False
@@ -91,6 +91,9 @@ def expert_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w2: t
         # reduces the same (zero) weight gradients and runs the dispatch's backward all-to-all
         # (torch._grouped_mm has no backward for 0 rows).
         return x.new_zeros(0, w2.shape[1]) + 0 * (x.sum() + w1.sum() + w2.sum() + w3.sum())
+    if torch.is_autocast_enabled(x.device.type):  # (autocast does not reach torch._grouped_mm)
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
     grouped = grouped_mm_ok(x, w1, w2) if grouped is None else grouped
     if grouped:
         offsets = counts.cumsum(0).to(torch.int32)
@@ -137,7 +140,9 @@ class MoE(nn.Module):
         route = self.router(flat)
         chosen = route.experts.flatten()  # (tokens * k,)
         counts = torch.bincount(chosen, minlength=self.router.n_experts)
-        if self.training:
+        # Recorded in a training forward, not in its recomputation in the backward (activation
+        # checkpointing), which would count the tokens twice and keep the recomputed graph alive.
+        if self.training and torch._C._current_graph_task_id() == -1:
             with torch.no_grad():
                 self.router.tokens_per_expert += counts
             self.stats = RouterStats(counts.float(), route.probs.sum(0), flat.shape[0])

@@ -17,8 +17,11 @@ from megacore.model.attention import attention_kernels
 from megacore.model.llama import Llama
 
 # Matmuls, and every attention kernel SDPA or FlexAttention may pick on this machine (flash, memory-
-# efficient, cuDNN on sm90, the CPU flash kernel, FlexAttention's higher-order op).
-_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default, *attention_kernels()}
+# efficient, cuDNN on sm90, the CPU flash kernel, FlexAttention's higher-order op); the experts' grouped
+# GEMMs and expert parallelism's token all-to-alls (recomputing those would repeat the exchange).
+_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default, *attention_kernels(),
+         torch.ops.aten._grouped_mm.default, torch.ops._c10d_functional.all_to_all_single.default,
+         torch.ops._c10d_functional.wait_tensor.default}
 
 
 def _policy(ctx, op, *args, **kwargs):

@@ -21,6 +21,7 @@ from megacore.config import Config
 from megacore.loss import chunk_rows
 from megacore.model.llama import Llama, ffn_hidden_dim, flops_per_token, num_params
 from megacore.model.moe import moe_hidden_dim
+from megacore.parallel.fsdp import experts_shard_dim
 from megacore.parallel.layout import Layout
 from megacore.parallel.pipeline import stage_layers
 
@@ -74,8 +75,14 @@ def analytic_numels(cfg: Config, layout: Layout, rank: int, shapes: dict | None 
         dim = _tp_dim(name)
         if layout.tp > 1 and dim is not None:
             shape[dim] = chunk_size(shape[dim], layout.tp, c["tp"])
-        if layout.ep > 1 and ".experts." in name:  # experts split over ep, then FSDP over what ep leaves
-            shape[0] = chunk_size(chunk_size(shape[0], layout.ep, c["ep"]), layout.dp_shard // layout.ep, c["efsdp"])
+        if ".experts." in name and layout.fsdp_size > 1:
+            # Experts split over ep, then FSDP over what ep leaves, on dim 0 or 1 (experts_shard_dim).
+            shards, index = layout.dp_shard * layout.cp, c["dp_shard_cp"]
+            if layout.ep > 1:
+                shape[0] = chunk_size(shape[0], layout.ep, c["ep"])
+                shards, index = layout.dp_shard // layout.ep, c["efsdp"]
+            dim = experts_shard_dim(cfg.model.n_experts // layout.ep, shards)
+            shape[dim] = chunk_size(shape[dim], shards, index)
         elif layout.fsdp_size > 1:  # FSDP shards dim 0 over dp_shard x cp
             shape[0] = chunk_size(shape[0], layout.dp_shard * layout.cp, c["dp_shard_cp"])
         out[name] = math.prod(shape)

@@ -31,14 +31,14 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from megacore.model.moe import GroupedExperts, moe_layers
 
 
-def expert_major_order(counts: torch.Tensor) -> torch.Tensor:
-    """counts (sources, local experts): rows arrive source-major (source 0's tokens for expert 0, 1, ...,
-    then source 1's); the permutation that groups them by expert, sources in order within each."""
+def expert_major_order(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """counts (sources, local experts), `total` rows: rows arrive source-major (source 0's tokens for
+    expert 0, 1, ..., then source 1's); the permutation that groups them by expert, sources in order
+    within each."""
     sizes = counts.flatten()
     starts = (sizes.cumsum(0) - sizes).view_as(counts)
     by_expert_starts, by_expert_sizes = starts.t().flatten(), counts.t().flatten()
     new_starts = by_expert_sizes.cumsum(0) - by_expert_sizes
-    total = int(sizes.sum())
     shift = torch.repeat_interleave(by_expert_starts - new_starts, by_expert_sizes, output_size=total)
     return shift + torch.arange(total, device=counts.device)
 
@@ -59,7 +59,7 @@ class TokenDispatch:
         splits = torch.stack([counts.view(self.ranks, self.local_experts).sum(1), received.sum(1)]).tolist()
         send, recv = splits
         x = all_to_all_single_autograd(x, recv, send, self.group)
-        order = expert_major_order(received)
+        order = expert_major_order(received, sum(recv))
         self._pending.append((send, recv, order))
         return x[order], received.sum(0)
 

@@ -78,8 +78,7 @@ def after_step(parts: list[nn.Module], group_mesh, bias_rate: float, skip: torch
         delta = bias_rate * torch.sign(mean - loads)
         if skip is not None:
             delta = delta * (1 - skip)
-        for i, (_, moe) in enumerate(layers):
-            moe.router.expert_bias += delta[i]
+        torch._foreach_add_([moe.router.expert_bias for _, moe in layers], list(delta.unbind(0)))
     share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
     entropy = -(share * share.clamp_min(1e-30).log()).sum(-1) / math.log(loads.shape[-1])
     ratio = loads / mean.clamp_min(1e-30)
@@ -90,6 +89,25 @@ def after_step(parts: list[nn.Module], group_mesh, bias_rate: float, skip: torch
                         f"moe/layer{layer}/load_entropy": entropy[i]})
     reset_counts(parts)
     return metrics
+
+
+METRICS = ("load_min", "load_max", "load_entropy")
+
+
+def gather_over_stages(metrics: dict[str, torch.Tensor], moe_layers_ids: list[int], pp_group,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """Every pipeline stage's layer metrics on every pp rank (the rank that logs holds only its stage's
+    layers; a stage may hold none): one all-reduce of layers x 3 values."""
+    table = torch.zeros(len(moe_layers_ids), len(METRICS), device=device)
+    for i, layer in enumerate(moe_layers_ids):
+        for j, metric in enumerate(METRICS):
+            if f"moe/layer{layer}/{metric}" in metrics:
+                table[i, j] = metrics[f"moe/layer{layer}/{metric}"]
+    dist.all_reduce(table, group=pp_group)  # (each layer lives on one stage; the others add zeros)
+    out = {k: v for k, v in metrics.items() if not k.startswith("moe/layer")}
+    for i, layer in enumerate(moe_layers_ids):
+        out.update({f"moe/layer{layer}/{metric}": table[i, j] for j, metric in enumerate(METRICS)})
+    return out
 
 
 def _layer_index(name: str) -> str:

@@ -70,7 +70,7 @@ def apply_parallelism(model: Llama, cfg: Config, layout: Layout, mesh: DeviceMes
         if layout.fsdp_size > 1:
             apply_fsdp(part, layout.fsdp_mesh(mesh), cfg.train.mixed_precision == "bf16", pipelined=layout.pp > 1,
                        lean=layout.fsdp_lean, expert_mesh=layout.expert_fsdp_mesh(mesh) if layout.ep > 1 else None,
-                       expert_divide=layout.fsdp_size)
+                       expert_divide=layout.fsdp_size, ep=layout.ep)
     return stages
 
 

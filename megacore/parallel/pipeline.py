@@ -24,6 +24,7 @@ from torch.distributed.pipelining import (
 
 from megacore.config import ModelConfig
 from megacore.model.llama import Llama
+from megacore.model.moe import moe_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B,
              "interleaved_zb": ScheduleInterleavedZeroBubble}
@@ -72,10 +73,32 @@ class _WithoutFSDPRoot(nn.Module):
         return self.stage(*args, **kwargs)
 
 
+def _uncounted_metadata_pass(stage: PipelineStage, module: nn.Module) -> None:
+    """At its first step torch's PipelineStage runs the stage once more, on placeholder tensors, to learn
+    its shapes; the MoE routers' expert counts of that pass are not the step's (the balancing bias and
+    the load metrics read them): they are put back as they were."""
+    routers = [moe.router for _, moe in moe_layers(module)]
+    infer = getattr(stage, "_forward_metadata_inference", None)
+    if not routers or infer is None:
+        return
+
+    def without_counting(*args, **kwargs):
+        before = [r.tokens_per_expert.clone() for r in routers]
+        try:
+            return infer(*args, **kwargs)
+        finally:
+            for router, counts in zip(routers, before):
+                router.tokens_per_expert.copy_(counts)
+
+    stage._forward_metadata_inference = without_counting
+
+
 def build_schedule(stages: list[tuple[int, Llama]], n_stages: int, schedule: str, n_microbatches: int,
                    pp_mesh: DeviceMesh, device: torch.device, loss_fn, fsdp_lean: bool = False):
     pipeline_stages = [PipelineStage(_WithoutFSDPRoot(module) if fsdp_lean else module, index, n_stages, device,
                                      group=pp_mesh.get_group()) for index, module in stages]
+    for stage, (_, module) in zip(pipeline_stages, stages):
+        _uncounted_metadata_pass(stage, module)
     cls = SCHEDULES[schedule]
     # Our loss is already normalised by the global token count: no extra division by micro-batches.
     if schedule in ("gpipe", "1f1b"):

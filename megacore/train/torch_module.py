@@ -32,7 +32,7 @@ from megacore.loss import LanguageModelLoss, LossSums
 from megacore.model import Llama
 from megacore.parallel.context_parallel import shard_sequence
 from megacore.parallel.layout import Layout
-from megacore.parallel.load_balance import after_step, auxiliary_loss, reset_counts
+from megacore.parallel.load_balance import after_step, auxiliary_loss, gather_over_stages, reset_counts
 from megacore.parallel.parallelize import autocast_policy, parallelize
 from megacore.parallel.pipeline import build_schedule
 from megacore.train.data import micro_batches
@@ -94,6 +94,7 @@ class TorchTrainModule:
         # One rank per data-parallel slice and share of the sequence (cp ranks hold different tokens).
         self.reports_loss = self.head is not None and self.tp_rank == 0
         self.counts_tokens = self.pp_rank == 0 and self.tp_rank == 0 and self.cp_rank == 0
+        self.pp_group = pp_mesh.get_group() if pp_mesh is not None else None
         self.schedule = (build_schedule(stages, layout.n_stages, layout.pp_schedule, layout.n_micro, pp_mesh,
                                         device, self._pipeline_loss, fsdp_lean=layout.fsdp_lean)
                          if layout.pp > 1 else None)
@@ -218,7 +219,12 @@ class TorchTrainModule:
         norm, judged = self.optimizers.step(verdict)
         if self.balancing is not None:
             skip = judged[VERDICT_SKIP].float() if judged is not None else None
-            self.routing.update(after_step(self.parts, self.balancing.mesh, self.balancing.bias_rate, skip))
+            metrics = after_step(self.parts, self.balancing.mesh, self.balancing.bias_rate, skip)
+            if self.pp_group is not None:
+                cfg = self.parts[0].cfg
+                metrics = gather_over_stages(metrics, [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)],
+                                             self.pp_group, self.device)
+            self.routing.update(metrics)
         return norm, judged
 
     def save(self, step: int, meta: CheckpointMeta) -> Path | None:

@@ -240,10 +240,13 @@ class Trainer:
             getattr(hook, event)(self, *args)
 
     def _log_train(self, result: StepResult) -> dict:
+        # (MoE routing metrics: read back in one copy, not one per layer and metric)
+        routing = dict(zip(result.routing, torch.stack(list(result.routing.values())).tolist())) \
+            if result.routing else {}
         metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, **self.throughput.take(),
                    "epoch": self.batches.epoch, "epoch_progress": self.batches.epoch_progress,
                    "peak_memory_gib": peak_memory_gib(self.env.device), "skipped_batches": self.skipped_batches,
-                   **{name: float(value) for name, value in result.routing.items()}}
+                   **routing}
         self.metrics.log(result.step, metrics)
         report = self.health.stragglers.report(result.step)  # (every rank: an all-gather of one float each)
         if report is not None:
