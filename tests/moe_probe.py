@@ -29,6 +29,7 @@ from megacore.parallel.layout import Layout
 from megacore.parallel.load_balance import after_step
 from megacore.parallel.materialize import canonical_name
 from megacore.train.torch_module import build_torch_module
+from tests.cp_probe import full, scale_of
 from tests.helpers import REPO
 
 SEQ, ROWS = 32, 4
@@ -93,14 +94,6 @@ def _aux_with_choice(logits, n_experts, k) -> torch.Tensor:
         probs = probs + p.sum(0)
         rows += p.shape[0]
     return n_experts * (counts / rows * probs / rows).sum()
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def scale_of(t: torch.Tensor) -> float:
-    return max(t.abs().max().item(), 1e-30)
 
 
 def main(out: str, case: str, overrides: list[str]) -> None:
