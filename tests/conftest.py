@@ -26,7 +26,7 @@ PROCESS_MODULES = {"test_deepspeed", "test_formats", "test_launch_local", "test_
 # uses one, directly or through another fixture, is marked.
 PROCESS_FIXTURES = {"tiny_args", "small_run", "runs", "baseline", "two_rank_run", "undisturbed", "many_shards",
                     "chat_data", "pretrained", "chat_dir", "cluster", "jobs", "two_node_cluster",
-                    "reference", "moe_single"}
+                    "reference", "moe_single", "wsd_run"}
 
 # The other tests that start processes themselves, by file and function name.
 PROCESS_TESTS = {

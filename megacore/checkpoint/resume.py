@@ -1,21 +1,27 @@
 """Which checkpoint a run resumes from, and whether it can: refused before any process starts.
 
 `--resume none` refuses a run directory that already has checkpoints (its work would be overwritten);
-`auto` takes the newest checkpoint that verifies; a path names a checkpoint or a run directory. The
+`auto` takes the newest checkpoint that verifies; a path names a checkpoint or a run directory. A
+checkpoint of another run starts a branch (an annealing decay from a stable-phase checkpoint, say): the
+new run directory records it in branch.json, so `auto` continues from it until the branch has
+checkpoints of its own (a requeue before the first save does not start from scratch). The
 compatibility of that checkpoint with this launch is checked in one place, `check_can_resume`: by the
 CLI before torchrun starts (cheap: meta.json only), and by the trainer on rank 0 after verifying it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from data_pipeline.durable import write_text_atomic
 from data_pipeline.shards import read_manifest
 from megacore.checkpoint.meta import CheckpointMeta, read_meta
 from megacore.checkpoint.store import latest_checkpoint, newest_good_checkpoint, resolve_checkpoint
 from megacore.config import Config
 from megacore.errors import CheckpointError, DataError
+from megacore.run_dir import BRANCH
 
 
 def check_compatible(ckpt: Path, meta: CheckpointMeta, backend: str, world_size: int) -> None:
@@ -73,8 +79,29 @@ def checkpoint_to_resume(run_dir: str | Path, resume: str) -> Path | None:
                                   f"--resume auto to continue it, or choose another train.run_dir")
         return None
     if resume == "auto":
-        return newest_good_checkpoint(run_dir)
+        found = newest_good_checkpoint(run_dir)
+        if found is None and branch_point(run_dir) is not None:
+            return resolve_checkpoint(branch_point(run_dir))
+        return found
     return resolve_checkpoint(resume)
+
+
+def branch_point(run_dir: str | Path) -> Path | None:
+    """The checkpoint of another run that this run directory branched from (None: not a branch)."""
+    path = Path(run_dir) / BRANCH
+    return Path(json.loads(path.read_text())["from"]) if path.is_file() else None
+
+
+def is_branch(ckpt: Path, run_dir: str | Path) -> bool:
+    """Whether resuming `ckpt` in `run_dir` starts a branch: the checkpoint belongs to another run."""
+    return ckpt.resolve().parent.parent != Path(run_dir).resolve()
+
+
+def record_branch(ckpt: Path, step: int, run_dir: str | Path) -> None:
+    """branch.json in the new run directory: where it came from (written once, atomically)."""
+    path = Path(run_dir) / BRANCH
+    if not path.is_file():
+        write_text_atomic(path, json.dumps({"from": str(ckpt.resolve()), "step": step}, indent=2) + "\n")
 
 
 def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
@@ -84,7 +111,8 @@ def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
     if resume == "none":
         checkpoint_to_resume(cfg.train.run_dir, resume)
         return
-    ckpt = latest_checkpoint(cfg.train.run_dir) if resume == "auto" else Path(resume)
+    ckpt = (latest_checkpoint(cfg.train.run_dir) or branch_point(cfg.train.run_dir)) if resume == "auto" \
+        else Path(resume)
     if ckpt is None:
         return
     check_can_resume(ckpt, cfg, world_size)

@@ -317,8 +317,18 @@ class ParallelConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    # The cosine schedule decays to lr * min_lr_ratio.
+    # The learning-rate schedule after the linear warmup (megacore/train/optim.py): cosine to lr *
+    # min_lr_ratio over the rest of train.steps; wsd (warmup-stable-decay): constant lr, then a decay to lr *
+    # min_lr_ratio over the last decay steps, so a run can be extended (more train.steps on resume) without
+    # changing its past, and annealed from any stable-phase checkpoint; constant.
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    # The cosine schedule decays to lr * min_lr_ratio (and wsd's decay).
     min_lr_ratio: float = 0.1
+    # wsd: the decay's length: decay_steps if > 0, else decay_fraction of train.steps; its shape: linear, or
+    # 1-sqrt (lr falls as 1 - sqrt(progress): Hägele et al., 2024).
+    decay_steps: int = 0
+    decay_fraction: float = 0.2
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -332,7 +342,9 @@ class OptimConfig:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eps", "decay_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):

@@ -40,14 +40,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     records = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / PLOT
+    schedule = _schedule(run_dir)
     fig, axes = plt.subplots(1, len(CHARTS), figsize=(15, 4))
     for ax, (ylabel, lines) in zip(axes, CHARTS):
         for kind, key, label in lines:
+            if key == "lr" and schedule:
+                label = f"lr ({schedule})"
             ax.plot(*series(records, kind, key), "o-" if kind == "val" else "-", label=label)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
+        if len(lines) > 1 or schedule and ylabel == "learning rate":
             ax.legend()
     drawn = {line.get_label(): [[float(x) for x in line.get_xdata()], [float(y) for y in line.get_ydata()]]
              for ax in axes for line in ax.get_lines()}
@@ -56,3 +59,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100, metadata={"megacore:series": json.dumps(drawn)})
     plt.close(fig)
     return out
+
+
+def _schedule(run_dir: str | Path) -> str | None:
+    """The run's learning-rate schedule as the chart names it ("wsd, 1-sqrt decay over 200 steps")."""
+    from megacore.run_dir import CONFIG, load_run_config
+
+    if not (Path(run_dir) / CONFIG).is_file():
+        return None
+    cfg = load_run_config(run_dir)
+    opt = cfg.optim
+    if opt.schedule != "wsd":
+        return opt.schedule
+    from megacore.train.optim import wsd_decay_steps
+
+    return f"wsd, {opt.decay_shape} decay over the last {wsd_decay_steps(opt, cfg.train.steps)} steps"

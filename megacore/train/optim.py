@@ -1,4 +1,5 @@
-"""AdamW with a weight-decay mask, the warmup + cosine learning-rate schedule, gradient clipping."""
+"""AdamW with a weight-decay mask, the learning-rate schedules (warmup, then cosine, warmup-stable-decay or
+constant), gradient clipping."""
 
 from __future__ import annotations
 
@@ -63,10 +64,27 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
 
+def wsd_decay_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """The length of wsd's decay: optim.decay_steps, or optim.decay_fraction of the run (rounded)."""
+    return min(total_steps, cfg.decay_steps or round(cfg.decay_fraction * total_steps))
+
+
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """Learning rate for optimizer step `step` (1-based): linear warmup, then cosine to lr * min_lr_ratio."""
+    """Learning rate for optimizer step `step` (1-based): linear warmup, then the schedule: cosine to lr *
+    min_lr_ratio at total_steps; wsd: lr until the last decay steps, then down to lr * min_lr_ratio at
+    total_steps (linearly, or as 1 - sqrt of the decay's progress); constant: lr."""
     if cfg.warmup_steps and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay = wsd_decay_steps(cfg, total_steps)
+        start = total_steps - decay  # the last stable step
+        if step <= start or decay == 0:
+            return cfg.lr
+        progress = min(1.0, (step - start) / decay)
+        fall = progress if cfg.decay_shape == "linear" else math.sqrt(progress)
+        return cfg.lr * (1.0 - (1.0 - cfg.min_lr_ratio) * fall)
     decay_steps = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megacore.checkpoint.meta import CheckpointMeta, read_meta
-from megacore.checkpoint.resume import check_can_resume, checkpoint_to_resume, effective_resume
+from megacore.checkpoint.resume import check_can_resume, checkpoint_to_resume, effective_resume, is_branch, record_branch
 from megacore.checkpoint.store import healthy_checkpoint_before, set_aside_newer, step_of
 from megacore.config import Config
 from megacore.device import configure
@@ -96,7 +96,9 @@ class Trainer:
         if ckpt is None and cfg.train.init_from:
             self._say(f"initialised weights from {cfg.train.init_from}")
         self.batches, self.evaluator = self._data()
-        self.wandb = WandbRun(cfg, cfg.train.run_dir, read_meta(ckpt).wandb_run_id if ckpt else None) \
+        # (a branch from another run's checkpoint is a new W&B run)
+        continues = ckpt is not None and not is_branch(ckpt, cfg.train.run_dir)
+        self.wandb = WandbRun(cfg, cfg.train.run_dir, read_meta(ckpt).wandb_run_id if continues else None) \
             if env.is_main else None
         self.health = RunHealth(cfg, env.rank, env.world_size, env.device, self.wandb, self._say)
         self.step, self.skipped_batches, self.end_step = 0, 0, cfg.train.stop_after or cfg.train.steps
@@ -331,6 +333,9 @@ class Trainer:
                 return None, None
             ckpt = checkpoint_to_resume(self.cfg.train.run_dir, resume)
             meta = check_can_resume(ckpt, self.cfg, self.env.world_size) if ckpt is not None else None
+            if ckpt is not None and is_branch(ckpt, self.cfg.train.run_dir):
+                record_branch(ckpt, meta.step, self.cfg.train.run_dir)
+                self._say(f"branching from {ckpt} (step {meta.step}) into {self.cfg.train.run_dir}")
             self._set_aside_newer(meta.step if meta is not None else 0)
             # A run that keeps restarting from the same step without ever ending is not started again.
             return ckpt, restart_loop(self.cfg.train.run_dir, meta.step if meta is not None else 0,
