@@ -50,8 +50,9 @@ demo: $(VENV)/.installed $(SHAKESPEARE)
 	$(MEGACORE) train configs/tiny.yaml --nproc 2 train.run_dir=$(DEMO_RUN) train.stop_after=200
 	@echo "== resume from the newest checkpoint and finish"
 	$(MEGACORE) train configs/tiny.yaml --nproc 2 train.run_dir=$(DEMO_RUN) --resume auto
-	@echo "== evaluate on the validation split"
+	@echo "== evaluate on the validation split, then on a downstream task (scored as lm-evaluation-harness does)"
 	$(MEGACORE) eval $(DEMO_RUN)
+	$(MEGACORE) eval $(DEMO_RUN) --task hamlet=configs/tasks/hamlet_next_line.jsonl
 	@echo "== sample"
 	$(MEGACORE) generate $(DEMO_RUN) --prompt "ROMEO." --max-new-tokens 120
 	$(MEGACORE) plot $(DEMO_RUN)

@@ -199,6 +199,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_as_published(self, text: str) -> list[int]:
+        """As transformers' tokenizer of our export encodes it by default (it adds no BOS)."""
+        return self.sp.encode(text)
+
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
 
@@ -266,6 +270,11 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_as_published(self, text: str) -> list[int]:
+        """As transformers' tokenizer encodes it by default: with the special tokens the tokenizer's
+        post-processor adds (Llama 3's BOS; none for Qwen), which is what evaluation harnesses score."""
+        return self.backend.encode(text, add_special_tokens=True).ids
 
     def encode_batch(self, texts: list[str], add_eos: bool = False) -> list[list[int]]:
         out = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]

@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default=None, help="prepared data (default: the run's data.dir)")
     ev.add_argument("--batches", type=int, default=0, help="evaluate at most N batches (0: the whole split)")
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
+    ev.add_argument("--task", action="append", default=None, metavar="NAME=FILE",
+                    help="a downstream task from a JSON-lines file (repeatable), scored as lm-evaluation-harness "
+                         "scores it: multiple choice (context, choices, label) or a target (context, target); "
+                         "results printed as JSON and saved in RUN_DIR/evals/")
     ev.set_defaults(handler=commands.evaluate)
 
     gen = sub.add_parser("generate", help="sample text from a model")

@@ -246,8 +246,11 @@ def export_hf(args) -> int:
 # -- using a trained model --
 
 def evaluate(args) -> int:
-    from megacore.eval.evaluate import evaluate_checkpoint
+    from megacore.eval.evaluate import evaluate_checkpoint, evaluate_tasks
 
+    if args.task:
+        print(json.dumps(evaluate_tasks(args.checkpoint, args.task, args.batch_size), indent=2))
+        return 0
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, args.data_dir, args.text, args.batch_size,
                                          args.batches)))
     return 0

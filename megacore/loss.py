@@ -205,3 +205,9 @@ class LanguageModelLoss:
             return head(output, labels, sums=True)
         full = output.full_tensor() if isinstance(output, DTensor) else output  # (TP: the count gathers)
         return LossSums(self(head, output, labels), correct_count(full, labels))
+
+
+def row_sums(loss: LanguageModelLoss, head: nn.Module, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[summed loss, correct predictions] of one row (1, seq, ...), fp32: a downstream task's request."""
+    sums = loss.sums(head, output, labels)
+    return torch.stack([sums.loss.float(), sums.correct.float()])

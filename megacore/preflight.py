@@ -32,6 +32,10 @@ def check_data(cfg: Config) -> None:
         if tokens < window:
             raise DataError(f"{key}={directory}: the {split!r} split holds {tokens} tokens, fewer than one window of "
                             f"data.seq_len + 1 = {window}; add data, raise data.val_fraction, or lower data.seq_len")
+    from megacore.eval.tasks import load_task, parse_task_arg
+
+    for spec in cfg.train.eval_tasks:  # (every line checked, the file and line named)
+        load_task(*parse_task_arg(spec, "train.eval_tasks"))
 
 
 @dataclass(frozen=True)

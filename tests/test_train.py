@@ -103,7 +103,7 @@ def test_plot_draws_the_logged_series(two_rank_run):
     drawn = json.loads(Image.open(png).text["megacore:series"])
     assert drawn["train loss"] == [list(train), [train[s]["loss"] for s in train]]
     assert drawn["val loss"] == [[10, 20, 30], [val[s]["loss"] for s in (10, 20, 30)]]
-    assert drawn["lr"][1] == [train[s]["lr"] for s in train]
+    assert drawn["lr (cosine)"][1] == [train[s]["lr"] for s in train]  # (the label names the schedule)
     assert drawn["tokens/s"][1] == [train[s]["tokens_per_s"] for s in train]
 
 

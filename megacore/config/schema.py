@@ -379,6 +379,9 @@ class TrainConfig:
     # More evaluation sets besides data.dir's val split, "NAME=DIR" (its val split) or "NAME=DIR:SPLIT",
     # logged as kind val_NAME; they must share data.dir's tokenizer.
     eval_sets: list[str] = field(default_factory=list)
+    # Downstream tasks scored at every evaluation, "NAME=FILE.jsonl" each (megacore/eval/tasks.py:
+    # multiple choice or a target, as lm-evaluation-harness scores them), split over data-parallel ranks.
+    eval_tasks: list[str] = field(default_factory=list)
     # Stop (with a checkpoint) when the val loss has not improved for this many evaluations; 0: never.
     early_stop_patience: int = 0
     # Initial weights for a fresh run: a Hugging Face Llama directory or a megacore run/checkpoint
@@ -405,6 +408,12 @@ class TrainConfig:
         _local_path("train.init_from", self.init_from)
         for i, (_, directory, _) in enumerate(self.named_eval_sets()):
             _local_path(f"train.eval_sets[{i}]", directory)
+        names = [item.partition("=")[0] for item in self.eval_tasks]
+        for i, item in enumerate(self.eval_tasks):
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path or "/" in name or names.count(name) > 1:
+                raise ConfigError(f"train.eval_tasks[{i}]={item!r} is not of the form NAME=FILE.jsonl with a NAME of "
+                                  f"its own")
 
     def named_eval_sets(self) -> list[tuple[str, str, str]]:
         """[(name, dir, split)] of train.eval_sets."""

@@ -53,8 +53,8 @@ class Evaluator:
     """The eval sets of a training run, evaluated every train.eval_every steps and at the end; tracks the
     best val loss and asks to stop after train.early_stop_patience evaluations without a gain."""
 
-    def __init__(self, module, eval_sets: list[tuple[str, TokenStore]], cfg: Config):
-        self.module, self.eval_sets = module, eval_sets
+    def __init__(self, module, eval_sets: list[tuple[str, TokenStore]], cfg: Config, tasks=None):
+        self.module, self.eval_sets, self.tasks = module, eval_sets, tasks  # tasks: a TaskSet (train.eval_tasks)
         self.every, self.batches, self.patience = cfg.train.eval_every, cfg.train.eval_batches, cfg.train.early_stop_patience
         self.seq_len, self.global_batch = cfg.data.seq_len, cfg.train.global_batch_size
         self.document_masking = cfg.model.document_masking
@@ -70,6 +70,10 @@ class Evaluator:
             loader = PackedLoader(store, self.seq_len, self.global_batch, self.module.dp_rank, self.module.dp_size,
                                   shuffle=False, document_positions=self.document_masking)
             results[name] = evaluate(self.module, loader, self.batches)
+        if self.tasks is not None:  # each data-parallel slice scores its share; every rank gets the results
+            rows = self.global_batch // self.module.dp_size
+            results.update({f"eval/{name}": metrics
+                            for name, metrics in self.tasks.run(self.module, self.seq_len, rows).items()})
         # The val loss is all-reduced, so every rank takes the same early-stop decision.
         if results["val"]["loss"] < self.best_loss:
             self.best_loss, self.evals_without_gain = results["val"]["loss"], 0
@@ -108,21 +112,46 @@ def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = No
     return {"checkpoint": str(ckpt), "split": split, **result}
 
 
-def _evaluate_one_process(model, cfg: Config, store: TokenStore, batch_size: int, batches: int) -> dict:
+def evaluate_tasks(path: str, task_args: list[str], batch_size: int = 16) -> dict:
+    """`megacore eval --task NAME=FILE ...`: downstream tasks (megacore/eval/tasks.py) on one process, with
+    the model's own tokenizer; saved in RUN_DIR/evals/step_N.json for a megacore run."""
+    from megacore.checkpoint.meta import read_meta
+    from megacore.checkpoint.weights import load_trained
+    from megacore.eval.tasks import TaskSet, parse_task_arg, save_results
+
+    specs = [parse_task_arg(arg) for arg in task_args]
+    trained = load_trained(path)
+    tasks = TaskSet(specs, trained.tokenizer)
+    longest = max(len(r.context) + len(r.continuation) for requests in tasks.requests for r in requests)
+    seq_len = min(trained.model.cfg.max_seq_len, longest - 1)
+    results = _one_process(trained.model, trained.config, lambda module: tasks.run(module, seq_len, batch_size))
+    out = {"checkpoint": str(trained.source), "tasks": results}
+    if not (Path(trained.source) / "config.json").is_file():  # (a run's checkpoint, not a published directory)
+        ckpt = Path(trained.source)
+        out["saved"] = str(save_results(ckpt.parent.parent, read_meta(ckpt).step, results))
+    return out
+
+
+def _one_process(model, cfg: Config, work, n_micro: int = 1):
+    """`work(module)` on a one-process train module around `model`."""
     from megacore.distributed import init_distributed, shutdown
     from megacore.loss import LanguageModelLoss
     from megacore.parallel.layout import Layout
     from megacore.train.torch_module import TorchTrainModule
 
-    loader = PackedLoader(store, cfg.data.seq_len, batch_size, shuffle=False)
     env = init_distributed("cpu")
     try:
-        layout = Layout(n_micro=max(1, batch_size // cfg.train.micro_batch_size))
         loss = LanguageModelLoss.for_run(tp=1, compiled=False)
         loss.prepare(model)
-        module = TorchTrainModule([(0, model)], layout, env.rank, torch.device("cpu"), loss,
+        module = TorchTrainModule([(0, model)], Layout(n_micro=n_micro), env.rank, torch.device("cpu"), loss,
                                   document_masking=cfg.model.document_masking)
-        return evaluate(module, loader, batches or loader.batches_per_epoch)
+        return work(module)
     finally:
         shutdown()
+
+
+def _evaluate_one_process(model, cfg: Config, store: TokenStore, batch_size: int, batches: int) -> dict:
+    loader = PackedLoader(store, cfg.data.seq_len, batch_size, shuffle=False)
+    return _one_process(model, cfg, lambda module: evaluate(module, loader, batches or loader.batches_per_epoch),
+                        n_micro=max(1, batch_size // cfg.train.micro_batch_size))
 

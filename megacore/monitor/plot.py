@@ -41,12 +41,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / PLOT
     schedule = _schedule(run_dir)
-    fig, axes = plt.subplots(1, len(CHARTS), figsize=(15, 4))
-    for ax, (ylabel, lines) in zip(axes, CHARTS):
+    tasks = sorted({r["kind"] for r in records if r["kind"].startswith("eval/") and "acc" in r})
+    charts = CHARTS + ([("downstream accuracy", [(kind, "acc", f"{kind[5:]} acc") for kind in tasks])] if tasks else [])
+    fig, axes = plt.subplots(1, len(charts), figsize=(5 * len(charts), 4))
+    for ax, (ylabel, lines) in zip(axes, charts):
         for kind, key, label in lines:
             if key == "lr" and schedule:
                 label = f"lr ({schedule})"
-            ax.plot(*series(records, kind, key), "o-" if kind == "val" else "-", label=label)
+            ax.plot(*series(records, kind, key), "-" if kind == "train" else "o-", label=label)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -16,7 +16,7 @@ from megacore.checkpoint.meta import CheckpointMeta
 from megacore.checkpoint.weights import check_init_from, empty_model, init_weights_from
 from megacore.config import Config
 from megacore.distributed import DistEnv
-from megacore.loss import LanguageModelLoss, LossSums
+from megacore.loss import LanguageModelLoss, LossSums, row_sums
 from megacore.parallel.deepspeed import build_partitioned, init_engine
 from megacore.parallel.layout import Layout
 from megacore.train.data import micro_batches
@@ -103,6 +103,14 @@ class DeepSpeedTrainModule:
             total += sums.loss
             correct += sums.correct
         return LossSums(total, correct)
+
+    @torch.no_grad()
+    def score_batch(self, batch: dict) -> torch.Tensor:
+        rows = []
+        for x, y, pos in micro_batches(batch, self.n_micro, self.device, self.document_masking):
+            out = self._output(x, pos)
+            rows += [row_sums(self.loss, self.engine.module.output, out[r:r + 1], y[r:r + 1]) for r in range(len(x))]
+        return torch.stack(rows)
 
     def zero_grad(self) -> None:
         pass  # engine.step clears the gradients at the boundary

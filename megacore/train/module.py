@@ -47,6 +47,10 @@ class TrainModule(Protocol):
     def eval_batch(self, batch: dict[str, torch.Tensor]) -> LossSums:
         """Summed token loss and correct predictions of this rank's batch, without gradients."""
 
+    def score_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(rows, 2): each row's summed token loss and correct predictions, without gradients (downstream
+        tasks: one request per row); zeros on ranks that hold no loss."""
+
     def zero_grad(self) -> None: ...
 
     def optim_step(self, lr: float, verdict=None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -28,7 +28,7 @@ from megacore.checkpoint.weights import check_init_from, load_weights_into_shard
 from megacore.config import Config
 from megacore.distributed import DistEnv, on_every_rank
 from megacore.health.checks import VERDICT_SKIP
-from megacore.loss import LanguageModelLoss, LossSums
+from megacore.loss import LanguageModelLoss, LossSums, row_sums
 from megacore.model import Llama
 from megacore.parallel.context_parallel import shard_sequence
 from megacore.parallel.layout import Layout
@@ -84,6 +84,7 @@ class TorchTrainModule:
         self.optimizers, self.checkpointer = optimizers, checkpointer
         self.amp = amp if amp is not None else contextlib.nullcontext()
         self.document_masking, self.balancing = document_masking, balancing
+        self._per_row = False  # (score_batch under pipelining: the loss function's output per row)
         self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing metrics (device tensors)
         coords = layout.coordinates(rank)
         self.tp_rank, self.pp_rank, self.cp_rank = coords["tp"], coords["pp"], coords["cp"]
@@ -175,11 +176,32 @@ class TorchTrainModule:
             correct += sums.correct
         return LossSums(total, correct)
 
+    @torch.no_grad()
+    def score_batch(self, batch: dict) -> torch.Tensor:
+        """(rows, 2): each row's summed token loss and correct predictions (downstream tasks score one
+        request per row: megacore/eval/tasks.py); zeros on ranks that hold no loss."""
+        if self.schedule is not None:
+            self._per_row = True
+            try:
+                return self._run_pipeline(self.schedule.eval, batch, rows=len(batch["input_ids"]))
+            finally:
+                self._per_row = False
+        rows = []
+        for x, y, pos in self._micro_batches(batch):
+            with self._context():
+                out = self._output(self.parts[0], x, pos)
+                rows += [row_sums(self.loss, self.parts[0].output, out[r:r + 1], y[r:r + 1]) for r in range(len(x))]
+        return torch.stack(rows)
+
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The schedule's loss function, on the last stage: the summed loss in training; in evaluation
-        (no gradients) the loss and the correct count, stacked, as the schedule keeps one tensor each."""
+        (no gradients) the loss and the correct count, stacked, as the schedule keeps one tensor each (per
+        row when scoring: score_batch)."""
         if torch.is_grad_enabled():
             return self.loss(self.head, output, target)
+        if self._per_row:
+            return torch.stack([row_sums(self.loss, self.head, output[r:r + 1], target[r:r + 1])
+                                for r in range(len(output))])
         sums = self.loss.sums(self.head, output, target)
         return torch.stack([sums.loss.float(), sums.correct.float()])
 
@@ -193,8 +215,9 @@ class TorchTrainModule:
             torch._foreach_mul_(grads, scale)
         return total
 
-    def _run_pipeline(self, run, batch: dict) -> torch.Tensor:
-        """One schedule step or eval; the sum of the last stage's loss-function outputs (0 elsewhere)."""
+    def _run_pipeline(self, run, batch: dict, rows: int = 0) -> torch.Tensor:
+        """One schedule step or eval; the sum of the last stage's loss-function outputs (0 elsewhere), or
+        with `rows` (scoring) their rows in order."""
         ((inputs, labels, positions),) = self._micro_batches(batch, n_micro=1)  # (the schedule splits it)
         losses: list[torch.Tensor] = []
         target = labels if self.head is not None else None
@@ -207,6 +230,8 @@ class TorchTrainModule:
                 run(inputs, target=target, losses=losses, return_outputs=False, **kwargs)
             else:
                 run(target=target, losses=losses, return_outputs=False, **kwargs)
+        if rows:
+            return torch.cat(losses) if losses else torch.zeros(rows, 2, device=self.device)
         if not losses:
             return torch.zeros(() if torch.is_grad_enabled() else (2,), device=self.device)
         return torch.stack([loss.detach().float() for loss in losses]).sum(0)

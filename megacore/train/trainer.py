@@ -276,6 +276,11 @@ class Trainer:
         results = self.evaluator.run()
         for name, metrics in results.items():
             self.metrics.log(step, metrics, kind=name)
+        tasks = {name[len("eval/"):]: metrics for name, metrics in results.items() if name.startswith("eval/")}
+        if tasks and self.env.is_main:
+            from megacore.eval.tasks import save_results
+
+            save_results(self.cfg.train.run_dir, step, tasks)
         self._call_hooks("after_eval", step, results)
         return results
 
@@ -368,7 +373,14 @@ class Trainer:
         part = (env.rank, env.world_size)
         loader, eval_sets = on_every_rank(
             lambda: (train_loader(cfg, module.dp_rank, module.dp_size, part), eval_stores(cfg, part)), env)
-        return DeviceBatches(loader, env.device, cfg.model.document_masking), Evaluator(module, eval_sets, cfg)
+        tasks = None
+        if cfg.train.eval_tasks:
+            from data_pipeline.tokenizer import load_tokenizer
+            from megacore.eval.tasks import TaskSet, parse_task_arg
+
+            tasks = TaskSet([parse_task_arg(s, "train.eval_tasks") for s in cfg.train.eval_tasks],
+                            load_tokenizer(cfg.data.dir))
+        return DeviceBatches(loader, env.device, cfg.model.document_masking), Evaluator(module, eval_sets, cfg, tasks)
 
     def _describe(self, peak_tflops: float, peak_source: str) -> str:
         cfg = self.cfg
