@@ -191,6 +191,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=data)
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        self.add_bos = config.get("add_bos_token") is True  # (as transformers encodes: downstream tasks)
         self.chat_template = self.chat_templates.get("default")
         self.special = {name: self.sp.id_to_piece(i) if i >= 0 else None
                         for name, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
@@ -200,8 +201,10 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def encode_as_published(self, text: str) -> list[int]:
-        """As transformers' tokenizer of our export encodes it by default (it adds no BOS)."""
-        return self.sp.encode(text)
+        """As transformers' tokenizer encodes it by default: ours adds no BOS (our export says
+        add_bos_token false); a published directory's tokenizer_config.json may say true."""
+        ids = self.sp.encode(text)
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id >= 0 else ids
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -260,6 +263,7 @@ class HFTokenizer:
             raise DataError(f"{config_path}: no eos_token that {self.path} knows: documents need an end-of-text id")
         self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
         self.bos_id = -1 if self.bos_id is None else self.bos_id
+        self.add_bos = config.get("add_bos_token") is True
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -273,8 +277,12 @@ class HFTokenizer:
 
     def encode_as_published(self, text: str) -> list[int]:
         """As transformers' tokenizer encodes it by default: with the special tokens the tokenizer's
-        post-processor adds (Llama 3's BOS; none for Qwen), which is what evaluation harnesses score."""
-        return self.backend.encode(text, add_special_tokens=True).ids
+        post-processor adds (Llama 3's BOS; none for Qwen), and BOS where tokenizer_config.json says
+        add_bos_token and the post-processor did not: what evaluation harnesses score."""
+        ids = self.backend.encode(text, add_special_tokens=True).ids
+        if self.add_bos and self.bos_id >= 0 and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id, *ids]
+        return ids
 
     def encode_batch(self, texts: list[str], add_eos: bool = False) -> list[list[int]]:
         out = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]

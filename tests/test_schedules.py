@@ -100,3 +100,20 @@ def test_an_annealing_branch_starts_from_the_chosen_checkpoint_and_records_it(ws
     (branch / "checkpoints" / "step_00000006").rename(branch / "set_aside")
     again = megacore("train", *args, "--resume", "auto", "--nproc", "2")
     assert "resumed from" in again.stdout and str(source.resolve()) in again.stdout
+
+
+def test_a_branch_is_told_from_a_resume_through_symlinks_and_blocks_a_fresh_start(tmp_path):
+    """A run's checkpoints on other storage (a symlinked checkpoints/) are still the run's; a branch directory
+    refuses `--resume none` (it would start over a branch), naming branch.json."""
+    from megacore.checkpoint.resume import checkpoint_to_resume, is_branch, record_branch
+
+    scratch, run = tmp_path / "scratch", tmp_path / "run"
+    (scratch / "step_00000004").mkdir(parents=True)
+    run.mkdir()
+    (tmp_path / "other").mkdir()
+    (run / "checkpoints").symlink_to(scratch)
+    assert not is_branch(run / "checkpoints" / "step_00000004", run)
+    assert is_branch(run / "checkpoints" / "step_00000004", tmp_path / "other")
+    record_branch(run / "checkpoints" / "step_00000004", 4, tmp_path / "other")
+    with pytest.raises(FileExistsError, match="branch.json"):
+        checkpoint_to_resume(tmp_path / "other", "none")

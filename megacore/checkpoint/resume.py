@@ -21,7 +21,7 @@ from megacore.checkpoint.meta import CheckpointMeta, read_meta
 from megacore.checkpoint.store import latest_checkpoint, newest_good_checkpoint, resolve_checkpoint
 from megacore.config import Config
 from megacore.errors import CheckpointError, DataError
-from megacore.run_dir import BRANCH
+from megacore.run_dir import BRANCH, CHECKPOINTS
 
 
 def check_compatible(ckpt: Path, meta: CheckpointMeta, backend: str, world_size: int) -> None:
@@ -77,6 +77,9 @@ def checkpoint_to_resume(run_dir: str | Path, resume: str) -> Path | None:
         if existing is not None:
             raise FileExistsError(f"{run_dir} already has checkpoints (newest: {existing.name}); pass "
                                   f"--resume auto to continue it, or choose another train.run_dir")
+        if branch_point(run_dir) is not None:
+            raise FileExistsError(f"{run_dir} is a branch of {branch_point(run_dir)} ({Path(run_dir) / BRANCH}); pass "
+                                  f"--resume auto to continue it, or choose another train.run_dir")
         return None
     if resume == "auto":
         found = newest_good_checkpoint(run_dir)
@@ -89,19 +92,28 @@ def checkpoint_to_resume(run_dir: str | Path, resume: str) -> Path | None:
 def branch_point(run_dir: str | Path) -> Path | None:
     """The checkpoint of another run that this run directory branched from (None: not a branch)."""
     path = Path(run_dir) / BRANCH
-    return Path(json.loads(path.read_text())["from"]) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return Path(json.loads(path.read_text())["from"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: not a branch record ({{\"from\": CHECKPOINT, \"step\": N}}); restore it "
+                              f"or remove it") from None
 
 
 def is_branch(ckpt: Path, run_dir: str | Path) -> bool:
-    """Whether resuming `ckpt` in `run_dir` starts a branch: the checkpoint belongs to another run."""
-    return ckpt.resolve().parent.parent != Path(run_dir).resolve()
+    """Whether resuming `ckpt` in `run_dir` starts a branch: the checkpoint is not under this run's
+    checkpoints directory (followed through symlinks: checkpoints on scratch storage are still the run's)."""
+    return (Path(run_dir) / CHECKPOINTS).resolve() not in ckpt.resolve().parents
 
 
 def record_branch(ckpt: Path, step: int, run_dir: str | Path) -> None:
-    """branch.json in the new run directory: where it came from (written once, atomically)."""
+    """branch.json in the branch's run directory: where it came from (atomically; a later explicit
+    `--resume` of another checkpoint replaces it)."""
     path = Path(run_dir) / BRANCH
-    if not path.is_file():
-        write_text_atomic(path, json.dumps({"from": str(ckpt.resolve()), "step": step}, indent=2) + "\n")
+    record = {"from": str(ckpt.resolve()), "step": step}
+    if not path.is_file() or json.loads(path.read_text()) != record:
+        write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:

@@ -98,14 +98,15 @@ def load_task(name: str, path: str) -> Task:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's `_encode_pair` (and its empty-context rule)."""
+    """lm-eval's `_encode_pair`, and its empty-context rule (checked first, as lm-eval's `loglikelihood` does):
+    the context is the BOS token (EOS without one), or the continuation's first token when it is that."""
+    if context == "":
+        prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
+        ids = tokenizer.encode(continuation)
+        return ([prefix], ids) if not ids or ids[0] != prefix else (ids[:1], ids[1:])
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    if not context:
-        prefix = tokenizer.bos_id if tokenizer.bos_id >= 0 else tokenizer.eos_id
-        ids = tokenizer.encode(continuation)
-        return ([] if ids and ids[0] == prefix else [prefix]), ids
     whole = tokenizer.encode_as_published(context + continuation)
     context_ids = tokenizer.encode_as_published(context)
     return context_ids, whole[len(context_ids):]
@@ -131,7 +132,8 @@ def request_rows(requests: list[Request], seq_len: int) -> tuple[torch.Tensor, t
         n = len(whole) - 1
         inputs[row, :n] = torch.tensor(whole[:-1])
         cont = min(len(r.continuation), n)
-        labels[row, n - cont:n] = torch.tensor(whole[-cont:])
+        if cont:  # (an empty continuation scores 0 and greedy, as in lm-eval)
+            labels[row, n - cont:n] = torch.tensor(whole[-cont:])
     return inputs, labels
 
 
@@ -145,13 +147,21 @@ def score_requests(module, requests: list[Request], seq_len: int, rows_per_batch
     per_rank = math.ceil(len(requests) / dp_size)
     out = torch.zeros(len(requests), 3, dtype=torch.float64, device=module.device)
     module.train(False)
+    layout = module.layout
     for start in range(0, per_rank, rows_per_batch):
         chunk = mine[start:start + rows_per_batch]
-        inputs, labels = request_rows([requests[i] for i in chunk], seq_len)
+        width = seq_len
+        if layout.pp == 1:  # rows as long as this batch's longest request (pipeline stages keep one shape),
+            # a multiple of what sequence and context parallelism split
+            multiple = 2 * layout.cp * layout.tp
+            longest = max((len(requests[i].context) + len(requests[i].continuation) - 1 for i in chunk), default=1)
+            width = min(seq_len, -(-max(longest, 1) // multiple) * multiple)
+        seq_len_here = width
+        inputs, labels = request_rows([requests[i] for i in chunk], seq_len_here)
         pad = rows_per_batch - len(chunk)
-        inputs = torch.cat([inputs, torch.zeros(pad, seq_len, dtype=torch.long)])
-        labels = torch.cat([labels, torch.full((pad, seq_len), IGNORE_INDEX, dtype=torch.long)])
-        positions = torch.arange(seq_len).expand(rows_per_batch, seq_len)  # (one document per request)
+        inputs = torch.cat([inputs, torch.zeros(pad, seq_len_here, dtype=torch.long)])
+        labels = torch.cat([labels, torch.full((pad, seq_len_here), IGNORE_INDEX, dtype=torch.long)])
+        positions = torch.arange(seq_len_here).expand(rows_per_batch, seq_len_here)  # (one document per request)
         rows = module.score_batch({"input_ids": inputs, "labels": labels, "position_ids": positions})
         if module.reports_loss and chunk:
             out[chunk, :2] += rows[:len(chunk)].to(out)
@@ -191,7 +201,9 @@ def task_results(task: Task, requests: list[Request], scores: torch.Tensor) -> d
     hits = [float(greedy[by_item[i][0]]) for i in range(len(task.items))]
     a, a_se = _mean_and_stderr(hits)
     mean_ll = sum(lls) / len(lls)
-    return {"perplexity": math.exp(-mean_ll), "loglikelihood": mean_ll, "acc": a, "acc_stderr": a_se,
+    # (exp overflows past 709 nats: an early checkpoint on long targets; lm-eval would raise there)
+    perplexity = math.exp(-mean_ll) if -mean_ll < 700 else math.inf
+    return {"perplexity": perplexity, "loglikelihood": mean_ll, "acc": a, "acc_stderr": a_se,
             "items": len(task.items)}
 
 
@@ -201,6 +213,10 @@ class TaskSet:
     def __init__(self, specs: list[tuple[str, str]], tokenizer):
         self.tasks = [load_task(name, path) for name, path in specs]
         self.requests = [task_requests(task, tokenizer) for task in self.tasks]
+
+    def longer_than(self, seq_len: int) -> int:
+        """Requests that a window of seq_len tokens cuts (their first tokens are left out)."""
+        return sum(len(r.context) + len(r.continuation) - 1 > seq_len for rs in self.requests for r in rs)
 
     def run(self, module, seq_len: int, rows_per_batch: int) -> dict[str, dict]:
         return {task.name: task_results(task, requests, score_requests(module, requests, seq_len, rows_per_batch))
@@ -214,5 +230,6 @@ def save_results(run_dir: str | Path, step: int, results: dict[str, dict]) -> Pa
 
     path = Path(run_dir) / EVALS / f"step_{step:08d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
+    before = json.loads(path.read_text()) if path.is_file() else {}  # (other tasks of the same step stay)
+    write_text_atomic(path, json.dumps({**before, **results}, indent=2) + "\n")
     return path

@@ -378,8 +378,12 @@ class Trainer:
             from data_pipeline.tokenizer import load_tokenizer
             from megacore.eval.tasks import TaskSet, parse_task_arg
 
-            tasks = TaskSet([parse_task_arg(s, "train.eval_tasks") for s in cfg.train.eval_tasks],
-                            load_tokenizer(cfg.data.dir))
+            tasks = on_every_rank(lambda: TaskSet([parse_task_arg(s, "train.eval_tasks") for s in cfg.train.eval_tasks],
+                                                  load_tokenizer(cfg.data.dir)), env)
+            cut = tasks.longer_than(cfg.data.seq_len)
+            if cut:
+                self._say(f"warning: {cut} task request(s) are longer than data.seq_len={cfg.data.seq_len} tokens: in "
+                          f"the loop they keep their last tokens only (`megacore eval --task` keeps the model's window)")
         return DeviceBatches(loader, env.device, cfg.model.document_masking), Evaluator(module, eval_sets, cfg, tasks)
 
     def _describe(self, peak_tflops: float, peak_source: str) -> str:
