@@ -26,7 +26,7 @@ from megacore.loss import loss_sum
 from megacore.model import Llama
 from megacore.model.moe import Router, moe_layers
 from megacore.parallel.layout import Layout
-from megacore.parallel.load_balance import after_step
+from megacore.parallel.load_balance import after_step, moe_layers_of
 from megacore.parallel.materialize import canonical_name
 from megacore.train.torch_module import build_torch_module
 from tests.cp_probe import full, scale_of
@@ -79,7 +79,7 @@ def reference(cfg, data, case, groups) -> tuple[torch.Tensor, torch.Tensor, dict
     objective = loss / (data["labels"] != IGNORE_INDEX).sum() + cfg.model.moe_aux_loss_coef * aux
     objective.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
-    after_step([model], None, cfg.model.moe_bias_update_rate)
+    after_step(moe_layers_of([model]), None, cfg.model.moe_bias_update_rate)
     biases = {name: moe.router.expert_bias.clone() for name, moe in moe_layers(model)}
     return loss.detach(), aux.detach(), grads, biases
 

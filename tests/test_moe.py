@@ -21,7 +21,7 @@ from megacore.model import Llama, flops_per_token, num_params
 from megacore.model.moe import Router, expert_swiglu, moe_layers
 from megacore.parallel.estimate import estimate
 from megacore.parallel.layout import Layout
-from megacore.parallel.load_balance import after_step, auxiliary_loss
+from megacore.parallel.load_balance import after_step, auxiliary_loss, load_metrics, moe_layers_of
 from megacore.preflight import check_combinations
 from megacore.run_dir import load_run_config
 from tests.helpers import REPO, failure_message, megacore, read_metrics, tiny_run_args, trained_weights
@@ -76,7 +76,6 @@ def test_a_published_moe_gives_transformers_logits_and_generation_and_exports_ba
         generated = theirs.generate(ids[:1, :6], max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 6:].tolist()
     assert sample(ours, ids[0, :6].tolist(), 16, temperature=0) == generated
     # Export: per-expert tensors, the family's config, read back by transformers with the same logits.
-    save_hf_weights(ours, tmp_path / "in", max_shard_bytes=20_000)  # (over the directory: it must load anew)
     out = tmp_path / "out"
     out.mkdir()
     save_hf_weights(ours, out, max_shard_bytes=20_000)
@@ -150,7 +149,7 @@ def test_the_auxiliary_loss_is_transformers_load_balancing_loss_for_the_same_log
         if isinstance(m, Router):
             m.register_forward_hook(lambda module, args, out: logits.append(out.probs.log()))
     model(torch.randint(0, 64, (3, 20)))
-    share, total = auxiliary_loss([model], None)
+    share, total = auxiliary_loss(moe_layers_of([model]), None)
     expected = load_balancing_loss_func(tuple(logits), 8, 2)
     assert len(logits) == 3 and abs(total.item() - expected.item()) < 1e-6 * expected.item()
     assert abs(share.item() - expected.item()) < 1e-6 * expected.item()  # (one rank: its share is the loss)
@@ -164,13 +163,14 @@ def test_the_balancing_bias_moves_towards_the_mean_load_and_not_on_a_skipped_ste
     routers = [m.router for _, m in moe_layers(model)]
     for router, load in zip(routers, ([10.0, 30.0, 20.0, 20.0], [5.0, 5.0, 5.0, 25.0])):
         router.tokens_per_expert.copy_(torch.tensor(load))
-    metrics = after_step([model], None, 0.01, skip=torch.tensor(1.0))
+    layers = moe_layers_of([model])
+    metrics = load_metrics([i for i, _ in layers], after_step(layers, None, 0.01, skip=torch.tensor(1.0)))
     assert all(r.expert_bias.abs().max() == 0 for r in routers)  # a skipped step moves nothing
     assert metrics["moe/layer0/load_max"].item() == pytest.approx(1.5)
     assert metrics["moe/layer1/load_min"].item() == pytest.approx(0.5)
     assert 0 < metrics["moe/layer1/load_entropy"].item() < metrics["moe/layer0/load_entropy"].item() < 1
     routers[0].tokens_per_expert.copy_(torch.tensor([10.0, 30.0, 20.0, 20.0]))
-    after_step([model], None, 0.01)
+    after_step(layers, None, 0.01)
     assert routers[0].expert_bias.tolist() == pytest.approx([0.01, -0.01, 0.0, 0.0])
     assert routers[0].tokens_per_expert.abs().max() == 0  # (counts start again each step)
 

@@ -156,12 +156,11 @@ def score_requests(module, requests: list[Request], seq_len: int, rows_per_batch
             multiple = 2 * layout.cp * layout.tp
             longest = max((len(requests[i].context) + len(requests[i].continuation) - 1 for i in chunk), default=1)
             width = min(seq_len, -(-max(longest, 1) // multiple) * multiple)
-        seq_len_here = width
-        inputs, labels = request_rows([requests[i] for i in chunk], seq_len_here)
+        inputs, labels = request_rows([requests[i] for i in chunk], width)
         pad = rows_per_batch - len(chunk)
-        inputs = torch.cat([inputs, torch.zeros(pad, seq_len_here, dtype=torch.long)])
-        labels = torch.cat([labels, torch.full((pad, seq_len_here), IGNORE_INDEX, dtype=torch.long)])
-        positions = torch.arange(seq_len_here).expand(rows_per_batch, seq_len_here)  # (one document per request)
+        inputs = torch.cat([inputs, torch.zeros(pad, width, dtype=torch.long)])
+        labels = torch.cat([labels, torch.full((pad, width), IGNORE_INDEX, dtype=torch.long)])
+        positions = torch.arange(width).expand(rows_per_batch, width)  # (one document per request)
         rows = module.score_batch({"input_ids": inputs, "labels": labels, "position_ids": positions})
         if module.reports_loss and chunk:
             out[chunk, :2] += rows[:len(chunk)].to(out)

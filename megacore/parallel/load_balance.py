@@ -37,14 +37,20 @@ def all_reduce_over(tensor: torch.Tensor, mesh) -> torch.Tensor:
     return tensor
 
 
-def auxiliary_loss(parts: list[nn.Module], group_mesh) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_layers_of(parts: list[nn.Module]) -> list[tuple[int, MoE]]:
+    """(layer index, MoE) of every MoE layer of a rank's model parts: found once, when the train module is
+    built, not on every micro-batch."""
+    return [(int(name.split(".")[name.split(".").index("layers") + 1]), moe)
+            for part in parts for name, moe in moe_layers(part)]
+
+
+def auxiliary_loss(layers: list[tuple[int, MoE]], group_mesh) -> tuple[torch.Tensor, torch.Tensor]:
     """(this rank's share of the auxiliary loss, with gradient; the loss itself over all ranks, without)
     for the micro-batch just run forward. Consumes the routers' records."""
-    layers = [moe for part in parts for _, moe in moe_layers(part)]
-    stats = [moe.stats for moe in layers]
-    for moe in layers:
+    stats = [moe.stats for _, moe in layers]
+    for _, moe in layers:
         moe.stats = None
-    n_experts = layers[0].router.n_experts
+    n_experts = layers[0][1].router.n_experts
     counts = torch.stack([s.counts for s in stats]).sum(0)
     prob_sums = torch.stack([s.prob_sums for s in stats]).sum(0)
     rows = torch.tensor(float(sum(s.tokens for s in stats)), device=counts.device)  # layers x tokens
@@ -55,61 +61,46 @@ def auxiliary_loss(parts: list[nn.Module], group_mesh) -> tuple[torch.Tensor, to
     return share, total
 
 
-def reset_counts(parts: list[nn.Module]) -> None:
-    for part in parts:
-        for _, moe in moe_layers(part):
-            moe.router.tokens_per_expert.zero_()
-            moe.stats = None
+METRICS = ("load_min", "load_max", "load_entropy")
 
 
 @torch.no_grad()
-def after_step(parts: list[nn.Module], group_mesh, bias_rate: float, skip: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+def after_step(layers: list[tuple[int, MoE]], group_mesh, bias_rate: float,
+               skip: torch.Tensor | None = None) -> torch.Tensor:
     """The step's global expert loads: the balancing bias moved (unless the step was skipped: `skip` 1),
-    and the load metrics of each layer, as device tensors: load_min and load_max (tokens of the least and
-    most loaded expert over the mean) and load_entropy (of the token shares, over log n_experts: 1 is
-    perfectly balanced)."""
-    layers: list[tuple[str, MoE]] = [(name, moe) for part in parts for name, moe in moe_layers(part)]
+    the counts started again for the next step, and each layer's METRICS as a (layers, 3) device table:
+    load_min and load_max (tokens of the least and most loaded expert over the mean) and load_entropy (of
+    the token shares, over log n_experts: 1 is perfectly balanced)."""
     if not layers:
-        return {}
-    loads = all_reduce_over(torch.stack([moe.router.tokens_per_expert for _, moe in layers]), group_mesh)
+        return torch.zeros(0, len(METRICS))
+    routers = [moe.router for _, moe in layers]
+    loads = all_reduce_over(torch.stack([r.tokens_per_expert for r in routers]), group_mesh)
+    for r in routers:
+        r.tokens_per_expert.zero_()
     mean = loads.mean(-1, keepdim=True)
     if bias_rate > 0:
         delta = bias_rate * torch.sign(mean - loads)
         if skip is not None:
             delta = delta * (1 - skip)
-        torch._foreach_add_([moe.router.expert_bias for _, moe in layers], list(delta.unbind(0)))
+        torch._foreach_add_([r.expert_bias for r in routers], list(delta.unbind(0)))
     share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
     entropy = -(share * share.clamp_min(1e-30).log()).sum(-1) / math.log(loads.shape[-1])
     ratio = loads / mean.clamp_min(1e-30)
-    metrics = {}
-    for i, (name, _) in enumerate(layers):
-        layer = _layer_index(name)
-        metrics.update({f"moe/layer{layer}/load_min": ratio[i].min(), f"moe/layer{layer}/load_max": ratio[i].max(),
-                        f"moe/layer{layer}/load_entropy": entropy[i]})
-    reset_counts(parts)
-    return metrics
+    return torch.stack([ratio.amin(-1), ratio.amax(-1), entropy], dim=-1)
 
 
-METRICS = ("load_min", "load_max", "load_entropy")
-
-
-def gather_over_stages(metrics: dict[str, torch.Tensor], moe_layers_ids: list[int], pp_group,
-                       device: torch.device) -> dict[str, torch.Tensor]:
-    """Every pipeline stage's layer metrics on every pp rank (the rank that logs holds only its stage's
-    layers; a stage may hold none): one all-reduce of layers x 3 values."""
-    table = torch.zeros(len(moe_layers_ids), len(METRICS), device=device)
-    for i, layer in enumerate(moe_layers_ids):
-        for j, metric in enumerate(METRICS):
-            if f"moe/layer{layer}/{metric}" in metrics:
-                table[i, j] = metrics[f"moe/layer{layer}/{metric}"]
-    dist.all_reduce(table, group=pp_group)  # (each layer lives on one stage; the others add zeros)
-    out = {k: v for k, v in metrics.items() if not k.startswith("moe/layer")}
-    for i, layer in enumerate(moe_layers_ids):
-        out.update({f"moe/layer{layer}/{metric}": table[i, j] for j, metric in enumerate(METRICS)})
+def gather_over_stages(layer_ids: list[int], table: torch.Tensor, all_layer_ids: list[int], pp_group,
+                       device: torch.device) -> torch.Tensor:
+    """Every pipeline stage's rows of the METRICS table, in all_layer_ids order, on every pp rank (the rank
+    that logs holds only its stage's layers; a stage may hold none): one all-reduce of layers x 3."""
+    out = torch.zeros(len(all_layer_ids), len(METRICS), device=device)
+    if layer_ids:
+        out[[all_layer_ids.index(i) for i in layer_ids]] = table.to(device)
+    dist.all_reduce(out, group=pp_group)  # (each layer lives on one stage; the others add zeros)
     return out
 
 
-def _layer_index(name: str) -> str:
-    parts = name.split(".")
-    return parts[parts.index("layers") + 1]
+def load_metrics(layer_ids: list[int], table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`moe/layer{i}/load_min|load_max|load_entropy` from the METRICS table's rows."""
+    return {f"moe/layer{layer}/{metric}": table[i, j]
+            for i, layer in enumerate(layer_ids) for j, metric in enumerate(METRICS)}

@@ -32,7 +32,7 @@ from megacore.loss import LanguageModelLoss, LossSums, row_sums
 from megacore.model import Llama
 from megacore.parallel.context_parallel import shard_sequence
 from megacore.parallel.layout import Layout
-from megacore.parallel.load_balance import after_step, auxiliary_loss, gather_over_stages, reset_counts
+from megacore.parallel.load_balance import after_step, auxiliary_loss, gather_over_stages, load_metrics, moe_layers_of
 from megacore.parallel.parallelize import autocast_policy, parallelize
 from megacore.parallel.pipeline import build_schedule
 from megacore.train.data import micro_batches
@@ -86,6 +86,7 @@ class TorchTrainModule:
         self.document_masking, self.balancing = document_masking, balancing
         self._per_row = False  # (score_batch under pipelining: the loss function's output per row)
         self.routing: dict[str, torch.Tensor] = {}  # the last step's MoE routing metrics (device tensors)
+        self.moe_layers = moe_layers_of(self.parts) if balancing is not None else []  # (layer index, MoE)
         coords = layout.coordinates(rank)
         self.tp_rank, self.pp_rank, self.cp_rank = coords["tp"], coords["pp"], coords["cp"]
         self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp_size
@@ -145,7 +146,7 @@ class TorchTrainModule:
                 if aux is not None:
                     # The step's auxiliary term is the mean over micro-batches; FSDP averages the ranks'
                     # gradients, so each rank's share is scaled by their number as the token loss is.
-                    share, value = auxiliary_loss(self.parts, self.balancing.mesh)
+                    share, value = auxiliary_loss(self.moe_layers, self.balancing.mesh)
                     objective = objective + share * (self.balancing.aux_coef * self.grad_average_size / self.n_micro)
                     aux += value.detach() / self.n_micro
                 objective.backward()
@@ -153,10 +154,10 @@ class TorchTrainModule:
         return total
 
     def _begin_routing(self) -> torch.Tensor | None:
-        """A new step's expert counts; the accumulator of its auxiliary loss when there is one."""
+        """A new step's metrics; the accumulator of its auxiliary loss when there is one. (The expert counts
+        start at zero: the last optimizer step reset them.)"""
         if self.balancing is None:
             return None
-        reset_counts(self.parts)
         self.routing = {}
         if self.balancing.aux_coef > 0:
             self.routing["moe/aux_loss"] = torch.zeros((), device=self.device)
@@ -244,12 +245,13 @@ class TorchTrainModule:
         norm, judged = self.optimizers.step(verdict)
         if self.balancing is not None:
             skip = judged[VERDICT_SKIP].float() if judged is not None else None
-            metrics = after_step(self.parts, self.balancing.mesh, self.balancing.bias_rate, skip)
+            table = after_step(self.moe_layers, self.balancing.mesh, self.balancing.bias_rate, skip)
+            ids = [i for i, _ in self.moe_layers]
             if self.pp_group is not None:
                 cfg = self.parts[0].cfg
-                metrics = gather_over_stages(metrics, [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)],
-                                             self.pp_group, self.device)
-            self.routing.update(metrics)
+                every = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+                ids, table = every, gather_over_stages(ids, table, every, self.pp_group, self.device)
+            self.routing.update(load_metrics(ids, table))
         return norm, judged
 
     def save(self, step: int, meta: CheckpointMeta) -> Path | None:
