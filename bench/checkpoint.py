@@ -6,11 +6,15 @@ sha256 manifest, atomic rename) and `Checkpointer.load`, on one process with a ~
 and its AdamW state. Async: the time `save` blocks the training loop (staging the state in memory)
 as a share of one training step.
 
+Object storage: the same save, load and async stall with checkpoint.dir in a bucket of a real S3 API
+(moto's server, started here on loopback, through s3fs), next to the same on local disk (the
+reference), in one process. Loopback only: it measures our upload path and protocol, not a network.
+
 Commit on 1, 2 and 4 ranks (real torchrun processes, FSDP over all of them, the same model): the time
 from every rank's files written to the checkpoint committed. Reference: what earlier versions did at
 commit, rank 0 alone hashing every byte of the same checkpoint, measured on the same files.
 
-    python bench/checkpoint.py [--dim 768] [--layers 6] [--ranks 1,2,4]
+    python bench/checkpoint.py [--dim 768] [--layers 6] [--ranks 1,2,4] [--skip-s3]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from report import record
 
 from megacore.checkpoint.dcp import Checkpointer
+from megacore.checkpoint.meta import CheckpointMeta
 from megacore.config import CheckpointConfig, ModelConfig, OptimConfig
 from megacore.distributed import init_distributed, shutdown
 from megacore.loss import loss_sum
@@ -38,6 +43,24 @@ from megacore.model import Llama
 from megacore.train.optim import Optimizers
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def training(args):
+    """The benchmark's model, its AdamW optimizers, and a function that runs one training step (seconds)."""
+    cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=12, n_kv_heads=4, vocab_size=16384,
+                      max_seq_len=args.seq)
+    model = Llama(cfg)
+    optimizers = Optimizers([model], OptimConfig())
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
+
+    def step() -> float:
+        start = time.perf_counter()
+        loss_sum(model(tokens[:, :-1]), tokens[:, 1:]).div(tokens[:, 1:].numel()).backward()
+        optimizers.step()
+        optimizers.zero_grad()
+        return time.perf_counter() - start
+
+    return model, optimizers, step
 
 
 def plain_write_read(path: Path, nbytes: int) -> tuple[float, float]:
@@ -124,35 +147,107 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--skip-s3", action="store_true", help="leave out the object-storage comparison")
     parser.add_argument("--commit-worker", dest="out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.out:
         return commit_worker(args)
     single_process(args)
+    if not args.skip_s3:
+        object_storage(args)
     commit_scaling(args)
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("moto server did not start")
+
+
+def object_storage(args) -> None:
+    """Save (with commit), load and async stall: checkpoint.dir in a moto bucket vs local disk."""
+    server, endpoint = start_moto()
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
+    import fsspec
+
+    fsspec.filesystem("s3").mkdir("bench")
+    init_distributed("cpu")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-s3-"))
+    try:
+        model, optimizers, step = training(args)
+        step()
+        results = {}
+        for where, ck_dir in (("local", ""), ("s3", "s3://bench/checkpoints")):
+            ckpt = Checkpointer(workdir / where, CheckpointConfig(keep_last=1, dir=ck_dir), rank=0)
+            start = time.perf_counter()
+            path = ckpt.save(1, [model], optimizers, CheckpointMeta(step=1, world_size=1))
+            save_s = time.perf_counter() - start
+            if where == "local":
+                nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            start = time.perf_counter()
+            ckpt.load(path, [model], optimizers)
+            load_s = time.perf_counter() - start
+            async_ckpt = Checkpointer(workdir / where, CheckpointConfig(keep_last=1, dir=ck_dir, async_save=True), 0)
+            stalls, steps = [], []
+            for i in range(3):
+                start = time.perf_counter()
+                async_ckpt.save(2 + i, [model], optimizers, CheckpointMeta(step=2 + i, world_size=1))
+                stalls.append(time.perf_counter() - start)
+                while async_ckpt.poll() is None:  # training goes on while the files are written and uploaded
+                    steps.append(step())
+            async_ckpt.close()
+            results[where] = (save_s, load_s, statistics.median(stalls[1:]))
+        # The store's own speed (moto is a Python server): one plain upload and download of as many bytes.
+        fs, payload = fsspec.filesystem("s3"), np.random.default_rng(0).bytes(nbytes)
+        start = time.perf_counter()
+        fs.pipe("bench/plain.bin", payload)
+        put_s = time.perf_counter() - start
+        start = time.perf_counter()
+        fs.cat("bench/plain.bin")
+        get_s = time.perf_counter() - start
+        gb = nbytes / 1e9
+        (ls, ll, lstall), (ss, sl, sstall) = results["local"], results["s3"]
+        print(f"\nobject storage (moto on loopback), {gb:.2f} GB checkpoint, 1 process")
+        print(f"{'':<22} {'s3':>8} {'local':>8} {'s3/local':>9} {'plain s3':>9} {'s3/plain':>9}")
+        print(f"{'save with commit (s)':<22} {ss:>8.3f} {ls:>8.3f} {ss / ls:>8.2f}x {put_s:>9.3f} {ss / put_s:>8.2f}x")
+        print(f"{'load (s)':<22} {sl:>8.3f} {ll:>8.3f} {sl / ll:>8.2f}x {get_s:>9.3f} {sl / get_s:>8.2f}x")
+        print(f"{'async stall (s)':<22} {sstall:>8.3f} {lstall:>8.3f} {sstall / lstall:>8.2f}x")
+        what = f"checkpoint in object storage (moto S3 on loopback), {gb:.2f} GB, 1 process"
+        record(what + ": save with commit", f"{gb / ss:.3f} GB/s",
+               f"local disk: {gb / ls:.3f} GB/s; one plain upload to the same store: {gb / put_s:.3f} GB/s",
+               f"{ls / ss:.2f}x of local, {put_s / ss:.2f}x of plain", "")
+        record(what + ": load", f"{gb / sl:.3f} GB/s",
+               f"local disk: {gb / ll:.3f} GB/s; one plain download: {gb / get_s:.3f} GB/s",
+               f"{ll / sl:.2f}x of local, {get_s / sl:.2f}x of plain", "")
+        record(what + ": async save stall", f"{sstall:.3f} s", f"local disk: {lstall:.3f} s", f"{sstall / lstall:.2f}x",
+               "no more than local (<= ~1.2x)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutdown()
+        server.terminate()
 
 
 def single_process(args) -> None:
     init_distributed("cpu")
     workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     try:
-        cfg = ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=12, n_kv_heads=4, vocab_size=16384,
-                          max_seq_len=args.seq)
-        model = Llama(cfg)
-        optimizers = Optimizers([model], OptimConfig())
-        tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
-
-        def step() -> float:
-            start = time.perf_counter()
-            loss_sum(model(tokens[:, :-1]), tokens[:, 1:]).div(tokens[:, 1:].numel()).backward()
-            optimizers.step()
-            optimizers.zero_grad()
-            return time.perf_counter() - start
-
+        model, optimizers, step = training(args)
         step()  # creates the optimizer state
         sync = Checkpointer(workdir / "sync", CheckpointConfig(keep_last=0), rank=0)
         start = time.perf_counter()
-        path = sync.save(1, [model], optimizers, {"world_size": 1})
+        path = sync.save(1, [model], optimizers, CheckpointMeta(step=1, world_size=1))
         save_s = time.perf_counter() - start
         nbytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         start = time.perf_counter()
@@ -165,7 +260,7 @@ def single_process(args) -> None:
         stalls = []
         for i in range(3):  # the first save allocates the staging buffers; later ones reuse them
             start = time.perf_counter()
-            async_ckpt.save(2 + i, [model], optimizers, {"world_size": 1})
+            async_ckpt.save(2 + i, [model], optimizers, CheckpointMeta(step=2 + i, world_size=1))
             stalls.append(time.perf_counter() - start)
             while async_ckpt.poll() is None:  # training goes on while the files are written
                 steps.append(step())

@@ -54,7 +54,7 @@ def read_json_object(path: str | Path, error: type[Exception], what: str = "a JS
     """The JSON object in `path`; `error` naming the file when it is not valid JSON or not an object
     (`what`: what the file should have been, for the message)."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads((path if hasattr(path, "read_text") else Path(path)).read_text())
     except json.JSONDecodeError as e:
         raise error(f"{path}: invalid JSON: {e}") from None
     if not isinstance(value, dict):

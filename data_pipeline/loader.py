@@ -33,7 +33,9 @@ import torch
 
 from data_pipeline.errors import DataError, ShardError
 from data_pipeline.permutation import FeistelOrder, SequentialOrder
+from data_pipeline.shard_cache import ShardCache
 from data_pipeline.shards import file_sha256, read_manifest, read_shard
+from data_pipeline.storage import exists, is_url, listing, location
 from data_pipeline.upgrade import LOADER_STATE_VERSION, MaterialisedOrder, deficit_mix, upgrade_loader_state
 
 # The label of a token that is no training target (torch's cross_entropy default ignore_index).
@@ -77,32 +79,40 @@ class TokenStore:
     verify every shard once and stop together if any fails (the trainer passes (rank, world size));
     the default (0, 1) verifies them all here. Every shard's existence and token count are checked
     by every store.
+
+    A directory in object storage (an s3:// URL) is read through a bounded local cache of whole shards
+    (data_pipeline/shard_cache.py): each shard is verified as it is downloaded, when a batch first needs
+    it, instead of at construction (one listing checks that every shard exists).
     """
 
-    def __init__(self, data_dir: str | Path, split: str, verify_part: tuple[int, int] = (0, 1)):
-        self.data_dir = Path(data_dir)
+    def __init__(self, data_dir: str | Path, split: str, verify_part: tuple[int, int] = (0, 1),
+                 cache: ShardCache | None = None):
+        self.data_dir = location(data_dir)
+        self.remote = is_url(data_dir)
+        self.cache = (cache or ShardCache()) if self.remote else None
         manifest = read_manifest(self.data_dir)
         if split not in manifest["splits"]:
             raise DataError(f"{self.data_dir}: no split {split!r} (have: {', '.join(manifest['splits'])})")
         self.manifest, self.split = manifest, split
         tokenizer = self.data_dir / manifest["tokenizer"]["file"]
-        if not tokenizer.is_file():
+        if not exists(tokenizer):
             raise FileNotFoundError(f"tokenizer missing: {tokenizer} (named in {self.data_dir / 'manifest.json'})")
         self.fingerprint: str = manifest["fingerprint"]
         self.eos_id: int = manifest["tokenizer"]["eos_id"]
         info = manifest["splits"][split]
         self.bytes_per_token = info["bytes"] / info["tokens"]
         self._records = info["shards"]
-        for shard in self._records:  # one stat per shard; nothing is opened
+        present = {p.name for p in listing(self.data_dir)} if self.remote else None
+        for shard in self._records:  # one stat per shard (one listing in a store); nothing is opened
             path = self.data_dir / shard["file"]
-            if not path.is_file():
+            if not (shard["file"] in present if self.remote else path.is_file()):
                 raise ShardError(f"token shard missing: {path} (named in {self.data_dir / 'manifest.json'})")
         self._starts = np.cumsum([0] + [int(s["tokens"]) for s in self._records])
         self.num_tokens = int(self._starts[-1])
         self._maps: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self._lock = threading.Lock()  # loader worker threads share the cache
         index, count = verify_part
-        for i in range(index, len(self._records), count):
+        for i in range(index, len(self._records), count) if not self.remote else ():
             path = self.data_dir / self._records[i]["file"]
             values, _, _ = read_shard(path, loss_mask=True)
             verify_shard(path, self._records[i], values, manifest["tokenizer"]["vocab_size"])
@@ -120,7 +130,11 @@ class TokenStore:
                 self._maps.move_to_end(i)
                 return self._maps[i]
             path = self.data_dir / self._records[i]["file"]
+            if self.remote:  # a verified copy in the local cache (its sha256 taken as it downloads)
+                path = self.cache.fetch(path, self._records[i]["sha256"])
             values, _, mask = read_shard(path, loss_mask=True)
+            if self.remote:
+                verify_shard(path, self._records[i], values, self.manifest["tokenizer"]["vocab_size"])
             if len(values) != self._records[i]["tokens"]:
                 raise ShardError(f"token shard {path} holds {len(values)} tokens, its manifest says "
                                  f"{self._records[i]['tokens']}")

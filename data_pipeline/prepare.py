@@ -10,15 +10,24 @@ Two streaming passes over the sources, so memory stays bounded by the shards in 
    a sidecar `*.arrow.json` naming the tokenizer and a digest of its documents. A rerun skips every
    shard whose sidecar matches, so an interrupted preparation resumes where it stopped.
 The manifest is written last; until then the directory is not a dataset the loader will open.
+
+`data.dir` may be an object-store URL: the directory is prepared in a local staging directory
+($MEGACORE_CACHE/prepare/...) and uploaded, each shard (then deleted here) as soon as it is written, so
+that local disk holds about 2 x prepare_workers shards; the manifest goes up last. The old manifest is
+removed first, and shards the new one does not name are deleted before it appears. (An interrupted
+preparation into a store tokenizes again the shards it had uploaded.)
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -33,6 +42,7 @@ from data_pipeline.durable import read_json_object, write_json_atomic
 from data_pipeline.errors import DataError
 from data_pipeline.shards import MANIFEST, TOKENIZER, file_sha256, fingerprint, read_manifest, token_dtype, write_shard
 from data_pipeline.sources import SourceStats, iter_documents, source_identity, source_listing
+from data_pipeline.storage import cache_root, is_url, listing, location, remove_file, upload, upload_tree
 from data_pipeline.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
 from data_pipeline.upgrade import MANIFEST_VERSION, SIDECAR_VERSION, upgrade_sidecar
 
@@ -49,8 +59,11 @@ def split_of(digest: bytes, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
-def prepare(data_cfg, log=print) -> dict:
-    """Prepare `data_cfg.dir` from `data_cfg.sources`; returns the manifest. Skips if already up to date."""
+def prepare(data_cfg, log=print, publish=None) -> dict:
+    """Prepare `data_cfg.dir` from `data_cfg.sources`; returns the manifest. Skips if already up to date.
+    `publish(shard_path)` is called in order as each shard and its sidecar are complete (an upload)."""
+    if is_url(data_cfg.dir):
+        return _prepare_to_store(data_cfg, log)
     out = Path(data_cfg.dir)
     settings = {k: getattr(data_cfg, k) for k in SETTINGS}
     if not data_cfg.sources:
@@ -88,13 +101,23 @@ def prepare(data_cfg, log=print) -> dict:
     # fork on Linux: no threads are alive here (sentencepiece's have finished), workers start at once
     # and work from notebooks too; spawn elsewhere.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    unpublished = collections.deque()  # jobs whose shard `publish` has not seen yet, oldest first
+
+    def publish_done(in_flight: int) -> None:
+        """Publish finished shards in order, waiting until at most `in_flight` jobs are left (this bounds the
+        documents held in flight and, when publishing uploads and removes, the shards on local disk)."""
+        while unpublished and (len(unpublished) > in_flight or unpublished[0].done()):
+            record = unpublished.popleft().result()
+            if publish is not None:
+                publish(out / record["file"])
+
     with ProcessPoolExecutor(workers, context, _init_worker, (str(tokenizer.path),)) as pool:
         def submit(split: str) -> None:
-            if len(jobs) >= 2 * workers:
-                jobs[-2 * workers].result()  # bound the documents held in flight
+            publish_done(2 * workers - 1)
             name = f"{split}-{shard_index[split]:05d}.arrow"
             jobs.append(pool.submit(_write_shard_job, str(out / name), buffers[split], dtype.name, tokenizer.sha256,
                                     data_cfg.format == "chat"))
+            unpublished.append(jobs[-1])
             shard_index[split] += 1
             buffers[split], buffer_bytes[split] = [], 0
 
@@ -117,7 +140,9 @@ def prepare(data_cfg, log=print) -> dict:
         for split in ("train", "val"):
             if buffers[split]:
                 submit(split)
-        records = [job.result() for job in tqdm(jobs, desc="tokenize + write shards", unit="shard", leave=False)]
+        for _ in tqdm(range(len(unpublished)), desc="tokenize + write shards", unit="shard", leave=False):
+            publish_done(len(unpublished) - 1)
+        records = [job.result() for job in jobs]
 
     for name in stats.empty_files:
         log(f"skipped empty file {name}")
@@ -215,6 +240,38 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
         log(f"warning: the corpus supports only {tokenizer.vocab_size} pieces, fewer than "
             f"data.vocab_size={data_cfg.vocab_size}")
     return tokenizer
+
+
+def _prepare_to_store(data_cfg, log) -> dict:
+    """data.dir in object storage: prepared in local staging, then uploaded with the manifest last."""
+    dest = location(data_cfg.dir)
+    try:
+        old = read_manifest(dest)
+    except (FileNotFoundError, DataError):
+        old = {}
+    settings = {k: getattr(data_cfg, k) for k in SETTINGS}
+    if old.get("settings") == settings and old.get("sources") == source_identity(data_cfg.sources):
+        log(f"{dest}: already prepared from these sources with these settings "
+            f"({old['splits']['train']['tokens']:,} train tokens)")
+        return old
+    staging = cache_root() / "prepare" / hashlib.sha256(str(dest).encode()).hexdigest()[:16]
+    remove_file(dest / MANIFEST)  # (the old one no longer describes what is being written)
+
+    def upload_shard(path: Path) -> None:  # each shard as it is finished; then it leaves local disk
+        if path.is_file():
+            upload(path, dest / path.name)
+            upload(path.with_name(path.name + ".json"), dest / (path.name + ".json"))
+            path.unlink()
+
+    manifest = prepare(dataclasses.replace(data_cfg, dir=str(staging)), log, publish=upload_shard)
+    named = {s["file"] for info in manifest["splits"].values() for s in info["shards"]}
+    for stale in listing(dest):
+        if stale.name.endswith((".arrow", ".arrow.json")) and stale.name.removesuffix(".json") not in named:
+            remove_file(stale)
+    upload_tree(staging, dest, last=(MANIFEST,))
+    shutil.rmtree(staging)
+    log(f"uploaded {dest} (manifest last)")
+    return manifest
 
 
 def _same_tokenizer_key(sidecar: Path, new: dict) -> bool:

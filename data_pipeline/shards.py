@@ -70,10 +70,13 @@ def read_shard(path: Path, loss_mask: bool = False):
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / MANIFEST
-    if not Path(data_dir).is_dir():
+    """A prepared directory's manifest, local or in object storage, upgraded to this version."""
+    from data_pipeline.storage import exists, is_url, location
+
+    path = location(data_dir) / MANIFEST
+    if not is_url(data_dir) and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data directory not found: {data_dir} (run `megacore data prepare` first)")
-    if not path.is_file():
+    if not exists(path):
         raise FileNotFoundError(f"no {MANIFEST} in data directory {data_dir} (run `megacore data prepare` first)")
     return upgrade_manifest(read_json_object(path, DataError, "a manifest"), path)
 

@@ -18,8 +18,11 @@ from megacore.errors import CheckpointError, DataError, UsageError
 
 def data_prepare(args) -> int:
     from data_pipeline.prepare import prepare
+    from data_pipeline.storage import check_access
 
-    prepare(load_config(args.config, args.overrides).data)
+    data = load_config(args.config, args.overrides).data
+    check_access(data.dir, "data.dir", write=True)
+    prepare(data)
     return 0
 
 
@@ -29,6 +32,7 @@ def data_inspect(args) -> int:
     from data_pipeline.shards import read_manifest, read_shard
     from data_pipeline.tokenizer import load_tokenizer
 
+    _local_data_dir(args.dir, "inspect")
     manifest = read_manifest(args.dir)
     print(f"{args.dir}: fingerprint {manifest['fingerprint']}, tokenizer vocab {manifest['tokenizer']['vocab_size']} "
           f"({manifest['tokenizer']['sha256'][:12]}), dtype {manifest['dtype']}")
@@ -49,10 +53,20 @@ def data_inspect(args) -> int:
     return 0
 
 
+def _local_data_dir(directory: str, command: str) -> None:
+    from data_pipeline.storage import is_url
+
+    if is_url(directory):
+        raise UsageError(f"`megacore data {command}` reads a local directory, not {directory}; training reads and "
+                         f"verifies shards from object storage itself (each as it downloads), and "
+                         f"`megacore data order` works on URLs")
+
+
 def data_verify(args) -> int:
     from data_pipeline.errors import ShardError
     from data_pipeline.shards import file_sha256, read_manifest, read_shard
 
+    _local_data_dir(args.dir, "verify")
     manifest = read_manifest(args.dir)
     problems = _tokenizer_problems(Path(args.dir), manifest["tokenizer"])
     shards = [(Path(args.dir) / s["file"], s["sha256"], s["tokens"])
@@ -132,12 +146,14 @@ def train(args) -> int:
     if not under_torchrun:
         # Refuse bad settings, layouts, missing data and run-directory conflicts before starting any
         # process (each rank's train() resolves the same config again, with its device).
-        from megacore.checkpoint.resume import refuse_lost_work
+        from megacore.checkpoint.resume import refuse_lost_work, run_checkpoints
         from megacore.checkpoint.store import latest_checkpoint
+        from megacore.preflight import check_storage
 
+        check_storage(cfg, args.resume)
         cfg = preflight(cfg, world_size, overrides=args.overrides).cfg
         refuse_lost_work(cfg, args.resume, world_size)
-        if cfg.train.init_from and (args.resume == "none" or latest_checkpoint(cfg.train.run_dir) is None):
+        if cfg.train.init_from and (args.resume == "none" or latest_checkpoint(run_checkpoints(cfg)) is None):
             from megacore.checkpoint.weights import check_init_from
 
             check_init_from(cfg)
@@ -205,7 +221,7 @@ def estimate(args) -> int:
 
 def checkpoints(args) -> int:
     from megacore.checkpoint.meta import read_meta
-    from megacore.checkpoint.store import list_checkpoints, verify_checkpoint
+    from megacore.checkpoint.store import file_sizes, list_checkpoints, verify_checkpoint
     from megacore.checkpoint.weights import consolidate
 
     if args.action == "consolidate":
@@ -218,7 +234,7 @@ def checkpoints(args) -> int:
         raise FileNotFoundError(f"no committed checkpoints in {args.run_dir}")
     bad = 0
     for path in found:
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        size = sum(file_sizes(path).values())
         status = "unchecked"
         if args.action == "verify":
             try:
@@ -235,9 +251,12 @@ def checkpoints(args) -> int:
 
 
 def export_hf(args) -> int:
+    from data_pipeline.storage import check_access
     from megacore.checkpoint.hf import export_hf as export
     from megacore.checkpoint.weights import load_trained
 
+    check_access(args.checkpoint, "CHECKPOINT")
+    check_access(args.out, "OUT", write=True)
     trained = load_trained(args.checkpoint)
     print(f"exported {trained.source} to {export(trained.model, trained.tokenizer, args.out)}")
     return 0
@@ -246,8 +265,10 @@ def export_hf(args) -> int:
 # -- using a trained model --
 
 def evaluate(args) -> int:
+    from data_pipeline.storage import check_access
     from megacore.eval.evaluate import evaluate_checkpoint, evaluate_tasks
 
+    check_access(args.checkpoint, "CHECKPOINT")
     if args.task:
         print(json.dumps(evaluate_tasks(args.checkpoint, args.task, args.batch_size), indent=2))
         return 0
@@ -257,9 +278,11 @@ def evaluate(args) -> int:
 
 
 def generate(args) -> int:
+    from data_pipeline.storage import check_access
     from megacore.checkpoint.weights import load_trained
     from megacore.eval.generate import generate_text
 
+    check_access(args.checkpoint, "CHECKPOINT")
     trained = load_trained(args.checkpoint)
     print(generate_text(trained.model, trained.tokenizer, args.prompt, chat_turn=args.chat, stop=args.stop,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -6,6 +6,7 @@ file, key or value at fault. Anything else (a ValueError included) is a bug and 
     ├── UsageError        a command-line argument that cannot work
     ├── ConfigError       a config key, or keys that contradict each other
     ├── CheckpointError   a checkpoint that is incomplete, altered or incompatible
+    ├── StorageError      an object-store URL that cannot be used (endpoint, credentials, bucket)
     └── DataError         bad data or data settings (data_pipeline.errors.DataPipelineError is this class)
         ├── SourceError       a raw source that cannot be read
         ├── ShardError        a prepared token shard that is missing, altered or holds foreign ids
@@ -31,6 +32,11 @@ class ConfigError(MegacoreError, ValueError):
 
 class CheckpointError(MegacoreError, ValueError):
     """A checkpoint that is incomplete, altered or incompatible with this run; the message names the file."""
+
+
+class StorageError(MegacoreError, ValueError):
+    """A durable location (an s3://, gs://, az:// URL) that cannot be reached or used; the message names
+    the URL and the cause, never a secret."""
 
 
 class DataError(MegacoreError, ValueError):

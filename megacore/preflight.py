@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import is_url
 from megacore.config import Config
 from megacore.errors import ConfigError, DataError
 from megacore.parallel.layout import Layout
@@ -36,6 +36,22 @@ def check_data(cfg: Config) -> None:
 
     for spec in cfg.train.eval_tasks:  # (every line checked, the file and line named)
         load_task(*parse_task_arg(spec, "train.eval_tasks"))
+
+
+def check_storage(cfg: Config, resume: str = "none") -> None:
+    """Before anything else reads them: every object-store location the run names answers with these
+    credentials (one listing request each; StorageError naming the key and URL otherwise)."""
+    from data_pipeline.storage import check_access
+
+    named = [("data.dir", cfg.data.dir), ("checkpoint.dir", cfg.checkpoint.dir), ("train.init_from", cfg.train.init_from),
+             ("--resume", resume if resume not in ("none", "auto") else "")]
+    named += [(f"data.mixture[{i}]", d) for i, (d, _) in enumerate(cfg.data.mixture_weights())]
+    named += [(f"train.eval_sets ({name})", d) for name, d, _ in cfg.train.named_eval_sets()]
+    checked = set()
+    for key, url in named:
+        if is_url(url) and url not in checked:
+            check_access(url, key, write=key == "checkpoint.dir")
+            checked.add(url)
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,10 @@ def check_combinations(cfg: Config) -> None:
                           "output head are placed differently)")
     if par.backend == "deepspeed" and cfg.checkpoint.async_save:
         raise ConfigError("checkpoint.async_save is not supported with parallel.backend=deepspeed")
+    if par.backend == "deepspeed" and is_url(cfg.checkpoint.dir):
+        raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} is in object storage, which parallel.backend=deepspeed "
+                          f"cannot load from (its engine reads local files); use a local or shared checkpoint.dir, or "
+                          f"parallel.backend=torch")
     if m.moe:
         # What mixtures of experts do not have yet, refused by name (README: support matrix).
         for clash, why in ((par.tp > 1, f"parallel.tp={par.tp}: tensor parallelism of experts is not implemented; "
@@ -100,8 +120,10 @@ def check_combinations(cfg: Config) -> None:
 def _model_from_init_dir(cfg: Config, overrides: list[str]) -> None:
     """train.init_from=HF_DIR defines the model: its config.json replaces the model section (keeping the
     training-only fields), and a model.* override that contradicts it is refused by name."""
-    source = Path(cfg.train.init_from) if cfg.train.init_from else None
-    if source is None or not (source / "config.json").is_file():
+    from data_pipeline.storage import exists, location
+
+    source = location(cfg.train.init_from) if cfg.train.init_from else None
+    if source is None or not exists(source / "config.json"):  # (a directory in object storage too)
         return
     from megacore.checkpoint.hf import read_hf_config
     from megacore.checkpoint.hf_config import check_overrides, model_config_from_hf

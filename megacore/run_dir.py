@@ -8,7 +8,9 @@ these names).
     RUN_DIR/metrics.superseded.jsonl  the records a resume or rollback replaced
     RUN_DIR/loss.png          `megacore plot` (megacore/monitor/plot.py)
     RUN_DIR/memory.json       each rank's memory after the first and last steps (megacore/monitor/memory.py)
-    RUN_DIR/checkpoints/      step_XXXXXXXX/ checkpoints (megacore/checkpoint/)
+    RUN_DIR/checkpoints/      step_XXXXXXXX/ checkpoints (megacore/checkpoint/), unless checkpoint.dir names
+                              another place (a URL); each checkpoint's run/ holds config.yaml and the
+                              tokenizer files (RUN_FILES), so that it is usable without this directory
     RUN_DIR/profile/          torch profiler traces and their summary (megacore/monitor/profiling.py)
     RUN_DIR/wandb_run.json    the W&B run id every restart continues (megacore/monitor/wandb_run.py)
     RUN_DIR/evals/            step_XXXXXXXX.json: downstream task results (megacore/eval/tasks.py)
@@ -20,10 +22,10 @@ these names).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from data_pipeline.shards import TOKENIZER, read_manifest
+from data_pipeline.storage import Location, download, location
 from megacore.config import Config, load_config, save_config
 
 CONFIG = "config.yaml"
@@ -34,6 +36,7 @@ PROFILE = "profile"
 WANDB_STATE = "wandb_run.json"
 BRANCH = "branch.json"
 EVALS = "evals"
+RUN_FILES = "run"  # (inside a checkpoint)
 STOP, PREEMPTED = "STOP", "PREEMPTED"
 HEALTH_DIR, EVENTS, STARTS, STOPPED, HANG = "health", "events.jsonl", "starts.jsonl", "STOPPED", "HANG"
 HEARTBEATS, STACKS = "heartbeats", "stacks"  # (inside HEALTH_DIR)
@@ -43,11 +46,30 @@ def write_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG)
-    tokenizer = read_manifest(cfg.data.dir)["tokenizer"]
-    for name in tokenizer.get("files", [tokenizer.get("file", TOKENIZER)]):  # (relative: chat templates' folder)
-        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(cfg.data.dir) / name, run_dir / name)
+    for name in tokenizer_files(cfg):
+        download(location(cfg.data.dir) / name, run_dir / name)  # (data.dir may be in object storage)
     return run_dir
+
+
+def tokenizer_files(cfg: Config) -> list[str]:
+    """The tokenizer's files, relative to data.dir (and to the run directory: chat templates keep their folder)."""
+    tokenizer = read_manifest(cfg.data.dir)["tokenizer"]
+    return tokenizer.get("files", [tokenizer.get("file", TOKENIZER)])
+
+
+def data_tokenizer_dir(cfg: Config) -> Path:
+    """A local directory holding data.dir's tokenizer: data.dir itself, or its tokenizer files downloaded
+    into this node's cache when data.dir is in object storage (a few MB, once per node)."""
+    import hashlib
+
+    from data_pipeline.storage import cache_root, is_url
+
+    if not is_url(cfg.data.dir):
+        return Path(cfg.data.dir)
+    local = cache_root() / "tokenizers" / hashlib.sha256(str(cfg.data.dir).encode()).hexdigest()[:16]
+    for name in tokenizer_files(cfg):
+        download(location(cfg.data.dir) / name, local / name)
+    return local
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -55,3 +77,17 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"not a run directory (no {CONFIG}): {run_dir}")
     return load_config(path)
+
+
+def checkpoint_run_files(ckpt: Location, scratch: Path) -> Path:
+    """A directory holding the config and tokenizer a checkpoint was trained with: its own run/ (checkpoints
+    since object storage; downloaded into `scratch` when the checkpoint is in a store), else the run
+    directory around it (older local checkpoints)."""
+    own = ckpt / RUN_FILES
+    if isinstance(ckpt, Path):
+        return own if (own / CONFIG).is_file() else ckpt.parent.parent
+    from data_pipeline.storage import download_tree
+
+    if not (own / CONFIG).is_file():
+        raise FileNotFoundError(f"{ckpt}: no {RUN_FILES}/{CONFIG} (not a megacore checkpoint?)")
+    return download_tree(own, scratch)

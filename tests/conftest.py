@@ -4,6 +4,7 @@ out. Shared functions are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -26,7 +27,7 @@ PROCESS_MODULES = {"test_deepspeed", "test_formats", "test_launch_local", "test_
 # uses one, directly or through another fixture, is marked.
 PROCESS_FIXTURES = {"tiny_args", "small_run", "runs", "baseline", "two_rank_run", "undisturbed", "many_shards",
                     "chat_data", "pretrained", "chat_dir", "cluster", "jobs", "two_node_cluster",
-                    "reference", "moe_single", "wsd_run"}
+                    "reference", "moe_single", "wsd_run", "s3"}
 
 # The other tests that start processes themselves, by file and function name.
 PROCESS_TESTS = {
@@ -158,3 +159,36 @@ def small_run(data_dir, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("small") / "run"
     megacore("train", *tiny_run_args(data_dir, run, "train.steps=2", *NO_EVAL))
     return run
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 API on loopback (moto's server, IAM authentication on) for the session; while it runs,
+    this process and every process a test starts find it through the standard AWS variables, and
+    MEGACORE_CACHE points into the session's temporary directory."""
+    from tests.s3_server import start_s3_server
+
+    root = tmp_path_factory.mktemp("s3")
+    server = start_s3_server(root / "moto.log")
+    saved = dict(os.environ)
+    os.environ.update({**server.env(), "MEGACORE_CACHE": str(root / "cache")})
+    try:
+        yield server
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.process.terminate()
+        server.process.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(s3, request) -> str:
+    """A new, empty bucket for one test: its s3:// URL."""
+    import re
+    import uuid
+
+    import fsspec
+
+    name = (re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8])
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"

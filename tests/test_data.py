@@ -290,3 +290,41 @@ def test_mixture_planning_is_vectorised_and_old_states_keep_their_rule(data_dir)
     today = make()
     today.skip(3)
     assert not all(torch.equal(today.next_batch()["sample_ids"], x) for x in expected)
+
+
+def test_shards_from_object_storage_are_verified_into_a_bounded_local_cache(tmp_path):
+    """The cache in front of a bucket (data.dir=s3://..., exercised against a real S3 API in
+    tests/test_object_storage.py), here fed from a local directory: each shard is hashed as it arrives and
+    kept under its sha256; beyond the bound the least recently used go; an altered shard is refused
+    naming its source, and nothing is left under the final name."""
+    import os
+    import shutil
+
+    from data_pipeline.shard_cache import ShardCache
+    from data_pipeline.shards import write_shard
+
+    data_dir = tmp_path / "bucket"
+    data_dir.mkdir()
+    records = [write_shard(data_dir / f"train-{i:05d}.arrow", np.arange(1000, dtype=np.uint16) + i,
+                           np.array([400, 600])) for i in range(3)]
+    size = max((data_dir / r["file"]).stat().st_size for r in records)
+    cache = ShardCache(tmp_path / "cache", max_gb=2.5 * size / 2**30)  # room for two shards
+    first = cache.fetch(data_dir / records[0]["file"], records[0]["sha256"])
+    assert first.name == records[0]["sha256"] + ".arrow"
+    assert first.read_bytes() == (data_dir / records[0]["file"]).read_bytes()
+    assert cache.fetch(data_dir / records[0]["file"], records[0]["sha256"]) == first and cache.downloads == 1
+    os.utime(first, (1, 1))  # the least recently used
+    for r in records[1:]:
+        cache.fetch(data_dir / r["file"], r["sha256"])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(r["sha256"] + ".arrow" for r in records[1:])
+
+    altered = tmp_path / "altered" / records[0]["file"]
+    altered.parent.mkdir()
+    shutil.copyfile(data_dir / records[0]["file"], altered)
+    with open(altered, "r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"0123456789")
+    with pytest.raises(ShardError, match=f"token shard {altered}: sha256 differs from its manifest"):
+        cache.fetch(altered, records[0]["sha256"])
+    assert not (tmp_path / "cache" / first.name).exists()
+    assert not any(p.name.endswith(".part") for p in (tmp_path / "cache").iterdir())

@@ -106,14 +106,20 @@ def test_a_branch_is_told_from_a_resume_through_symlinks_and_blocks_a_fresh_star
     """A run's checkpoints on other storage (a symlinked checkpoints/) are still the run's; a branch directory
     refuses `--resume none` (it would start over a branch), naming branch.json."""
     from megacore.checkpoint.resume import checkpoint_to_resume, is_branch, record_branch
+    from megacore.config import Config
+
+    def config(run_dir):
+        cfg = Config()
+        cfg.train.run_dir = str(run_dir)
+        return cfg
 
     scratch, run = tmp_path / "scratch", tmp_path / "run"
     (scratch / "step_00000004").mkdir(parents=True)
     run.mkdir()
     (tmp_path / "other").mkdir()
     (run / "checkpoints").symlink_to(scratch)
-    assert not is_branch(run / "checkpoints" / "step_00000004", run)
-    assert is_branch(run / "checkpoints" / "step_00000004", tmp_path / "other")
+    assert not is_branch(run / "checkpoints" / "step_00000004", config(run))
+    assert is_branch(run / "checkpoints" / "step_00000004", config(tmp_path / "other"))
     record_branch(run / "checkpoints" / "step_00000004", 4, tmp_path / "other")
     with pytest.raises(FileExistsError, match="branch.json"):
-        checkpoint_to_resume(tmp_path / "other", "none")
+        checkpoint_to_resume(config(tmp_path / "other"), "none")

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.storage import exists, is_url, listing, location, remove_file, upload, upload_tree
 from data_pipeline.tokenizer import HFTokenizer, Tokenizer, copy_tokenizer
 from megacore.checkpoint.hf_config import ARCHITECTURE_FIELDS, effective, hf_config, model_config_from_hf
 from megacore.config import ConfigError, ModelConfig
@@ -118,9 +119,11 @@ def hf_state(model: Llama) -> dict[str, torch.Tensor]:
 MAX_SHARD_BYTES = 5 * 10**9
 
 
-def save_hf_weights(model: Llama, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def save_hf_weights(model: Llama, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES, written=None) -> None:
     """config.json of the model's family and its weights as safetensors: one model.safetensors, or
-    model-0000i-of-0000n.safetensors with model.safetensors.index.json beyond max_shard_bytes."""
+    model-0000i-of-0000n.safetensors with model.safetensors.index.json beyond max_shard_bytes.
+    `written(path)` is called as each weights file is complete (an upload, while the next is written)."""
+    written = written or (lambda path: None)
     state = {k: v.contiguous() for k, v in hf_state(model).items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -134,25 +137,53 @@ def save_hf_weights(model: Llama, out: Path, max_shard_bytes: int = MAX_SHARD_BY
         size += nbytes
     if len(shards) == 1:
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        written(out / "model.safetensors")
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
             save_file(shard, str(out / name), metadata={"format": "pt"})
+            written(out / name)
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
              "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, indent=2))
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
 
 
-def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES):
+    """A Hugging Face directory at `out`. In object storage: written in local staging, each safetensors
+    shard uploaded (and deleted here) as soon as it is complete, so local disk holds one shard; config.json
+    goes up last, and a prefix without it is no model to transformers or to train.init_from."""
+    if is_url(out):
+        import tempfile
+
+        dest = location(out)
+        # An older export there is no longer whole (its config.json goes first), and none of its weight
+        # files or index may mix with the new ones.
+        remove_file(dest / "config.json")
+        for old in listing(dest):
+            if old.name.endswith(".safetensors") or old.name == "model.safetensors.index.json":
+                remove_file(old)
+        with tempfile.TemporaryDirectory(prefix="megacore-export-") as staging:
+            def upload_now(path: Path) -> None:
+                upload(path, dest / path.name)
+                path.unlink()
+
+            _write_hf(model, tokenizer, Path(staging), max_shard_bytes, upload_now)
+            upload_tree(Path(staging), dest, last=("config.json",))
+        return dest
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_hf_weights(model, out, max_shard_bytes)
+    _write_hf(model, tokenizer, out, max_shard_bytes)
+    return out
+
+
+def _write_hf(model: Llama, tokenizer: Tokenizer, out: Path, max_shard_bytes: int, written=None) -> None:
+    save_hf_weights(model, out, max_shard_bytes, written)
     if isinstance(tokenizer, HFTokenizer) or tokenizer.chat_templates:
         # A published model's tokenizer (tokenizer.json, or tokenizer.model with a chat template): its own
         # files, as they came in (the chat template in chat_template.jinja or in tokenizer_config.json).
         copy_tokenizer(tokenizer, out)
-        return out
+        return
     shutil.copyfile(tokenizer.path, out / "tokenizer.model")
     sp = tokenizer.sp
     special = {"bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eos_id),
@@ -163,7 +194,6 @@ def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_byt
         # tokenizer encode and decode exactly as we do.
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
         "add_prefix_space": True, "model_max_length": model.cfg.max_seq_len, **special}, indent=2))
-    return out
 
 
 def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -191,10 +221,11 @@ def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path) -> None:
+def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path, local: Path | None = None) -> None:
     """Refuse a Hugging Face model that `cfg` would not reproduce: a field we do not implement (named,
     never dropped; megacore/checkpoint/hf_config.py), an architecture field that differs from cfg's
-    (both values named), or a weight whose shape is not the model's (safetensors headers only)."""
+    (both values named), or a weight whose shape is not the model's (safetensors headers only; from `local`,
+    the downloaded copy, when `source` is in object storage)."""
     derived = model_config_from_hf(config, cfg, source)
     for field in ARCHITECTURE_FIELDS:
         if effective(derived, field) != effective(cfg, field):
@@ -202,7 +233,7 @@ def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path) -> None:
                               f"this run's model has {effective(cfg, field)!r}")
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in Llama(cfg).named_parameters()}
-    files, handles = _hf_tensor_files(Path(source)), {}
+    files, handles = _hf_tensor_files(Path(local or source)), {}
     for name, shape in shapes.items():
         experts = hf_expert_names(name, cfg.family, cfg.n_experts) if cfg.moe else None
         for theirs, want in ([(to_hf_name(name, cfg.family), shape)] if experts is None
@@ -218,8 +249,8 @@ def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path) -> None:
 
 
 def read_hf_config(path: str | Path) -> dict:
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
+    config_path = location(path) / "config.json"
+    if not exists(config_path):
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
     return json.loads(config_path.read_text())
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from data_pipeline.durable import read_json_object
+from data_pipeline.storage import exists, location
 from megacore.errors import CheckpointError
 
 META = "meta.json"
@@ -84,7 +85,7 @@ _UPGRADES = {1: _from_v1}
 
 def read_meta(path: str | Path) -> CheckpointMeta:
     """The metadata of checkpoint directory `path`."""
-    meta_path = Path(path) / META
-    if not meta_path.is_file():
+    meta_path = location(path) / META
+    if not exists(meta_path):
         raise FileNotFoundError(f"not a checkpoint (no {META}): {path}")
     return CheckpointMeta.from_dict(read_json_object(meta_path, CheckpointError, "a checkpoint's meta.json"), meta_path)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from data_pipeline.durable import write_text_atomic
 from data_pipeline.shards import read_manifest
+from data_pipeline.storage import Location, is_url, location
 from megacore.checkpoint.meta import CheckpointMeta, read_meta
-from megacore.checkpoint.store import latest_checkpoint, newest_good_checkpoint, resolve_checkpoint
+from megacore.checkpoint.store import checkpoints_root, latest_checkpoint, newest_good_checkpoint, resolve_checkpoint
 from megacore.config import Config
 from megacore.errors import CheckpointError, DataError
 from megacore.run_dir import BRANCH, CHECKPOINTS
@@ -70,48 +71,62 @@ def effective_resume(resume: str) -> str:
     return "auto" if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 else resume
 
 
-def checkpoint_to_resume(run_dir: str | Path, resume: str) -> Path | None:
-    """The verified checkpoint that `--resume` selects, or None to start fresh; raises if that would lose work."""
+def run_checkpoints(cfg: Config) -> Location:
+    """This run's checkpoints root: checkpoint.dir, or RUN_DIR/checkpoints."""
+    return checkpoints_root(cfg.train.run_dir, cfg.checkpoint.dir)
+
+
+def checkpoint_to_resume(cfg: Config, resume: str) -> Location | None:
+    """The verified checkpoint that `--resume` selects, or None to start fresh; raises if that would lose work.
+    `auto` looks in checkpoint.dir, so a node with an empty run directory continues from object storage."""
+    run_dir, root = cfg.train.run_dir, run_checkpoints(cfg)
     if resume == "none":
-        existing = latest_checkpoint(run_dir)
+        # (also the run directory's own checkpoints/, when checkpoint.dir now names another place)
+        existing = latest_checkpoint(root) or (latest_checkpoint(Path(run_dir) / CHECKPOINTS) if cfg.checkpoint.dir
+                                               else None)
         if existing is not None:
-            raise FileExistsError(f"{run_dir} already has checkpoints (newest: {existing.name}); pass "
-                                  f"--resume auto to continue it, or choose another train.run_dir")
+            where = run_dir if isinstance(root, Path) else f"checkpoint.dir={root}"
+            raise FileExistsError(f"{where} already has checkpoints (newest: {existing.name}); pass "
+                                  f"--resume auto to continue it, or choose another train.run_dir"
+                                  f"{'' if isinstance(root, Path) else ' and checkpoint.dir'}")
         if branch_point(run_dir) is not None:
             raise FileExistsError(f"{run_dir} is a branch of {branch_point(run_dir)} ({Path(run_dir) / BRANCH}); pass "
                                   f"--resume auto to continue it, or choose another train.run_dir")
         return None
     if resume == "auto":
-        found = newest_good_checkpoint(run_dir)
+        found = newest_good_checkpoint(root)
         if found is None and branch_point(run_dir) is not None:
             return resolve_checkpoint(branch_point(run_dir))
         return found
     return resolve_checkpoint(resume)
 
 
-def branch_point(run_dir: str | Path) -> Path | None:
+def branch_point(run_dir: str | Path) -> Location | None:
     """The checkpoint of another run that this run directory branched from (None: not a branch)."""
     path = Path(run_dir) / BRANCH
     if not path.is_file():
         return None
     try:
-        return Path(json.loads(path.read_text())["from"])
+        return location(json.loads(path.read_text())["from"])
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"{path}: not a branch record ({{\"from\": CHECKPOINT, \"step\": N}}); restore it "
                               f"or remove it") from None
 
 
-def is_branch(ckpt: Path, run_dir: str | Path) -> bool:
-    """Whether resuming `ckpt` in `run_dir` starts a branch: the checkpoint is not under this run's
-    checkpoints directory (followed through symlinks: checkpoints on scratch storage are still the run's)."""
-    return (Path(run_dir) / CHECKPOINTS).resolve() not in ckpt.resolve().parents
+def is_branch(ckpt: Location, cfg: Config) -> bool:
+    """Whether resuming `ckpt` in this run starts a branch: the checkpoint is not under this run's
+    checkpoints root (followed through symlinks: checkpoints on scratch storage are still the run's)."""
+    root = run_checkpoints(cfg)
+    if is_url(root) or is_url(ckpt):
+        return str(ckpt.parent).rstrip("/") != str(root).rstrip("/")
+    return root.resolve() not in ckpt.resolve().parents
 
 
-def record_branch(ckpt: Path, step: int, run_dir: str | Path) -> None:
+def record_branch(ckpt: Location, step: int, run_dir: str | Path) -> None:
     """branch.json in the branch's run directory: where it came from (atomically; a later explicit
     `--resume` of another checkpoint replaces it)."""
     path = Path(run_dir) / BRANCH
-    record = {"from": str(ckpt.resolve()), "step": step}
+    record = {"from": str(ckpt if is_url(ckpt) else ckpt.resolve()), "step": step}
     if not path.is_file() or json.loads(path.read_text()) != record:
         write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
@@ -121,10 +136,10 @@ def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
     checkpoint, or from one this launch cannot load. Cheap (no hashing); rank 0 verifies the chosen
     checkpoint when training starts."""
     if resume == "none":
-        checkpoint_to_resume(cfg.train.run_dir, resume)
+        checkpoint_to_resume(cfg, resume)
         return
-    ckpt = (latest_checkpoint(cfg.train.run_dir) or branch_point(cfg.train.run_dir)) if resume == "auto" \
-        else Path(resume)
+    ckpt = (latest_checkpoint(run_checkpoints(cfg)) or branch_point(cfg.train.run_dir)) if resume == "auto" \
+        else location(resume)
     if ckpt is None:
         return
     check_can_resume(ckpt, cfg, world_size)

@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from data_pipeline.storage import is_url
 from megacore.errors import CheckpointError
 
 _DCP_METADATA = {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
@@ -60,8 +62,8 @@ class RestrictedUnpickler(pickle.Unpickler):
                               f"DCP's own classes (a tampered or foreign file?)")
 
 
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader, with `.metadata` read through the allow-list. DCP swallows any error of
+class _SafeMetadata:
+    """DCP's readers, with `.metadata` read through the allow-list. DCP swallows any error of
     read_metadata (to try per-rank metadata instead), so a refusal is also kept in `self.refused`."""
 
     refused: CheckpointError | None = None
@@ -81,6 +83,19 @@ class SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeFileSystemReader(_SafeMetadata, FileSystemReader):
+    """A local checkpoint."""
+
+
+class SafeFsspecReader(_SafeMetadata, FsspecReader):
+    """A checkpoint in object storage: each rank reads the byte ranges of the tensors its shards need,
+    straight from the store (nothing is downloaded whole)."""
+
+
+def safe_reader(path) -> FileSystemReader:
+    return SafeFsspecReader(str(path)) if is_url(path) else SafeFileSystemReader(path)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -107,7 +122,7 @@ def load_dcp(state: dict, path: str | pathlib.Path, no_dist: bool = False) -> No
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    reader = SafeFileSystemReader(path)
+    reader = safe_reader(path)
     quiet = _DropMetadataFallbackNotes()
     logging.getLogger().addFilter(quiet)
     try:

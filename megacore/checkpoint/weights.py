@@ -7,6 +7,7 @@ needs the optimizer state or the layout that wrote the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -15,13 +16,57 @@ import torch
 from torch import nn
 
 from data_pipeline.shards import TOKENIZER, file_sha256, read_manifest
+from data_pipeline.storage import Location, cache_root, download_tree, exists, is_url, location
 from data_pipeline.tokenizer import HF_TOKENIZER, Tokenizer, copy_tokenizer, load_tokenizer
 from megacore.checkpoint.dcp import load_dcp_weights, load_sharded_weights, save_dcp_weights
-from megacore.checkpoint.meta import META, read_meta
-from megacore.checkpoint.store import commit_directory, latest_checkpoint, list_checkpoints, resolve_checkpoint
+from megacore.checkpoint.meta import read_meta
+from megacore.checkpoint.store import (
+    commit_directory,
+    is_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 from megacore.config import Config, ConfigError, save_config
 from megacore.model import Llama
-from megacore.run_dir import CHECKPOINTS, CONFIG, load_run_config
+from megacore.run_dir import CHECKPOINTS, CONFIG, RUN_FILES, checkpoint_run_files, load_run_config
+
+
+def is_published(path: str | Location) -> bool:
+    """A Hugging Face model directory (config.json), local or in object storage."""
+    return exists(location(path) / "config.json")
+
+
+def local_published(path: str | Location) -> Path:
+    """A published model's directory on local disk: itself, or its download into this node's cache
+    (safetensors are read by slices from local files; it costs the model's size on each node). The copy is
+    reused while the objects' names, sizes and ETags are unchanged (one listing); a new export at the same
+    URL is downloaded again."""
+    if not is_url(path):
+        return Path(path)
+    cache, signature = cache_root() / "models" / _key(path), _signature(location(path))
+    marker = cache / ".complete"
+    if not marker.is_file() or marker.read_text() != signature:
+        shutil.rmtree(cache, ignore_errors=True)
+        download_tree(location(path), cache)
+        marker.write_text(signature)
+    return cache
+
+
+def _signature(path: Location) -> str:
+    """What identifies the objects under a prefix: names, sizes and ETags (or modification times)."""
+    import json
+
+    path.fs.invalidate_cache(path.path)
+    found = path.fs.find(path.path, detail=True)
+    return json.dumps(sorted((name, info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
+                             for name, info in found.items()))
+
+
+def _key(path) -> str:
+    return hashlib.sha256(str(path).encode()).hexdigest()[:16]
+
+
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> Path:
@@ -41,47 +86,69 @@ def check_init_from(cfg: Config) -> None:
     """Before any process starts (cheap: JSON and one tokenizer file): train.init_from is a model this run
     can start from: the same shapes and features (Hugging Face directories), and the tokenizer that
     data.dir was prepared with (both hashes named otherwise)."""
-    source = Path(cfg.train.init_from)
-    if (source / "config.json").is_file():
+    source = location(cfg.train.init_from)
+    published = is_published(source)
+    if published:
         from megacore.checkpoint.hf import check_hf_config, read_hf_config
 
-        check_hf_config(read_hf_config(source), cfg.model, source)
-        has_tokenizer = (source / HF_TOKENIZER).is_file() or (source / TOKENIZER).is_file()
-        tokenizer = source
-        theirs = load_tokenizer(source).sha256 if has_tokenizer else None
+        check_hf_config(read_hf_config(source), cfg.model, source, local_published(source))
+        has_tokenizer = exists(source / HF_TOKENIZER) or exists(source / TOKENIZER)
+        theirs = load_tokenizer(local_published(source)).sha256 if has_tokenizer else None
     else:
-        ckpt = source if (source / META).is_file() else latest_checkpoint(source)
+        ckpt = source if is_checkpoint(source) else latest_checkpoint(source)
         if ckpt is None:
-            raise FileNotFoundError(f"train.init_from={source}: no checkpoint there (a megacore run or checkpoint "
-                                    f"directory, or a Hugging Face directory with config.json)")
+            raise FileNotFoundError(f"train.init_from={source}: no checkpoint there (a megacore run, checkpoint or "
+                                    f"checkpoint.dir, or a Hugging Face directory with config.json)")
         theirs = read_meta(ckpt).tokenizer_sha256 or file_sha256(ckpt.parent.parent / TOKENIZER)
     ours = read_manifest(cfg.data.dir)["tokenizer"]["sha256"]
     if theirs is not None and theirs != ours:
         raise ConfigError(f"train.init_from={source} was trained with tokenizer sha256 {theirs}, but data.dir="
                           f"{cfg.data.dir} is tokenized with {ours}: prepare the data with "
-                          f"data.tokenizer_from={source if not (source / 'config.json').is_file() else tokenizer}")
+                          f"data.tokenizer_from={source}")
 
 
 def init_weights_from(model: Llama, source: str) -> None:
     """train.init_from: whole-model weights from a Hugging Face directory or a megacore run/checkpoint."""
-    if (Path(source) / "config.json").is_file():
+    if is_published(source):
         from megacore.checkpoint.hf import load_hf_into
 
-        load_hf_into(model, source)
+        load_hf_into(model, local_published(source))
     else:
         load_model_weights(model, source)
+
+
+def init_source(cfg: Config, env) -> str:
+    """train.init_from for every rank of a run: rank 0 checks it against this run (`check_init_from`) and
+    verifies the checkpoint it means (once, not on every rank: in object storage that reads every byte),
+    and tells the others; then the first rank of each node fetches a published model that lies in object
+    storage into the node's cache, while the others wait."""
+    import torch.distributed as dist
+
+    from megacore.distributed import on_every_rank
+
+    def resolve() -> str:
+        check_init_from(cfg)
+        source = cfg.train.init_from
+        return str(source) if is_published(source) else str(resolve_checkpoint(source))
+
+    chosen = [on_every_rank(lambda: resolve() if env.is_main else None, env)]
+    dist.broadcast_object_list(chosen, src=0)
+    source = chosen[0]
+    fetch = env.local_rank == 0 and is_url(source) and is_published(source)
+    on_every_rank(lambda: local_published(source) if fetch else None, env)
+    return source
 
 
 def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
     """train.init_from on a parallelized model: every rank reads only the slices its shards hold, from a
     Hugging Face directory (safetensors slices) or a torch-backend run/checkpoint (DCP). A DeepSpeed
     run's weights are consolidated whole on each rank first (its files are not sliceable)."""
-    if (Path(source) / "config.json").is_file():
+    if is_published(source):
         from megacore.checkpoint.hf import load_hf_slices
 
-        load_hf_slices(parts, source)
+        load_hf_slices(parts, local_published(source))
         return
-    ckpt = resolve_checkpoint(source)
+    ckpt = location(source) if is_checkpoint(source) else resolve_checkpoint(source)  # (resolve_init_from verified it)
     if read_meta(ckpt).backend == "deepspeed":
         from megacore.checkpoint.deepspeed import consolidated_state_dict
         from megacore.parallel.materialize import load_slices
@@ -99,18 +166,19 @@ class TrainedModel(NamedTuple):
     model: Llama  # in eval mode
     tokenizer: Tokenizer
     config: Config  # the run's config (a published model's: its model section, defaults elsewhere)
-    source: Path  # the checkpoint directory, or the Hugging Face directory
+    source: Location  # the checkpoint directory, or the Hugging Face directory
 
 
-def load_trained(path: str | Path, device: str = "cpu") -> TrainedModel:
-    """Model (eval mode), tokenizer and config from a run directory or one of its checkpoints, or from a
-    published model's Hugging Face directory (its config.json defines the model)."""
-    if (Path(path) / "config.json").is_file():
-        return load_published(path, device)
+def load_trained(path: str | Location, device: str = "cpu") -> TrainedModel:
+    """Model (eval mode), tokenizer and config from a run directory, a checkpoint or a checkpoint.dir
+    (local or a URL: its newest good checkpoint), or from a published model's Hugging Face directory (its
+    config.json defines the model)."""
+    if is_published(path):
+        return load_published(local_published(path), device)
     ckpt = resolve_checkpoint(path)
-    run_dir = ckpt.parent.parent
-    cfg = load_run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
+    run_files = checkpoint_run_files(ckpt, cache_root() / "run-files" / _key(ckpt))
+    cfg = load_run_config(run_files)
+    tokenizer = load_tokenizer(run_files)
     model = empty_model(cfg, device)
     load_model_weights(model, ckpt)
     return TrainedModel(model.eval(), tokenizer, cfg, ckpt)
@@ -143,21 +211,25 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     directory OUT (config with backend=torch, tokenizer): eval, generate, export-hf and train.init_from
     read it like any torch-backend run. Returns the new checkpoint directory."""
     ckpt = resolve_checkpoint(source)
-    run_dir, out = ckpt.parent.parent, Path(out)
+    run_dir, out = checkpoint_run_files(ckpt, cache_root() / "run-files" / _key(ckpt)), Path(out)
     if list_checkpoints(out):
         raise FileExistsError(f"{out} already has checkpoints; choose a new directory")
     cfg = load_run_config(run_dir)
     model = empty_model(cfg)
     load_model_weights(model, ckpt)
     cfg.parallel = type(cfg.parallel)()  # a plain torch-backend layout; any layout can load it
-    meta = dataclasses.replace(read_meta(ckpt), weights_only=True, consolidated_from=str(ckpt.resolve()),
-                               config=cfg.to_dict())
+    cfg.checkpoint.dir = ""  # (OUT's own checkpoints/, not the source run's checkpoint.dir)
+    meta = dataclasses.replace(read_meta(ckpt), weights_only=True, config=cfg.to_dict(),
+                               consolidated_from=str(ckpt.resolve() if isinstance(ckpt, Path) else ckpt))
     final = out / CHECKPOINTS / ckpt.name
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_config(cfg, out / CONFIG)
     copy_tokenizer(load_tokenizer(run_dir), out)
+    (tmp / RUN_FILES).mkdir()
+    save_config(cfg, tmp / RUN_FILES / CONFIG)
+    copy_tokenizer(load_tokenizer(run_dir), tmp / RUN_FILES)
     save_dcp_weights(model, tmp)
     commit_directory(tmp, final, meta)
     return final

@@ -206,6 +206,11 @@ class DataConfig:
     # Training data as a weighted mixture of prepared directories, "DIR:WEIGHT" each; empty: `dir` alone.
     # Validation and the tokenizer still come from `dir`; every directory must share its tokenizer.
     mixture: list[str] = field(default_factory=list)
+    # Shards of a data directory in object storage (data.dir=s3://...) are downloaded whole, verified,
+    # into this local cache (default: $MEGACORE_CACHE or ~/.cache/megacore, under shards/), which keeps
+    # at most cache_gb, least recently used first out (data_pipeline/shard_cache.py).
+    cache_dir: str = ""
+    cache_gb: float = 64.0
 
     def validate(self) -> None:
         _positive(self, "data", "vocab_size", "seq_len", "max_doc_chars", "shard_mb", "tokenizer_sample_mb")
@@ -219,10 +224,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.character_coverage is not None and not 0.0 < self.character_coverage <= 1.0:
             raise ConfigError(f"data.character_coverage must be in (0, 1], got {self.character_coverage}")
-        _local_path("data.dir", self.dir)
+        if self.cache_gb <= 0:
+            raise ConfigError(f"data.cache_gb must be > 0, got {self.cache_gb}")
+        # data.dir and the mixture may be object-store URLs (prepared there, read through the cache).
+        self.mixture_weights()
         _local_path("data.tokenizer_from", self.tokenizer_from)
-        for i, (path, _) in enumerate(self.mixture_weights()):
-            _local_path(f"data.mixture[{i}]", path)
+        _local_path("data.cache_dir", self.cache_dir)
 
     def mixture_weights(self) -> list[tuple[str, float]]:
         """[(dir, weight)] of the training mixture; weights need not sum to 1."""
@@ -404,10 +411,10 @@ class TrainConfig:
 
             if importlib.util.find_spec("torchao") is None:
                 raise ConfigError("train.float8=true needs torchao: pip install 'megacore[float8]'")
+        # The run directory (logs, metrics, health) is local; checkpoint.dir, init_from and eval sets may
+        # be object-store URLs.
         _local_path("train.run_dir", self.run_dir)
-        _local_path("train.init_from", self.init_from)
-        for i, (_, directory, _) in enumerate(self.named_eval_sets()):
-            _local_path(f"train.eval_sets[{i}]", directory)
+        self.named_eval_sets()
         names = [item.partition("=")[0] for item in self.eval_tasks]
         for i, item in enumerate(self.eval_tasks):
             name, sep, path = item.partition("=")
@@ -438,6 +445,10 @@ class CheckpointConfig:
     keep_every: int = 0
     # Write checkpoints in the background (staged in memory first) while training continues.
     async_save: bool = False
+    # Where committed checkpoints live: a local directory or an object-store URL (s3://bucket/run,
+    # gs://, az://); empty: RUN_DIR/checkpoints. Each checkpoint carries the run's config and tokenizer,
+    # so a node with an empty run directory resumes from here (megacore/checkpoint/store.py).
+    dir: str = ""
 
     def validate(self) -> None:
         _positive(self, "checkpoint", "every")
@@ -496,11 +507,12 @@ class Config:
 
 
 def _local_path(key: str, value: str) -> None:
-    """Run and data directories are written and memory-mapped in place: a URL would become a local
-    directory named after its scheme (`./s3:/bucket/...`). Sources (data.sources) may be URLs."""
+    """The run directory (logs appended line by line) and the shard cache are written in place: a URL would
+    become a local directory named after its scheme (`./s3:/bucket/...`)."""
     if "://" in value:
         raise ConfigError(f"{key}={value} is a URL; {key} must be a path on a local or shared file system "
-                          f"(mount the bucket, e.g. with a FUSE file system, and give the mount point)")
+                          f"(checkpoints, prepared data and models may live in object storage: checkpoint.dir, "
+                          f"data.dir, train.init_from)")
 
 
 def _positive(section: Any, prefix: str, *names: str) -> None:

@@ -18,6 +18,7 @@ from megacore.config import Config
 from megacore.distributed import all_reduce_sum
 from megacore.errors import DataError
 from megacore.loss import IGNORE_INDEX
+from megacore.run_dir import CHECKPOINTS, CONFIG
 
 
 @torch.no_grad()
@@ -106,8 +107,7 @@ def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = No
             if store.manifest["tokenizer"]["sha256"] != tokenizer.sha256:
                 raise DataError(f"--data-dir {store.data_dir} is tokenized with tokenizer sha256 "
                                 f"{store.manifest['tokenizer']['sha256']}, but {ckpt} was trained with "
-                                f"{tokenizer.sha256}: prepare it with data.tokenizer_from="
-                                f"{ckpt if (Path(ckpt) / 'config.json').is_file() else ckpt.parent.parent}")
+                                f"{tokenizer.sha256}: prepare it with data.tokenizer_from={_tokenizer_of(ckpt)}")
         result = _evaluate_one_process(trained.model, cfg, store, batch_size, batches)
     return {"checkpoint": str(ckpt), "split": split, **result}
 
@@ -126,10 +126,23 @@ def evaluate_tasks(path: str, task_args: list[str], batch_size: int = 16) -> dic
     seq_len = min(trained.model.cfg.max_seq_len, longest - 1)
     results = _one_process(trained.model, trained.config, lambda module: tasks.run(module, seq_len, batch_size))
     out = {"checkpoint": str(trained.source), "tasks": results}
-    if not (Path(trained.source) / "config.json").is_file():  # (a run's checkpoint, not a published directory)
-        ckpt = Path(trained.source)
+    ckpt = trained.source
+    # Saved in the run directory around a run's checkpoint (not for a published directory, nor for a
+    # checkpoint in a checkpoint.dir of its own: no run directory is known there).
+    if isinstance(ckpt, Path) and ckpt.parent.name == CHECKPOINTS and (ckpt.parent.parent / CONFIG).is_file():
         out["saved"] = str(save_results(ckpt.parent.parent, read_meta(ckpt).step, results))
     return out
+
+
+def _tokenizer_of(source) -> str:
+    """Where the tokenizer of a trained model lies, for a message: a published directory, a checkpoint's
+    run/ files, or (older checkpoints) its run directory."""
+    from data_pipeline.storage import exists
+    from megacore.run_dir import RUN_FILES
+
+    if exists(source / "config.json"):
+        return str(source)
+    return str(source / RUN_FILES) if exists(source / RUN_FILES / CONFIG) else str(source.parent.parent)
 
 
 def _one_process(model, cfg: Config, work, n_micro: int = 1):

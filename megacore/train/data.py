@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from data_pipeline.loader import IGNORE_INDEX, PackedLoader, TokenStore
+from data_pipeline.shard_cache import ShardCache
 from data_pipeline.shards import read_manifest
 from megacore.config import Config
 from megacore.errors import DataError
@@ -19,7 +20,7 @@ def train_loader(cfg: Config, dp_rank: int, dp_size: int, verify_part: tuple[int
     """The training split of `data.dir`, or of each `data.mixture` directory with its weight. With
     verify_part=(rank, world size), each rank verifies its share of the shards (TokenStore)."""
     mixture = cfg.data.mixture_weights() or [(cfg.data.dir, 1.0)]
-    stores = [TokenStore(path, "train", verify_part) for path, _ in mixture]
+    stores = [TokenStore(path, "train", verify_part, shard_cache(cfg)) for path, _ in mixture]
     check_tokenizers(stores, cfg.data.dir, "data.mixture")
     return PackedLoader(stores, cfg.data.seq_len, cfg.train.global_batch_size, dp_rank, dp_size, cfg.train.seed,
                         weights=[w for _, w in mixture], num_workers=cfg.data.num_workers,
@@ -28,9 +29,15 @@ def train_loader(cfg: Config, dp_rank: int, dp_size: int, verify_part: tuple[int
 
 def eval_stores(cfg: Config, verify_part: tuple[int, int] = (0, 1)) -> list[tuple[str, TokenStore]]:
     """("val", data.dir's val split), then ("val_NAME", store) for each train.eval_sets entry."""
-    named = [(f"val_{name}", TokenStore(d, split, verify_part)) for name, d, split in cfg.train.named_eval_sets()]
+    cache = shard_cache(cfg)
+    named = [(f"val_{name}", TokenStore(d, split, verify_part, cache)) for name, d, split in cfg.train.named_eval_sets()]
     check_tokenizers([store for _, store in named], cfg.data.dir, "train.eval_sets")
-    return [("val", TokenStore(cfg.data.dir, "val", verify_part)), *named]
+    return [("val", TokenStore(cfg.data.dir, "val", verify_part, cache)), *named]
+
+
+def shard_cache(cfg: Config) -> ShardCache:
+    """Where shards of data in object storage are kept on this node (data.cache_dir, data.cache_gb)."""
+    return ShardCache(cfg.data.cache_dir or None, cfg.data.cache_gb)
 
 
 def check_tokenizers(stores: list[TokenStore], data_dir: str, key: str) -> None:

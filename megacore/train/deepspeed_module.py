@@ -13,7 +13,7 @@ from torch import nn
 
 from megacore.checkpoint.deepspeed import DeepSpeedCheckpointer
 from megacore.checkpoint.meta import CheckpointMeta
-from megacore.checkpoint.weights import check_init_from, empty_model, init_weights_from
+from megacore.checkpoint.weights import empty_model, init_source, init_weights_from
 from megacore.config import Config
 from megacore.distributed import DistEnv
 from megacore.loss import LanguageModelLoss, LossSums, row_sums
@@ -33,8 +33,7 @@ def build_deepspeed_module(cfg: Config, layout: Layout, env: DistEnv, init_from:
         model = empty_model(cfg, env.device)
         model.init_weights(cfg.train.seed)
         if init_from:
-            check_init_from(cfg)
-            init_weights_from(model, init_from)
+            init_weights_from(model, init_source(cfg, env))
     loss = LanguageModelLoss.for_run(tp=1, compiled=False)
     loss.prepare(model)
     engine = init_engine(model, _optimizer(model, cfg), cfg, layout)

@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from megacore.checkpoint.dcp import Checkpointer
 from megacore.checkpoint.meta import CheckpointMeta
-from megacore.checkpoint.weights import check_init_from, load_weights_into_shards
+from megacore.checkpoint.weights import init_source, load_weights_into_shards
 from megacore.config import Config
 from megacore.distributed import DistEnv, on_every_rank
 from megacore.health.checks import VERDICT_SKIP
@@ -58,8 +58,8 @@ def build_torch_module(cfg: Config, layout: Layout, env: DistEnv, init_from: str
     mesh = layout.build_mesh(env.device.type)
     par = parallelize(model, cfg, layout, mesh, env.device, loss)
     if init_from:
-        check_init_from(cfg)
-        on_every_rank(lambda: load_weights_into_shards(par.parts, init_from), env)
+        source = init_source(cfg, env)  # (checked and verified once; fetched once per node)
+        on_every_rank(lambda: load_weights_into_shards(par.parts, source), env)
     optimizers = Optimizers(par.parts, cfg.optim, mesh["pp"].get_group() if layout.pp > 1 else None,
                             float8_fsdp=cfg.train.float8 and layout.fsdp_size > 1)
     return TorchTrainModule(par.stages, layout, env.rank, env.device, loss, optimizers,

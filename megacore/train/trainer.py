@@ -22,8 +22,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.storage import location
 from megacore.checkpoint.meta import CheckpointMeta, read_meta
-from megacore.checkpoint.resume import check_can_resume, checkpoint_to_resume, effective_resume, is_branch, record_branch
+from megacore.checkpoint.resume import (
+    check_can_resume,
+    checkpoint_to_resume,
+    effective_resume,
+    is_branch,
+    record_branch,
+    run_checkpoints,
+)
 from megacore.checkpoint.store import healthy_checkpoint_before, set_aside_newer, step_of
 from megacore.config import Config
 from megacore.device import configure
@@ -41,7 +49,7 @@ from megacore.monitor.profiling import StepProfiler
 from megacore.monitor.throughput import ThroughputMeter
 from megacore.monitor.wandb_run import WandbRun
 from megacore.preflight import ResolvedRun, preflight
-from megacore.run_dir import MEMORY, write_run_dir
+from megacore.run_dir import MEMORY, data_tokenizer_dir, write_run_dir
 from megacore.train.data import DeviceBatches, eval_stores, train_loader
 from megacore.train.garbage import GarbageCollection
 from megacore.train.hooks import StepResult
@@ -97,7 +105,7 @@ class Trainer:
             self._say(f"initialised weights from {cfg.train.init_from}")
         self.batches, self.evaluator = self._data()
         # (a branch from another run's checkpoint is a new W&B run)
-        continues = ckpt is not None and not is_branch(ckpt, cfg.train.run_dir)
+        continues = ckpt is not None and not is_branch(ckpt, cfg)
         self.wandb = WandbRun(cfg, cfg.train.run_dir, read_meta(ckpt).wandb_run_id if continues else None) \
             if env.is_main else None
         self.health = RunHealth(cfg, env.rank, env.world_size, env.device, self.wandb, self._say)
@@ -217,7 +225,11 @@ class Trainer:
     def _rollback(self, step: int, decision) -> int | None:
         """Back to the newest healthy checkpoint before decision.before_step (once per checkpoint on an
         escalation); its step, or None when there is none (the run then stops)."""
-        target = healthy_checkpoint_before(self.cfg.train.run_dir, decision.before_step)
+        # Rank 0 verifies (in object storage that reads every byte once, not on every rank) and tells the rest.
+        found = [on_every_rank(lambda: str(healthy_checkpoint_before(run_checkpoints(self.cfg), decision.before_step)
+                                           or "") if self.env.is_main else None, self.env)]
+        dist.broadcast_object_list(found, src=0)
+        target = location(found[0]) if found[0] else None
         if target is not None and decision.escalation and self.health.policy.escalation_target_used(step_of(target)):
             why = f"the run already rolled back to {target.name} once, and the steps after it went bad again"
             target = None
@@ -336,9 +348,9 @@ class Trainer:
         def choose() -> tuple[Path | None, str | None]:
             if not self.env.is_main:
                 return None, None
-            ckpt = checkpoint_to_resume(self.cfg.train.run_dir, resume)
+            ckpt = checkpoint_to_resume(self.cfg, resume)
             meta = check_can_resume(ckpt, self.cfg, self.env.world_size) if ckpt is not None else None
-            if ckpt is not None and is_branch(ckpt, self.cfg.train.run_dir):
+            if ckpt is not None and is_branch(ckpt, self.cfg):
                 record_branch(ckpt, meta.step, self.cfg.train.run_dir)
                 self._say(f"branching from {ckpt} (step {meta.step}) into {self.cfg.train.run_dir}")
             self._set_aside_newer(meta.step if meta is not None else 0)
@@ -379,7 +391,7 @@ class Trainer:
             from megacore.eval.tasks import TaskSet, parse_task_arg
 
             tasks = on_every_rank(lambda: TaskSet([parse_task_arg(s, "train.eval_tasks") for s in cfg.train.eval_tasks],
-                                                  load_tokenizer(cfg.data.dir)), env)
+                                                  load_tokenizer(data_tokenizer_dir(cfg))), env)
             cut = tasks.longer_than(cfg.data.seq_len)
             if cut:
                 self._say(f"warning: {cut} task request(s) are longer than data.seq_len={cfg.data.seq_len} tokens: in "
@@ -403,7 +415,7 @@ class Trainer:
 
     def _set_aside_newer(self, step: int) -> None:
         """One line of history: checkpoints after the one this invocation continues from are moved aside."""
-        for path in set_aside_newer(self.cfg.train.run_dir, step):
+        for path in set_aside_newer(run_checkpoints(self.cfg), step):
             self._say(f"moved {path.name.split('.')[0]} aside to {path} (newer than the step this run continues "
                       f"from, {step}; kept, not deleted)")
 
