@@ -41,6 +41,24 @@ def test_retention_keeps_the_checkpoint_just_written_when_a_newer_one_is_corrupt
     assert not (ckpts / "latest").exists(), "no pointer that nothing reads"
 
 
+def test_ranks_verify_a_checkpoint_together_and_all_skip_or_refuse_what_one_of_them_found(tiny_args, tmp_path):
+    """On 2 ranks each hashes half the files of a candidate; a file only rank 1 reads is found bad, and both
+    take the older checkpoint (auto), or both stop naming the file (an explicit checkpoint), none hangs."""
+    import json as json_
+
+    args = tiny_args("run", "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=0", *NO_EVAL)
+    megacore("train", *args, "--nproc", "2")
+    newest = tmp_path / "run" / "checkpoints" / "step_00000004"
+    files = sorted(json_.loads((newest / "manifest.json").read_text())["files"])
+    victim = files[1]  # rank 1's share: files 1, 3, 5, ...
+    flip_a_byte(newest / victim)
+    proc = megacore("train", *args, "--nproc", "2", "--resume", str(newest), check=False)
+    assert proc.returncode == 2 and f"{newest / victim}: sha256 mismatch (altered)" in proc.stderr, proc.stderr
+    proc = megacore("train", *args, "--nproc", "2", "--resume", "auto")
+    assert f"skipping checkpoint step_00000004: {newest / victim}: sha256 mismatch" in proc.stdout
+    assert "resumed from" in proc.stdout and "step_00000002 at step 2" in proc.stdout
+
+
 def test_a_rollback_sets_newer_checkpoints_aside_and_each_step_is_logged_once(tiny_args, tmp_path):
     args = tiny_args("run", "train.steps=8", "checkpoint.every=2", "checkpoint.keep_last=0", *NO_EVAL)
     megacore("train", *args)

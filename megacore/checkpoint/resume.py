@@ -19,7 +19,13 @@ from data_pipeline.durable import write_text_atomic
 from data_pipeline.shards import read_manifest
 from data_pipeline.storage import Location, is_url, location
 from megacore.checkpoint.meta import CheckpointMeta, read_meta
-from megacore.checkpoint.store import checkpoints_root, latest_checkpoint, newest_good_checkpoint, resolve_checkpoint
+from megacore.checkpoint.store import (
+    checkpoints_root,
+    is_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from megacore.config import Config
 from megacore.errors import CheckpointError, DataError
 from megacore.run_dir import BRANCH, CHECKPOINTS
@@ -77,8 +83,63 @@ def run_checkpoints(cfg: Config) -> Location:
 
 
 def checkpoint_to_resume(cfg: Config, resume: str) -> Location | None:
-    """The verified checkpoint that `--resume` selects, or None to start fresh; raises if that would lose work.
-    `auto` looks in checkpoint.dir, so a node with an empty run directory continues from object storage."""
+    """The verified checkpoint that `--resume` selects, or None to start fresh; raises if that would lose work
+    (verified here, by one process; a run verifies its candidates on every rank together)."""
+    candidates, fresh_ok = resume_candidates(cfg, resume)
+    error = None
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            print(f"warning: skipping checkpoint {path.name}: {e}", flush=True)
+            error = e
+    if error is not None and not fresh_ok:
+        raise error
+    return None
+
+
+def verified_together(candidates, env, say=print) -> Location | None:
+    """In a run, on every rank: rank 0 lists the candidates (`candidates()`: resume_candidates), every rank
+    verifies its share of each (1/world of its bytes: at 70B with optimizer state, about 840 GB shared out
+    instead of read by one process) until one verifies; one all_gather per candidate tried. Returns it, or
+    None to start fresh; every rank raises together when the resume may not start fresh."""
+    import torch.distributed as dist
+
+    from megacore.distributed import on_every_rank
+
+    listed = [on_every_rank(lambda: candidates() if env.is_main else None, env)]
+    dist.broadcast_object_list(listed, src=0)
+    paths, fresh_ok = listed[0]
+    error = None
+    for path in paths:
+        try:
+            verify_checkpoint(path, part=(env.rank, env.world_size))
+            mine = None
+        except CheckpointError as e:
+            mine = str(e)
+        errors = [None] * env.world_size
+        dist.all_gather_object(errors, mine)
+        error = next((e for e in errors if e is not None), None)
+        if error is None:
+            return path
+        if env.is_main:
+            say(f"warning: skipping checkpoint {path.name}: {error}")
+    if error is not None and not fresh_ok:
+        on_every_rank(lambda: _refuse(error) if env.is_main else None, env)
+    return None
+
+
+def _refuse(error: str) -> None:
+    raise CheckpointError(error)
+
+
+def resume_candidates(cfg: Config, resume: str) -> tuple[list[Location], bool]:
+    """What `--resume` may continue from, newest first, not yet verified (the first that verifies is taken),
+    and whether the run may start fresh when none does: `auto` may (each skip is said), unless the last
+    candidate is the checkpoint this run branched from; an explicit checkpoint or run may not. `none`
+    gives no candidate, and raises if starting fresh would lose work. `auto` looks in checkpoint.dir, so a
+    node with an empty run directory continues from object storage."""
     run_dir, root = cfg.train.run_dir, run_checkpoints(cfg)
     if resume == "none":
         # (also the run directory's own checkpoints/, when checkpoint.dir now names another place)
@@ -92,13 +153,17 @@ def checkpoint_to_resume(cfg: Config, resume: str) -> Location | None:
         if branch_point(run_dir) is not None:
             raise FileExistsError(f"{run_dir} is a branch of {branch_point(run_dir)} ({Path(run_dir) / BRANCH}); pass "
                                   f"--resume auto to continue it, or choose another train.run_dir")
-        return None
+        return [], True
     if resume == "auto":
-        found = newest_good_checkpoint(root)
-        if found is None and branch_point(run_dir) is not None:
-            return resolve_checkpoint(branch_point(run_dir))
-        return found
-    return resolve_checkpoint(resume)
+        branch = branch_point(run_dir)
+        return [*reversed(list_checkpoints(root)), *([branch] if branch is not None else [])], branch is None
+    path = location(resume)
+    if is_checkpoint(path):
+        return [path], False
+    found = list(reversed(list_checkpoints(path)))
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint in {path}")
+    return found, False
 
 
 def branch_point(run_dir: str | Path) -> Location | None:

@@ -5,8 +5,8 @@ meta.json and manifest.json (every file's size and sha256, fsynced) and renames 
 digests come from the ranks that wrote the files (megacore/checkpoint/digests.py); rank 0 hashes only
 what none of them did. A directory with a
 final name and a manifest is complete; a crash at any point leaves the previous checkpoint as the
-newest. Loading verifies the manifest first, and `--resume auto` falls back to the newest good
-checkpoint, saying which one was skipped and why.
+newest. Loading verifies the manifest first (a run's ranks together, each a share of the files), and
+`--resume auto` falls back to the newest good checkpoint, saying which one was skipped and why.
 
 Object storage (checkpoint.dir=s3://..., any fsspec URL) has no rename: there every file is uploaded
 under the step's final prefix and the manifest last (megacore/checkpoint/dcp.py), so a prefix without
@@ -91,8 +91,10 @@ def latest_checkpoint(where: str | Location) -> Location | None:
     return found[-1] if found else None
 
 
-def verify_checkpoint(path: str | Location) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file."""
+def verify_checkpoint(path: str | Location, part: tuple[int, int] = (0, 1)) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file. `part=(i, n)` hashes only
+    files i, i + n, ... of the manifest (every size is still checked): n processes that each take a part
+    verify the checkpoint together, each reading 1/n of its bytes (a resume: megacore/train/trainer.py)."""
     path = location(path)
     manifest_path = path / MANIFEST
     if not exists(manifest_path):
@@ -107,8 +109,9 @@ def verify_checkpoint(path: str | Location) -> None:
             raise CheckpointError(f"{path / name}: missing")
         if sizes[name] != info["bytes"]:
             raise CheckpointError(f"{path / name}: {sizes[name]} bytes, manifest says {info['bytes']} (truncated?)")
-    digests = hash_files(path, sorted(files))
-    for name in sorted(files):
+    mine = sorted(files)[part[0]::part[1]]
+    digests = hash_files(path, mine)
+    for name in mine:
         if digests[name]["sha256"] != files[name]["sha256"]:
             raise CheckpointError(f"{path / name}: sha256 mismatch (altered)")
 

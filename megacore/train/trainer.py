@@ -26,11 +26,12 @@ from data_pipeline.storage import location
 from megacore.checkpoint.meta import CheckpointMeta, read_meta
 from megacore.checkpoint.resume import (
     check_can_resume,
-    checkpoint_to_resume,
     effective_resume,
     is_branch,
     record_branch,
+    resume_candidates,
     run_checkpoints,
+    verified_together,
 )
 from megacore.checkpoint.store import healthy_checkpoint_before, set_aside_newer, step_of
 from megacore.config import Config
@@ -343,12 +344,14 @@ class Trainer:
     # -- building --
 
     def _choose_checkpoint(self, resume: str) -> Path | None:
-        """Rank 0 verifies and chooses the checkpoint to resume (and sets newer ones aside); every rank
-        loads the same one, or every rank stops when this launch cannot continue it."""
+        """The checkpoint to resume: rank 0 lists the candidates, every rank verifies its share of each
+        (1/world of its bytes) until one verifies, and rank 0 checks it against this launch (and sets newer
+        ones aside); every rank loads the same one, or every rank stops when this launch cannot continue it."""
+        ckpt = verified_together(lambda: resume_candidates(self.cfg, resume), self.env, self._say)
+
         def choose() -> tuple[Path | None, str | None]:
             if not self.env.is_main:
                 return None, None
-            ckpt = checkpoint_to_resume(self.cfg, resume)
             meta = check_can_resume(ckpt, self.cfg, self.env.world_size) if ckpt is not None else None
             if ckpt is not None and is_branch(ckpt, self.cfg):
                 record_branch(ckpt, meta.step, self.cfg.train.run_dir)
