@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from data_pipeline.storage import location
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w"):
@@ -54,7 +56,7 @@ def read_json_object(path: str | Path, error: type[Exception], what: str = "a JS
     """The JSON object in `path`; `error` naming the file when it is not valid JSON or not an object
     (`what`: what the file should have been, for the message)."""
     try:
-        value = json.loads((path if hasattr(path, "read_text") else Path(path)).read_text())
+        value = json.loads(location(path).read_text())  # (a file in object storage too)
     except json.JSONDecodeError as e:
         raise error(f"{path}: invalid JSON: {e}") from None
     if not isinstance(value, dict):

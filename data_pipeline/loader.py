@@ -47,15 +47,16 @@ IGNORE_INDEX = -100
 _VERIFIED: set[tuple[str, str]] = set()
 
 
-def verify_shard(path: Path, record: dict, values: np.ndarray, vocab_size: int) -> None:
+def verify_shard(path: Path, record: dict, values: np.ndarray, vocab_size: int, hashed: bool = False) -> None:
     """The shard is the one the manifest describes (sha256, token count) and holds only ids below the
-    tokenizer's vocabulary size; ShardError naming the file otherwise."""
+    tokenizer's vocabulary size; ShardError naming the file otherwise. `hashed`: its sha256 was already
+    taken (the shard cache hashes a download as it arrives), so it is not read again."""
     key = (str(path.resolve()), record["sha256"])
     if key in _VERIFIED:
         return
     if len(values) != record["tokens"]:
         raise ShardError(f"token shard {path} holds {len(values)} tokens, its manifest says {record['tokens']}")
-    if file_sha256(path) != record["sha256"]:
+    if not hashed and file_sha256(path) != record["sha256"]:
         raise ShardError(f"token shard {path}: sha256 differs from its manifest (altered or corrupt); "
                          f"`megacore data verify {path.parent}` lists every bad file, `data prepare` rewrites them")
     top = int(values.max()) if len(values) else 0
@@ -134,8 +135,8 @@ class TokenStore:
                 path = self.cache.fetch(path, self._records[i]["sha256"])
             values, _, mask = read_shard(path, loss_mask=True)
             if self.remote:
-                verify_shard(path, self._records[i], values, self.manifest["tokenizer"]["vocab_size"])
-            if len(values) != self._records[i]["tokens"]:
+                verify_shard(path, self._records[i], values, self.manifest["tokenizer"]["vocab_size"], hashed=True)
+            elif len(values) != self._records[i]["tokens"]:
                 raise ShardError(f"token shard {path} holds {len(values)} tokens, its manifest says "
                                  f"{self._records[i]['tokens']}")
             self._maps[i] = (values, mask)

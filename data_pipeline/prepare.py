@@ -42,7 +42,7 @@ from data_pipeline.durable import read_json_object, write_json_atomic
 from data_pipeline.errors import DataError
 from data_pipeline.shards import MANIFEST, TOKENIZER, file_sha256, fingerprint, read_manifest, token_dtype, write_shard
 from data_pipeline.sources import SourceStats, iter_documents, source_identity, source_listing
-from data_pipeline.storage import cache_root, is_url, listing, location, remove_file, upload, upload_tree
+from data_pipeline.storage import cache_dir_for, is_url, listing, location, remove_file, upload, upload_tree
 from data_pipeline.tokenizer import Tokenizer, copy_tokenizer, load_tokenizer, train_tokenizer
 from data_pipeline.upgrade import MANIFEST_VERSION, SIDECAR_VERSION, upgrade_sidecar
 
@@ -65,17 +65,8 @@ def prepare(data_cfg, log=print, publish=None) -> dict:
     if is_url(data_cfg.dir):
         return _prepare_to_store(data_cfg, log)
     out = Path(data_cfg.dir)
-    settings = {k: getattr(data_cfg, k) for k in SETTINGS}
-    if not data_cfg.sources:
-        raise DataError("data.sources is empty: name at least one file, glob or URL of raw text")
-    sources = source_identity(data_cfg.sources)
-    try:
-        old = read_manifest(out)
-    except (FileNotFoundError, DataError):  # none yet, or unreadable: prepared again
-        old = {}
-    if old.get("settings") == settings and old.get("sources") == sources:
-        log(f"{out}: already prepared from these sources with these settings "
-            f"({old['splits']['train']['tokens']:,} train tokens)")
+    settings, sources, old = _existing(data_cfg)
+    if _up_to_date(old, settings, sources, out, log):
         return old
     if old.get("settings") and old.get("sources") != sources:
         log(f"{out}: the sources changed since it was prepared: preparing again")
@@ -242,19 +233,32 @@ def _tokenizer(data_cfg, out: Path, settings: dict, log) -> Tokenizer:
     return tokenizer
 
 
+def _existing(data_cfg) -> tuple[dict, list, dict]:
+    """(the settings and sources data_cfg asks for, the manifest data.dir has: {} if none or unreadable)."""
+    if not data_cfg.sources:
+        raise DataError("data.sources is empty: name at least one file, glob or URL of raw text")
+    try:
+        old = read_manifest(data_cfg.dir)
+    except (FileNotFoundError, DataError):  # none yet, or unreadable: prepared again
+        old = {}
+    return {k: getattr(data_cfg, k) for k in SETTINGS}, source_identity(data_cfg.sources), old
+
+
+def _up_to_date(old: dict, settings: dict, sources: list, where, log) -> bool:
+    if old.get("settings") == settings and old.get("sources") == sources:
+        log(f"{where}: already prepared from these sources with these settings "
+            f"({old['splits']['train']['tokens']:,} train tokens)")
+        return True
+    return False
+
+
 def _prepare_to_store(data_cfg, log) -> dict:
     """data.dir in object storage: prepared in local staging, then uploaded with the manifest last."""
     dest = location(data_cfg.dir)
-    try:
-        old = read_manifest(dest)
-    except (FileNotFoundError, DataError):
-        old = {}
-    settings = {k: getattr(data_cfg, k) for k in SETTINGS}
-    if old.get("settings") == settings and old.get("sources") == source_identity(data_cfg.sources):
-        log(f"{dest}: already prepared from these sources with these settings "
-            f"({old['splits']['train']['tokens']:,} train tokens)")
+    settings, sources, old = _existing(data_cfg)
+    if _up_to_date(old, settings, sources, dest, log):
         return old
-    staging = cache_root() / "prepare" / hashlib.sha256(str(dest).encode()).hexdigest()[:16]
+    staging = cache_dir_for("prepare", dest)
     remove_file(dest / MANIFEST)  # (the old one no longer describes what is being written)
 
     def upload_shard(path: Path) -> None:  # each shard as it is finished; then it leaves local disk

@@ -29,14 +29,9 @@ from data_pipeline.storage import Location, cache_root
 DEFAULT_CACHE_GB = 64.0
 
 
-def default_cache_dir() -> Path:
-    """$MEGACORE_CACHE/shards, else ~/.cache/megacore/shards."""
-    return cache_root() / "shards"
-
-
 class ShardCache:
     def __init__(self, root: str | Path | None = None, max_gb: float = DEFAULT_CACHE_GB):
-        self.root = Path(root) if root else default_cache_dir()
+        self.root = Path(root) if root else cache_root() / "shards"
         self.max_bytes = int(max_gb * 2**30)
         self.downloads = 0  # shards fetched by this process (for tests and benchmarks)
 

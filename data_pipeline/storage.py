@@ -37,6 +37,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEGACORE_CACHE") or Path.home() / ".cache" / "megacore")
 
 
+def cache_dir_for(kind: str, url) -> Path:
+    """This node's cache directory for one thing of a kind ("models", "tokenizers", ...) that `url` names."""
+    return cache_root() / kind / hashlib.sha256(str(url).encode()).hexdigest()[:16]
+
+
 def is_url(path) -> bool:
     """Whether `path` names an object store (or any non-local fsspec filesystem)."""
     text = str(path)
@@ -52,11 +57,6 @@ def location(path) -> Location:
     return path if isinstance(path, UPath) else UPath(str(path))
 
 
-def join(base, *names: str) -> str:
-    """`base/names...` as a string, for a local path or a URL."""
-    return str(location(base).joinpath(*names))
-
-
 def listing(path: Location) -> list[Location]:
     """The entries directly under `path` as they are now (a store's listing cache is dropped first: another
     process may have written since); [] when there is nothing there."""
@@ -68,6 +68,16 @@ def listing(path: Location) -> list[Location]:
     except FileNotFoundError:
         return []
     return sorted(type(path)(f"{path.protocol}://{name.rstrip('/')}", **path.storage_options) for name in names)
+
+
+def tree(path: Location) -> dict[str, dict]:
+    """{relative name: fsspec's info (size, and a store's ETag)} of every file under `path`, as it is now
+    (one recursive listing on a store)."""
+    if isinstance(path, Path):
+        return {str(f.relative_to(path)): {"size": f.stat().st_size} for f in path.rglob("*") if f.is_file()}
+    path.fs.invalidate_cache(path.path)
+    found = path.fs.find(path.path, detail=True)
+    return {name[len(path.path):].lstrip("/"): info for name, info in found.items() if info["type"] == "file"}
 
 
 def exists(path: Location) -> bool:
@@ -138,9 +148,8 @@ def download_tree(src: Location, local: Path) -> Path:
     if isinstance(src, Path):
         shutil.copytree(src, local, dirs_exist_ok=True)
         return local
-    src.fs.invalidate_cache(src.path)
-    for name in src.fs.find(src.path):
-        download(type(src)(f"{src.protocol}://{name}", **src.storage_options), local / name[len(src.path):].lstrip("/"))
+    for rel in tree(src):
+        download(src / rel, local / rel)
     return local
 
 

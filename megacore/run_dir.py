@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_pipeline.shards import TOKENIZER, read_manifest
-from data_pipeline.storage import Location, download, location
+from data_pipeline.storage import Location, cache_dir_for, download, download_tree, is_url, location
 from megacore.config import Config, load_config, save_config
 
 CONFIG = "config.yaml"
@@ -59,14 +59,10 @@ def tokenizer_files(cfg: Config) -> list[str]:
 
 def data_tokenizer_dir(cfg: Config) -> Path:
     """A local directory holding data.dir's tokenizer: data.dir itself, or its tokenizer files downloaded
-    into this node's cache when data.dir is in object storage (a few MB, once per node)."""
-    import hashlib
-
-    from data_pipeline.storage import cache_root, is_url
-
+    into this node's cache when data.dir is in object storage (a few MB)."""
     if not is_url(cfg.data.dir):
         return Path(cfg.data.dir)
-    local = cache_root() / "tokenizers" / hashlib.sha256(str(cfg.data.dir).encode()).hexdigest()[:16]
+    local = cache_dir_for("tokenizers", cfg.data.dir)
     for name in tokenizer_files(cfg):
         download(location(cfg.data.dir) / name, local / name)
     return local
@@ -79,15 +75,20 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
-def checkpoint_run_files(ckpt: Location, scratch: Path) -> Path:
-    """A directory holding the config and tokenizer a checkpoint was trained with: its own run/ (checkpoints
-    since object storage; downloaded into `scratch` when the checkpoint is in a store), else the run
-    directory around it (older local checkpoints)."""
+def run_files_of(ckpt: Location) -> Location:
+    """Where the config and tokenizer a checkpoint was trained with lie: its own run/ (checkpoints since
+    object storage), else the run directory around it (older local checkpoints)."""
     own = ckpt / RUN_FILES
-    if isinstance(ckpt, Path):
-        return own if (own / CONFIG).is_file() else ckpt.parent.parent
-    from data_pipeline.storage import download_tree
+    if not isinstance(ckpt, Path) or (own / CONFIG).is_file():
+        return own
+    return ckpt.parent.parent
 
-    if not (own / CONFIG).is_file():
+
+def checkpoint_run_files(ckpt: Location) -> Path:
+    """`run_files_of(ckpt)` on local disk: itself, or downloaded into this node's cache from a store."""
+    where = run_files_of(ckpt)
+    if isinstance(where, Path):
+        return where
+    if not (where / CONFIG).is_file():
         raise FileNotFoundError(f"{ckpt}: no {RUN_FILES}/{CONFIG} (not a megacore checkpoint?)")
-    return download_tree(own, scratch)
+    return download_tree(where, cache_dir_for("run-files", ckpt))

@@ -105,7 +105,7 @@ def test_an_annealing_branch_starts_from_the_chosen_checkpoint_and_records_it(ws
 def test_a_branch_is_told_from_a_resume_through_symlinks_and_blocks_a_fresh_start(tmp_path):
     """A run's checkpoints on other storage (a symlinked checkpoints/) are still the run's; a branch directory
     refuses `--resume none` (it would start over a branch), naming branch.json."""
-    from megacore.checkpoint.resume import checkpoint_to_resume, is_branch, record_branch
+    from megacore.checkpoint.resume import is_branch, record_branch, resume_candidates
     from megacore.config import Config
 
     def config(run_dir):
@@ -122,4 +122,4 @@ def test_a_branch_is_told_from_a_resume_through_symlinks_and_blocks_a_fresh_star
     assert is_branch(run / "checkpoints" / "step_00000004", config(tmp_path / "other"))
     record_branch(run / "checkpoints" / "step_00000004", 4, tmp_path / "other")
     with pytest.raises(FileExistsError, match="branch.json"):
-        checkpoint_to_resume(config(tmp_path / "other"), "none")
+        resume_candidates(config(tmp_path / "other"), "none")

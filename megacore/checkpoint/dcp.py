@@ -75,7 +75,8 @@ class Checkpointer:
         self._pending = None  # an async save whose files are still being written
         self._uploading = None  # (tmp, final, future): a save whose files are being uploaded
         self._run_files: list[str] | None = None  # what each checkpoint carries in run/ (rank 0)
-        self._uploader = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload") if self.remote else None
+        self._uploader = (ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
+                          if self.remote and cfg.async_save else None)
         self.last_commit_seconds = 0.0  # from all files written to committed, of the last save
         # Async saves run their collectives in a background thread: give them their own group.
         self._async_group = dist.new_group(backend="gloo") if cfg.async_save else None

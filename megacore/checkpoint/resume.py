@@ -6,7 +6,8 @@ checkpoint of another run starts a branch (an annealing decay from a stable-phas
 new run directory records it in branch.json, so `auto` continues from it until the branch has
 checkpoints of its own (a requeue before the first save does not start from scratch). The
 compatibility of that checkpoint with this launch is checked in one place, `check_can_resume`: by the
-CLI before torchrun starts (cheap: meta.json only), and by the trainer on rank 0 after verifying it.
+CLI before torchrun starts (cheap: meta.json only), and by the trainer on rank 0 after the ranks have
+verified it together (`checkpoint_to_resume`).
 """
 
 from __future__ import annotations
@@ -82,33 +83,17 @@ def run_checkpoints(cfg: Config) -> Location:
     return checkpoints_root(cfg.train.run_dir, cfg.checkpoint.dir)
 
 
-def checkpoint_to_resume(cfg: Config, resume: str) -> Location | None:
-    """The verified checkpoint that `--resume` selects, or None to start fresh; raises if that would lose work
-    (verified here, by one process; a run verifies its candidates on every rank together)."""
-    candidates, fresh_ok = resume_candidates(cfg, resume)
-    error = None
-    for path in candidates:
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as e:
-            print(f"warning: skipping checkpoint {path.name}: {e}", flush=True)
-            error = e
-    if error is not None and not fresh_ok:
-        raise error
-    return None
-
-
-def verified_together(candidates, env, say=print) -> Location | None:
-    """In a run, on every rank: rank 0 lists the candidates (`candidates()`: resume_candidates), every rank
-    verifies its share of each (1/world of its bytes: at 70B with optimizer state, about 840 GB shared out
-    instead of read by one process) until one verifies; one all_gather per candidate tried. Returns it, or
-    None to start fresh; every rank raises together when the resume may not start fresh."""
+def checkpoint_to_resume(cfg: Config, resume: str, env, say=print) -> Location | None:
+    """The verified checkpoint that `--resume` selects, or None to start fresh (raises if that would lose
+    work). On every rank of a run: rank 0 lists the candidates (resume_candidates), every rank verifies its
+    share of each (1/world of its bytes: at 70B with optimizer state, about 840 GB shared out instead of
+    read by one process) until one verifies; one all_gather per candidate tried. Every rank raises together
+    when the resume may not start fresh."""
     import torch.distributed as dist
 
     from megacore.distributed import on_every_rank
 
-    listed = [on_every_rank(lambda: candidates() if env.is_main else None, env)]
+    listed = [on_every_rank(lambda: resume_candidates(cfg, resume) if env.is_main else None, env)]
     dist.broadcast_object_list(listed, src=0)
     paths, fresh_ok = listed[0]
     error = None
@@ -198,10 +183,10 @@ def record_branch(ckpt: Location, step: int, run_dir: str | Path) -> None:
 
 def refuse_lost_work(cfg: Config, resume: str, world_size: int) -> None:
     """Before any process starts: refuse to overwrite a run's checkpoints, to resume from a path that is no
-    checkpoint, or from one this launch cannot load. Cheap (no hashing); rank 0 verifies the chosen
+    checkpoint, or from one this launch cannot load. Cheap (no hashing); the ranks verify the chosen
     checkpoint when training starts."""
     if resume == "none":
-        checkpoint_to_resume(cfg, resume)
+        resume_candidates(cfg, resume)  # (raises if the run directory or checkpoint.dir has checkpoints)
         return
     ckpt = (latest_checkpoint(run_checkpoints(cfg)) or branch_point(cfg.train.run_dir)) if resume == "auto" \
         else location(resume)

@@ -32,8 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data_pipeline.durable import fsync_dir, write_json_atomic
-from data_pipeline.shards import file_sha256
-from data_pipeline.storage import Location, exists, listing, location, remove_file, remove_tree, sha256_and_size
+from data_pipeline.storage import Location, exists, listing, location, remove_file, remove_tree, sha256_and_size, tree
 from megacore.checkpoint.meta import META, CheckpointMeta, read_meta
 from megacore.config import CheckpointConfig
 from megacore.errors import CheckpointError
@@ -118,11 +117,7 @@ def verify_checkpoint(path: str | Location, part: tuple[int, int] = (0, 1)) -> N
 
 def file_sizes(path: Location) -> dict[str, int]:
     """{relpath: bytes} of every file under a checkpoint (one recursive listing on a store)."""
-    if isinstance(path, Path):
-        return {str(f.relative_to(path)): f.stat().st_size for f in path.rglob("*") if f.is_file()}
-    path.fs.invalidate_cache(path.path)
-    found = path.fs.find(path.path, detail=True)
-    return {name[len(path.path):].lstrip("/"): info["size"] for name, info in found.items() if info["type"] == "file"}
+    return {rel: info["size"] for rel, info in tree(path).items()}
 
 
 def hash_files(root: Location, relpaths: list[str], threads: int | None = None) -> dict[str, dict]:
@@ -132,10 +127,7 @@ def hash_files(root: Location, relpaths: list[str], threads: int | None = None) 
     threads = threads or min(8, os.cpu_count() or 1)
 
     def one(rel: str) -> tuple[str, dict]:
-        f = root / rel
-        if isinstance(f, Path):
-            return rel, {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
-        digest, size = sha256_and_size(f)
+        digest, size = sha256_and_size(root / rel)
         return rel, {"bytes": size, "sha256": digest}
 
     if len(relpaths) <= 1 or threads == 1:

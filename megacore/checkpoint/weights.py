@@ -7,7 +7,6 @@ needs the optimizer state or the layout that wrote the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from data_pipeline.shards import TOKENIZER, file_sha256, read_manifest
-from data_pipeline.storage import Location, cache_root, download_tree, exists, is_url, location
+from data_pipeline.storage import Location, cache_dir_for, download_tree, exists, is_url, location, tree
 from data_pipeline.tokenizer import HF_TOKENIZER, Tokenizer, copy_tokenizer, load_tokenizer
 from megacore.checkpoint.dcp import load_dcp_weights, load_sharded_weights, save_dcp_weights
 from megacore.checkpoint.meta import read_meta
@@ -44,7 +43,7 @@ def local_published(path: str | Location) -> Path:
     URL is downloaded again."""
     if not is_url(path):
         return Path(path)
-    cache, signature = cache_root() / "models" / _key(path), _signature(location(path))
+    cache, signature = cache_dir_for("models", path), _signature(location(path))
     marker = cache / ".complete"
     if not marker.is_file() or marker.read_text() != signature:
         shutil.rmtree(cache, ignore_errors=True)
@@ -57,14 +56,8 @@ def _signature(path: Location) -> str:
     """What identifies the objects under a prefix: names, sizes and ETags (or modification times)."""
     import json
 
-    path.fs.invalidate_cache(path.path)
-    found = path.fs.find(path.path, detail=True)
-    return json.dumps(sorted((name, info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
-                             for name, info in found.items()))
-
-
-def _key(path) -> str:
-    return hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return json.dumps(sorted((rel, info["size"], str(info.get("ETag") or info.get("mtime") or ""))
+                             for rel, info in tree(path).items()))
 
 
 
@@ -176,7 +169,7 @@ def load_trained(path: str | Location, device: str = "cpu") -> TrainedModel:
     if is_published(path):
         return load_published(local_published(path), device)
     ckpt = resolve_checkpoint(path)
-    run_files = checkpoint_run_files(ckpt, cache_root() / "run-files" / _key(ckpt))
+    run_files = checkpoint_run_files(ckpt)
     cfg = load_run_config(run_files)
     tokenizer = load_tokenizer(run_files)
     model = empty_model(cfg, device)
@@ -211,7 +204,7 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     directory OUT (config with backend=torch, tokenizer): eval, generate, export-hf and train.init_from
     read it like any torch-backend run. Returns the new checkpoint directory."""
     ckpt = resolve_checkpoint(source)
-    run_dir, out = checkpoint_run_files(ckpt, cache_root() / "run-files" / _key(ckpt)), Path(out)
+    run_dir, out = checkpoint_run_files(ckpt), Path(out)
     if list_checkpoints(out):
         raise FileExistsError(f"{out} already has checkpoints; choose a new directory")
     cfg = load_run_config(run_dir)

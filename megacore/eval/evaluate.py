@@ -135,14 +135,12 @@ def evaluate_tasks(path: str, task_args: list[str], batch_size: int = 16) -> dic
 
 
 def _tokenizer_of(source) -> str:
-    """Where the tokenizer of a trained model lies, for a message: a published directory, a checkpoint's
-    run/ files, or (older checkpoints) its run directory."""
-    from data_pipeline.storage import exists
-    from megacore.run_dir import RUN_FILES
+    """Where the tokenizer of a trained model lies, for a message: a published directory, or a checkpoint's
+    run files."""
+    from megacore.checkpoint.weights import is_published
+    from megacore.run_dir import run_files_of
 
-    if exists(source / "config.json"):
-        return str(source)
-    return str(source / RUN_FILES) if exists(source / RUN_FILES / CONFIG) else str(source.parent.parent)
+    return str(source if is_published(source) else run_files_of(source))
 
 
 def _one_process(model, cfg: Config, work, n_micro: int = 1):

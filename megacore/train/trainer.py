@@ -22,16 +22,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.storage import location
 from megacore.checkpoint.meta import CheckpointMeta, read_meta
 from megacore.checkpoint.resume import (
     check_can_resume,
+    checkpoint_to_resume,
     effective_resume,
     is_branch,
     record_branch,
-    resume_candidates,
     run_checkpoints,
-    verified_together,
 )
 from megacore.checkpoint.store import healthy_checkpoint_before, set_aside_newer, step_of
 from megacore.config import Config
@@ -227,10 +225,10 @@ class Trainer:
         """Back to the newest healthy checkpoint before decision.before_step (once per checkpoint on an
         escalation); its step, or None when there is none (the run then stops)."""
         # Rank 0 verifies (in object storage that reads every byte once, not on every rank) and tells the rest.
-        found = [on_every_rank(lambda: str(healthy_checkpoint_before(run_checkpoints(self.cfg), decision.before_step)
-                                           or "") if self.env.is_main else None, self.env)]
+        found = [on_every_rank(lambda: healthy_checkpoint_before(run_checkpoints(self.cfg), decision.before_step)
+                               if self.env.is_main else None, self.env)]
         dist.broadcast_object_list(found, src=0)
-        target = location(found[0]) if found[0] else None
+        target = found[0]
         if target is not None and decision.escalation and self.health.policy.escalation_target_used(step_of(target)):
             why = f"the run already rolled back to {target.name} once, and the steps after it went bad again"
             target = None
@@ -347,7 +345,7 @@ class Trainer:
         """The checkpoint to resume: rank 0 lists the candidates, every rank verifies its share of each
         (1/world of its bytes) until one verifies, and rank 0 checks it against this launch (and sets newer
         ones aside); every rank loads the same one, or every rank stops when this launch cannot continue it."""
-        ckpt = verified_together(lambda: resume_candidates(self.cfg, resume), self.env, self._say)
+        ckpt = checkpoint_to_resume(self.cfg, resume, self.env, self._say)
 
         def choose() -> tuple[Path | None, str | None]:
             if not self.env.is_main:
