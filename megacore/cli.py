@@ -94,12 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("action", choices=["list", "verify", "consolidate"])
     ck.add_argument("run_dir", help="run directory (consolidate: or a checkpoint directory)")
     ck.add_argument("out", nargs="?", help="consolidate: the new run directory to write")
+    ck.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="consolidate: the weights' dtype (bf16 halves the files; loads give fp32 again)")
     ck.set_defaults(handler=commands.checkpoints)
 
     hf = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face directory of its model.family "
                                            "(Llama, Mistral, Qwen2, Qwen3): safetensors, config.json, tokenizer")
     hf.add_argument("checkpoint", help="run directory (newest checkpoint) or checkpoint directory (either backend)")
     hf.add_argument("out", help="the Hugging Face directory to write")
+    hf.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="the weights' dtype (fp32, the default, reproduces the run's logits exactly)")
     hf.set_defaults(handler=commands.export_hf)
 
     ev = sub.add_parser("eval", help="loss, perplexity, bits per byte and accuracy of a model on a data split")
@@ -115,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a downstream task from a JSON-lines file (repeatable), scored as lm-evaluation-harness "
                          "scores it: multiple choice (context, choices, label) or a target (context, target); "
                          "results printed as JSON and saved in RUN_DIR/evals/")
+    _add_nproc_arg(ev)
     ev.set_defaults(handler=commands.evaluate)
 
     gen = sub.add_parser("generate", help="sample text from a model")
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="PROMPT is a user message; print the assistant's reply")
     gen.add_argument("--stop", action="append", default=[], help="stop at this token, e.g. '<|end|>' (repeatable)")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole context per token (no KV cache)")
+    _add_nproc_arg(gen)
     gen.set_defaults(handler=commands.generate)
 
     launch = sub.add_parser("launch", help="Slurm jobs (render, submit, status, cancel, logs) or torchrun here (local)")
@@ -150,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "(within a heartbeat; training goes on)")
     health.set_defaults(handler=commands.health)
     return parser
+
+
+def _add_nproc_arg(parser) -> None:
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="run on N local ranks under torchrun, the model sharded by the run's parallel "
+                             "settings or by parallel.KEY=VALUE overrides (e.g. parallel.tp=2); results equal "
+                             "one process's")
+    parser.set_defaults(overrides=[])
 
 
 def main(argv: list[str] | None = None) -> int:

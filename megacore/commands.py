@@ -227,7 +227,8 @@ def checkpoints(args) -> int:
     if args.action == "consolidate":
         if not args.out:
             raise UsageError("checkpoints consolidate needs OUT, the new run directory to write")
-        print(f"consolidated weights in {consolidate(args.run_dir, args.out)}")
+        _streaming_process()
+        print(f"consolidated weights in {consolidate(args.run_dir, args.out, _dtype(args.dtype))}")
         return 0
     found = list_checkpoints(args.run_dir)
     if not found:
@@ -253,13 +254,28 @@ def checkpoints(args) -> int:
 def export_hf(args) -> int:
     from data_pipeline.storage import check_access
     from megacore.checkpoint.hf import export_hf as export
-    from megacore.checkpoint.weights import load_trained
+    from megacore.checkpoint.weights import open_trained
 
     check_access(args.checkpoint, "CHECKPOINT")
     check_access(args.out, "OUT", write=True)
-    trained = load_trained(args.checkpoint)
-    print(f"exported {trained.source} to {export(trained.model, trained.tokenizer, args.out)}")
+    _streaming_process()
+    trained = open_trained(args.checkpoint)
+    out = export(trained.weights, trained.config.model, trained.tokenizer, args.out, dtype=_dtype(args.dtype))
+    print(f"exported {trained.source} to {out}")
     return 0
+
+
+def _streaming_process() -> None:
+    """A process that reads and writes one tensor after another returns each to the system when freed."""
+    from megacore.device import set_mmap_threshold
+
+    set_mmap_threshold(1 << 20)
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 # -- using a trained model --
@@ -269,25 +285,62 @@ def evaluate(args) -> int:
     from megacore.eval.evaluate import evaluate_checkpoint, evaluate_tasks
 
     check_access(args.checkpoint, "CHECKPOINT")
+    if _launch_ranks(args):
+        return _run_ranks(args)
     if args.task:
-        print(json.dumps(evaluate_tasks(args.checkpoint, args.task, args.batch_size), indent=2))
-        return 0
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.split, args.data_dir, args.text, args.batch_size,
-                                         args.batches)))
+        result = evaluate_tasks(args.checkpoint, args.task, args.batch_size, args.overrides)
+    else:
+        result = evaluate_checkpoint(args.checkpoint, args.split, args.data_dir, args.text, args.batch_size,
+                                     args.batches, args.overrides)
+    if result is not None:  # (rank 0 of --nproc N, or the one process)
+        print(json.dumps(result, indent=2 if args.task else None))
     return 0
 
 
 def generate(args) -> int:
     from data_pipeline.storage import check_access
-    from megacore.checkpoint.weights import load_trained
+    from megacore.eval.evaluate import trained_module
     from megacore.eval.generate import generate_text
+    from megacore.eval.sharded import agreed_token, check_generate_layout
 
     check_access(args.checkpoint, "CHECKPOINT")
-    trained = load_trained(args.checkpoint)
-    print(generate_text(trained.model, trained.tokenizer, args.prompt, chat_turn=args.chat, stop=args.stop,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache))
+    if _launch_ranks(args, check_generate_layout):
+        return _run_ranks(args)
+    with trained_module(args.checkpoint, overrides=args.overrides, check=check_generate_layout) as run:
+        agree = (lambda token: agreed_token(token, run.env.device)) if run.env.world_size > 1 else None
+        text = generate_text(run.module.parts[0], run.tokenizer, args.prompt, chat_turn=args.chat, stop=args.stop,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, agree=agree)
+        if run.env.is_main:
+            print(text)
     return 0
+
+
+def _launch_ranks(args, check=None) -> bool:
+    """`eval`/`generate --nproc N` in the launching process: refuse a layout that does not fit N ranks (or
+    overrides without --nproc) before any process starts; True when ranks are to be started."""
+    from megacore.eval.evaluate import distributed
+
+    if args.overrides and not args.nproc and not distributed():
+        raise UsageError(f"{' '.join(args.overrides)}: parallel overrides apply with --nproc N")
+    if args.nproc is None or distributed():
+        return False
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    from megacore.checkpoint.weights import trained_config
+    from megacore.eval.sharded import eval_config
+
+    cfg = eval_config(trained_config(args.checkpoint, verify=False)[0], args.overrides, args.nproc,
+                      getattr(args, "batch_size", None))
+    if check is not None:
+        check(cfg)
+    return True
+
+
+def _run_ranks(args) -> int:
+    from launcher.torchrun import run_local
+
+    return run_local(args.nproc, _without_launch_args(args.argv))
 
 
 def plot(args) -> int:

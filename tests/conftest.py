@@ -21,7 +21,7 @@ from tests.helpers import NO_EVAL, PLAYS_URL, PROCESSES, REPO, SHAKESPEARE, mega
 
 # Files in which every test starts processes.
 PROCESS_MODULES = {"test_deepspeed", "test_formats", "test_launch_local", "test_memory_scaling", "test_multinode",
-                   "test_sft", "test_slurm", "test_wandb"}
+                   "test_sft", "test_slurm", "test_wandb", "test_after_training"}
 
 # Fixtures that start processes, or whose tests do (tiny_args: arguments for `megacore train`): a test that
 # uses one, directly or through another fixture, is marked.

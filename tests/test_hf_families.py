@@ -11,6 +11,7 @@ import torch
 
 from megacore.checkpoint.hf import load_hf_into, read_hf_config, save_hf_weights
 from megacore.checkpoint.hf_config import model_config_from_hf
+from megacore.checkpoint.streaming import ModelWeights
 from megacore.config import ConfigError, ModelConfig
 from megacore.eval.generate import sample
 from megacore.model import Llama
@@ -55,7 +56,7 @@ def test_family_imports_and_exports_with_transformers_logits(name, tmp_path):
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-4), name
 
     (tmp_path / "out").mkdir()
-    save_hf_weights(ours, tmp_path / "out", max_shard_bytes=60_000)
+    save_hf_weights(ModelWeights(ours), ours.cfg, tmp_path / "out", max_shard_bytes=60_000)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == \
         json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"]
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -83,3 +84,19 @@ def _stops(model) -> set[int]:
     """The ids at which transformers' generate stops (its generation config's EOS), for ours to stop alike."""
     eos = model.generation_config.eos_token_id
     return set(eos if isinstance(eos, list) else [eos]) - {None}
+
+
+def test_a_streamed_safetensors_file_is_the_one_safetensors_writes(tmp_path):
+    """export-hf writes safetensors tensor by tensor (megacore/checkpoint/safetensors_stream.py): for every
+    dtype it writes, mixed, names out of order, a scalar and an empty tensor, the bytes equal save_file's."""
+    from safetensors.torch import save
+
+    from megacore.checkpoint.safetensors_stream import TensorSpec, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"model.layers.10.w": torch.randn(4, 3, generator=g), "model.layers.2.w": torch.randn(5, generator=g),
+               "a.bf16": torch.randn(3, 2, generator=g).bfloat16(), "h": torch.randn(7, generator=g).half(),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "lm_head.weight": torch.randn(2, 9, generator=g)}
+    write_safetensors(tmp_path / "x.safetensors", [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
+                      tensors.__getitem__, metadata={"format": "pt"})
+    assert (tmp_path / "x.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})

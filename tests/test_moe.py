@@ -10,9 +10,11 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from megacore.checkpoint.hf import read_hf_config, save_hf_weights
+from megacore.checkpoint.hf import hf_state, read_hf_config, save_hf_weights
 from megacore.checkpoint.hf_config import model_config_from_hf
+from megacore.checkpoint.streaming import ModelWeights
 from megacore.checkpoint.weights import empty_model, load_published
 from megacore.config import Config, ConfigError, load_config
 from megacore.errors import CheckpointError
@@ -78,7 +80,7 @@ def test_a_published_moe_gives_transformers_logits_and_generation_and_exports_ba
     # Export: per-expert tensors, the family's config, read back by transformers with the same logits.
     out = tmp_path / "out"
     out.mkdir()
-    save_hf_weights(ours, out, max_shard_bytes=20_000)
+    save_hf_weights(ModelWeights(ours), ours.cfg, out, max_shard_bytes=20_000)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == family and config["num_experts_per_tok"] == 2
     names = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -87,6 +89,12 @@ def test_a_published_moe_gives_transformers_logits_and_generation_and_exports_ba
     back = type(theirs).from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(back(ids).logits, expected) or (back(ids).logits - expected).abs().max() < 1e-6
+    # Streamed (a layer's stacked experts read once per file): each file is what safetensors writes for its tensors.
+    whole = hf_state(ours)
+    for file in set(names.values()):
+        save_file({n: whole[n].contiguous() for n, f in names.items() if f == file}, tmp_path / "ref.safetensors",
+                  metadata={"format": "pt"})
+        assert (out / file).read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), file
 
 
 def test_export_is_refused_when_the_balancing_bias_would_route_differently_in_transformers(tmp_path):
@@ -95,7 +103,7 @@ def test_export_is_refused_when_the_balancing_bias_would_route_differently_in_tr
     ours.layers["1"].feed_forward.router.expert_bias[2] = 0.01
     (tmp_path / "out").mkdir()
     with pytest.raises(CheckpointError, match=r"layers\.1\.feed_forward\.router\.expert_bias is not zero"):
-        save_hf_weights(ours, tmp_path / "out")
+        save_hf_weights(ModelWeights(ours), ours.cfg, tmp_path / "out")
 
 
 @pytest.mark.parametrize("family, norm", [("qwen3_moe", False), ("qwen3_moe", True), ("mixtral", True)])

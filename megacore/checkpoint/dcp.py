@@ -266,15 +266,6 @@ def load_dcp_weights(model: nn.Module, ckpt: Path) -> None:
     model.load_state_dict(state["model"])
 
 
-def save_dcp_weights(model: nn.Module, directory: Path) -> None:
-    """A whole model's weights as a DCP checkpoint written by this one process (no process group)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(directory), no_dist=True)
-
-
 def _together(work=None) -> None:
     """Run `work` (on the ranks that have some), then agree with every rank: when any failed, all raise
     (the failing one its own error), so that no rank waits in a later collective for one that stopped.

@@ -13,15 +13,19 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tqdm import tqdm
 
 from data_pipeline.storage import exists, is_url, listing, location, remove_file, upload, upload_tree
 from data_pipeline.tokenizer import HFTokenizer, Tokenizer, copy_tokenizer
 from megacore.checkpoint.hf_config import ARCHITECTURE_FIELDS, effective, hf_config, model_config_from_hf
+from megacore.checkpoint.safetensors_stream import TensorSpec, write_safetensors
+from megacore.checkpoint.streaming import ModelWeights, Weights
 from megacore.config import ConfigError, ModelConfig
 from megacore.errors import CheckpointError
 from megacore.model.llama import Llama
@@ -97,62 +101,114 @@ def from_hf_name(name: str, family: str = "llama") -> tuple[str, int | None] | N
     return None
 
 
-def hf_state(model: Llama) -> dict[str, torch.Tensor]:
-    """The model's tensors under their Hugging Face names, stacked experts split (views, no copies)."""
-    cfg, out = model.cfg, {}
-    for name, tensor in model.state_dict().items():
+def export_entries(cfg: ModelConfig) -> list[tuple[str, str, int | None, tuple[int, ...]]]:
+    """(Hugging Face name, our name, expert index or None, shape) of every tensor of the format, in our
+    state dict's order with stacked experts split; from the model built on the meta device (no memory).
+    lm_head.weight is listed even when tied (the export leaves it out)."""
+    with torch.device("meta"):
+        state = Llama(cfg).state_dict()
+    out = []
+    for name, tensor in state.items():
         if _NOT_EXPORTED.fullmatch(name):
-            if tensor.abs().max() > 0:
-                raise CheckpointError(f"{name} is not zero (auxiliary-loss-free balancing moved it): the "
-                                      f"{cfg.family} format has no such bias, so the export would route tokens "
-                                      f"differently; export is refused")
             continue
         experts = hf_expert_names(name, cfg.family, cfg.n_experts) if cfg.moe else None
         if experts is None:
-            out[to_hf_name(name, cfg.family)] = tensor.detach()
+            out.append((to_hf_name(name, cfg.family), name, None, tuple(tensor.shape)))
         else:
-            out.update({theirs: tensor[e].detach() for e, theirs in enumerate(experts)})
+            out.extend((theirs, name, e, tuple(tensor.shape[1:])) for e, theirs in enumerate(experts))
     return out
+
+
+def _refuse_moved_bias(weights: Weights, cfg: ModelConfig) -> None:
+    """The auxiliary-loss-free balancing bias must be zero: the format has none."""
+    with torch.device("meta"):
+        names = [name for name in Llama(cfg).state_dict() if _NOT_EXPORTED.fullmatch(name)]
+    for name in names:
+        if weights.read(name).abs().max() > 0:
+            raise CheckpointError(f"{name} is not zero (auxiliary-loss-free balancing moved it): the "
+                                  f"{cfg.family} format has no such bias, so the export would route tokens "
+                                  f"differently; export is refused")
+
+
+def hf_state(model: Llama) -> dict[str, torch.Tensor]:
+    """The model's tensors under their Hugging Face names, stacked experts split (views, no copies)."""
+    weights = ModelWeights(model)
+    _refuse_moved_bias(weights, model.cfg)
+    return {theirs: weights.read(ours) if e is None else weights.read(ours)[e]
+            for theirs, ours, e, _ in export_entries(model.cfg)}
 
 
 # Export shards: transformers' default size, so that a 70B model is ~30 files, not one of 280 GB.
 MAX_SHARD_BYTES = 5 * 10**9
 
 
-def save_hf_weights(model: Llama, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES, written=None) -> None:
-    """config.json of the model's family and its weights as safetensors: one model.safetensors, or
-    model-0000i-of-0000n.safetensors with model.safetensors.index.json beyond max_shard_bytes.
-    `written(path)` is called as each weights file is complete (an upload, while the next is written)."""
+def save_hf_weights(weights: Weights, cfg: ModelConfig, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+                    written=None, dtype: torch.dtype = torch.float32) -> None:
+    """config.json of the model's family and its weights as safetensors in `dtype`: one model.safetensors,
+    or model-0000i-of-0000n.safetensors with model.safetensors.index.json beyond max_shard_bytes.
+
+    Streamed: the files are planned from names and shapes, and each tensor is read from `weights` as it
+    is written (a layer's stacked experts are kept until its last expert is written), so memory is a
+    tensor or a layer's experts, not the model. `written(path)` is called as each weights file is
+    complete (an upload, while the next is written)."""
     written = written or (lambda path: None)
-    state = {k: v.contiguous() for k, v in hf_state(model).items()}
-    if model.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    shards, size = [{}], 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    _refuse_moved_bias(weights, cfg)
+    entries = [e for e in export_entries(cfg) if not (cfg.tie_embeddings and e[0] == "lm_head.weight")]
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = TensorSpec(entry[0], dtype, entry[3]).nbytes
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(entry)
         size += nbytes
-    if len(shards) == 1:
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        written(out / "model.safetensors")
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            written(out / name)
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in tqdm(list(zip(names, shards)), desc="export", unit="file", leave=False,
+                            disable=len(shards) == 1):
+        write_safetensors(out / name, [TensorSpec(theirs, dtype, shape) for theirs, _, _, shape in shard],
+                          _shard_reader(weights, shard, dtype), metadata={"format": "pt"})
+        written(out / name)
+    if len(shards) > 1:
         (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}, indent=2))
-    (out / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+            {"metadata": {"total_size": sum(TensorSpec(e[0], dtype, e[3]).nbytes for e in entries)},
+             "weight_map": {theirs: name for name, shard in zip(names, shards) for theirs, *_ in shard}}, indent=2))
+    config = hf_config(cfg)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES):
-    """A Hugging Face directory at `out`. In object storage: written in local staging, each safetensors
-    shard uploaded (and deleted here) as soon as it is complete, so local disk holds one shard; config.json
-    goes up last, and a prefix without it is no model to transformers or to train.init_from."""
+def _shard_reader(weights: Weights, shard: list, dtype: torch.dtype):
+    """`read(hf_name)` for one file's tensors: a stacked expert weight is read once and kept until the
+    file's last expert of it is written (safetensors orders a file's tensors by name, so one layer's
+    experts of w1, w2 and w3 interleave)."""
+    source = {theirs: (ours, e) for theirs, ours, e, _ in shard}
+    left = Counter(ours for _, ours, e, _ in shard if e is not None)
+    stacked: dict[str, torch.Tensor] = {}
+
+    def read(theirs: str) -> torch.Tensor:
+        ours, e = source[theirs]
+        if e is None:
+            return weights.read(ours).to(dtype)
+        if ours not in stacked:
+            stacked[ours] = weights.read(ours)
+        tensor = stacked[ours][e].to(dtype)
+        left[ours] -= 1
+        if not left[ours]:
+            del stacked[ours]
+        return tensor
+
+    return read
+
+
+def export_hf(weights: Weights, cfg: ModelConfig, tokenizer: Tokenizer, out: str | Path,
+              max_shard_bytes: int = MAX_SHARD_BYTES, dtype: torch.dtype = torch.float32):
+    """A Hugging Face directory at `out`, streamed from `weights` (megacore/checkpoint/streaming.py). In
+    object storage: written in local staging, each safetensors shard uploaded (and deleted here) as soon
+    as it is complete, so local disk holds one shard; config.json goes up last, and a prefix without it is
+    no model to transformers or to train.init_from."""
+    write = lambda directory, written=None: _write_hf(weights, cfg, tokenizer, directory, max_shard_bytes,  # noqa: E731
+                                                      dtype, written)
     if is_url(out):
         import tempfile
 
@@ -168,17 +224,18 @@ def export_hf(model: Llama, tokenizer: Tokenizer, out: str | Path, max_shard_byt
                 upload(path, dest / path.name)
                 path.unlink()
 
-            _write_hf(model, tokenizer, Path(staging), max_shard_bytes, upload_now)
+            write(Path(staging), upload_now)
             upload_tree(Path(staging), dest, last=("config.json",))
         return dest
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_hf(model, tokenizer, out, max_shard_bytes)
+    write(out)
     return out
 
 
-def _write_hf(model: Llama, tokenizer: Tokenizer, out: Path, max_shard_bytes: int, written=None) -> None:
-    save_hf_weights(model, out, max_shard_bytes, written)
+def _write_hf(weights: Weights, cfg: ModelConfig, tokenizer: Tokenizer, out: Path, max_shard_bytes: int,
+              dtype: torch.dtype, written=None) -> None:
+    save_hf_weights(weights, cfg, out, max_shard_bytes, written, dtype)
     if isinstance(tokenizer, HFTokenizer) or tokenizer.chat_templates:
         # A published model's tokenizer (tokenizer.json, or tokenizer.model with a chat template): its own
         # files, as they came in (the chat template in chat_template.jinja or in tokenizer_config.json).
@@ -193,7 +250,7 @@ def _write_hf(model: Llama, tokenizer: Tokenizer, out: Path, max_shard_bytes: in
         # Our sentencepiece model adds the dummy "▁" prefix; add_prefix_space makes transformers'
         # tokenizer encode and decode exactly as we do.
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
-        "add_prefix_space": True, "model_max_length": model.cfg.max_seq_len, **special}, indent=2))
+        "add_prefix_space": True, "model_max_length": cfg.max_seq_len, **special}, indent=2))
 
 
 def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -276,6 +333,12 @@ def load_hf_slices(parts: list, path: str | Path) -> None:
     tensor that its shards hold (safetensors slices; nothing else is read), converted to fp32."""
     from megacore.parallel.materialize import load_slices
 
+    load_slices(parts, hf_slice_reader(path))
+
+
+def hf_slice_reader(path: str | Path):
+    """`read(our name, global shape, offset, local shape)`: that box of a weight of the Hugging Face
+    directory `path`, read as a safetensors slice, in fp32 (stacked experts: each expert's own tensor)."""
     path = Path(path)
     config, files = read_hf_config(path), _hf_tensor_files(path)
     family = config.get("model_type", "llama")
@@ -308,7 +371,7 @@ def load_hf_slices(parts: list, path: str | Path) -> None:
             theirs = to_hf_name("tok_embeddings.weight")
         return read_one(theirs, name, shape, offset, local)
 
-    load_slices(parts, read)
+    return read
 
 
 def load_hf_into(model: Llama, path: str | Path) -> None:

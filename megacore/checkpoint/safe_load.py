@@ -67,8 +67,12 @@ class _SafeMetadata:
     read_metadata (to try per-rank metadata instead), so a refusal is also kept in `self.refused`."""
 
     refused: CheckpointError | None = None
+    _metadata: Metadata | None = None  # kept: a streaming read loads one tensor per call (with its metadata)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is not None and kwargs.get("rank") is None:
+            self._metadata.storage_meta.load_id = self.load_id
+            return self._metadata
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
             try:
@@ -82,6 +86,8 @@ class _SafeMetadata:
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
+        if kwargs.get("rank") is None:
+            self._metadata = metadata
         return metadata
 
 
@@ -117,12 +123,13 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def load_dcp(state: dict, path: str | pathlib.Path, no_dist: bool = False) -> None:
-    """`torch.distributed.checkpoint.load` of `path` into `state`, through the allow-lists."""
+def load_dcp(state: dict, path: str | pathlib.Path, no_dist: bool = False, reader=None) -> None:
+    """`torch.distributed.checkpoint.load` of `path` into `state`, through the allow-lists (`reader`: one
+    from `safe_reader(path)` to reuse, with its metadata, across many loads)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    reader = safe_reader(path)
+    reader = reader or safe_reader(path)
     quiet = _DropMetadataFallbackNotes()
     logging.getLogger().addFilter(quiet)
     try:

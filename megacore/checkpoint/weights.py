@@ -17,7 +17,7 @@ from torch import nn
 from data_pipeline.shards import TOKENIZER, file_sha256, read_manifest
 from data_pipeline.storage import Location, cache_dir_for, download_tree, exists, is_url, location, tree
 from data_pipeline.tokenizer import HF_TOKENIZER, Tokenizer, copy_tokenizer, load_tokenizer
-from megacore.checkpoint.dcp import load_dcp_weights, load_sharded_weights, save_dcp_weights
+from megacore.checkpoint.dcp import load_dcp_weights, load_sharded_weights
 from megacore.checkpoint.meta import read_meta
 from megacore.checkpoint.store import (
     commit_directory,
@@ -26,6 +26,7 @@ from megacore.checkpoint.store import (
     list_checkpoints,
     resolve_checkpoint,
 )
+from megacore.checkpoint.streaming import Weights, checkpoint_weights
 from megacore.config import Config, ConfigError, save_config
 from megacore.model import Llama
 from megacore.run_dir import CHECKPOINTS, CONFIG, RUN_FILES, checkpoint_run_files, load_run_config
@@ -135,7 +136,7 @@ def init_source(cfg: Config, env) -> str:
 def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
     """train.init_from on a parallelized model: every rank reads only the slices its shards hold, from a
     Hugging Face directory (safetensors slices) or a torch-backend run/checkpoint (DCP). A DeepSpeed
-    run's weights are consolidated whole on each rank first (its files are not sliceable)."""
+    run's are read a tensor at a time and cut (its files are not sliceable)."""
     if is_published(source):
         from megacore.checkpoint.hf import load_hf_slices
 
@@ -143,14 +144,37 @@ def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
         return
     ckpt = location(source) if is_checkpoint(source) else resolve_checkpoint(source)  # (resolve_init_from verified it)
     if read_meta(ckpt).backend == "deepspeed":
-        from megacore.checkpoint.deepspeed import consolidated_state_dict
+        from megacore.checkpoint.streaming import load_buffers
         from megacore.parallel.materialize import load_slices
 
-        full = consolidated_state_dict(ckpt)
-        load_slices(parts, lambda name, shape, offset, local: full[name][
+        weights = checkpoint_weights(ckpt)  # (DeepSpeed's lazy reader: a ZeRO-3 tensor at a time)
+        load_slices(parts, lambda name, shape, offset, local: weights.read(name)[
             tuple(slice(o, o + n) for o, n in zip(offset, local))])
+        for part in parts:
+            load_buffers(part, weights)
     else:
         load_sharded_weights(parts, ckpt)
+
+
+def load_weights_into_partitions(model: nn.Module, source: str) -> None:
+    """ZeRO-3 train.init_from: each rank fills only its partitions (megacore/parallel/deepspeed.py), from a
+    Hugging Face directory (safetensors slices of the rows they cover) or a run/checkpoint of either
+    backend (each tensor read whole, one at a time, and cut: the memory of one tensor, not the model; a
+    ZeRO-1/2 run's weights, which its ranks held whole, are merged whole by DeepSpeed's reader)."""
+    from megacore.parallel.deepspeed import load_partitions
+
+    if is_published(source):
+        from megacore.checkpoint.hf import hf_slice_reader
+
+        load_partitions(model, hf_slice_reader(local_published(source)))
+        return
+    from megacore.checkpoint.streaming import load_buffers
+
+    ckpt = location(source) if is_checkpoint(source) else resolve_checkpoint(source)  # (init_source verified it)
+    weights = checkpoint_weights(ckpt)
+    load_partitions(model, lambda name, shape, offset, local: weights.read(name)[
+        tuple(slice(o, o + n) for o, n in zip(offset, local))])
+    load_buffers(model, weights)  # (not partitioned: a mixture's balancing bias)
 
 
 class TrainedModel(NamedTuple):
@@ -177,6 +201,46 @@ def load_trained(path: str | Location, device: str = "cpu") -> TrainedModel:
     return TrainedModel(model.eval(), tokenizer, cfg, ckpt)
 
 
+class TrainedWeights(NamedTuple):
+    """A trained model's weights to stream tensor by tensor (export, consolidate), never loaded whole."""
+
+    weights: Weights
+    tokenizer: Tokenizer
+    config: Config  # as in TrainedModel
+    source: Location
+
+
+def trained_config(path: str | Location, verify: bool = True) -> tuple[Config, Tokenizer, Location]:
+    """(config, tokenizer, source) of a trained model, its weights left where they are: a run directory,
+    checkpoint or checkpoint.dir (its newest good checkpoint; `verify` False: a checkpoint already chosen
+    and verified, or only its config is wanted), or a published model's directory (its config.json defines
+    the model section, the rest is the defaults)."""
+    if is_published(path):
+        from megacore.checkpoint.hf import read_hf_config
+        from megacore.checkpoint.hf_config import model_config_from_hf
+
+        local, cfg = local_published(path), Config()
+        cfg.model = model_config_from_hf(read_hf_config(local), cfg.model, local)
+        return cfg, load_tokenizer(local), local
+    if verify:
+        ckpt = resolve_checkpoint(path)
+    else:
+        ckpt = location(path) if is_checkpoint(path) else latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"no complete checkpoint in {path}")
+    run_files = checkpoint_run_files(ckpt)
+    return load_run_config(run_files), load_tokenizer(run_files), ckpt
+
+
+def open_trained(path: str | Location) -> TrainedWeights:
+    """What `load_trained` gives, with the weights left where they are, to stream."""
+    from megacore.checkpoint.streaming import PublishedWeights
+
+    cfg, tokenizer, source = trained_config(path)
+    weights = PublishedWeights(source) if is_published(source) else checkpoint_weights(source)
+    return TrainedWeights(weights, tokenizer, cfg, source)
+
+
 def load_published(path: str | Path, device: str = "cpu") -> TrainedModel:
     """A Hugging Face directory as `load_trained` gives a run: the model its config.json describes, with
     its weights and tokenizer; the rest of the config is the defaults."""
@@ -199,17 +263,21 @@ def empty_model(cfg: Config, device: str | torch.device = "cpu") -> Llama:
     return model
 
 
-def consolidate(source: str | Path, out: str | Path) -> Path:
+def consolidate(source: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write a checkpoint of either backend as a weights-only, single-file-set DCP checkpoint in a new run
     directory OUT (config with backend=torch, tokenizer): eval, generate, export-hf and train.init_from
-    read it like any torch-backend run. Returns the new checkpoint directory."""
+    read it like any torch-backend run. Streamed tensor by tensor (megacore/checkpoint/streaming.py): the
+    memory of a tensor, not of the model. `dtype` bfloat16 halves it; loads give fp32 weights again.
+    Returns the new checkpoint directory."""
+    from megacore.checkpoint.streaming import save_dcp_streaming
+
     ckpt = resolve_checkpoint(source)
     run_dir, out = checkpoint_run_files(ckpt), Path(out)
     if list_checkpoints(out):
         raise FileExistsError(f"{out} already has checkpoints; choose a new directory")
     cfg = load_run_config(run_dir)
-    model = empty_model(cfg)
-    load_model_weights(model, ckpt)
+    with torch.device("meta"):
+        names = Llama(cfg.model).state_dict()
     cfg.parallel = type(cfg.parallel)()  # a plain torch-backend layout; any layout can load it
     cfg.checkpoint.dir = ""  # (OUT's own checkpoints/, not the source run's checkpoint.dir)
     meta = dataclasses.replace(read_meta(ckpt), weights_only=True, config=cfg.to_dict(),
@@ -223,6 +291,6 @@ def consolidate(source: str | Path, out: str | Path) -> Path:
     (tmp / RUN_FILES).mkdir()
     save_config(cfg, tmp / RUN_FILES / CONFIG)
     copy_tokenizer(load_tokenizer(run_dir), tmp / RUN_FILES)
-    save_dcp_weights(model, tmp)
+    save_dcp_streaming(names, checkpoint_weights(ckpt).read, tmp, dtype)
     commit_directory(tmp, final, meta)
     return final

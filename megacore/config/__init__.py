@@ -13,9 +13,10 @@ from megacore.config.schema import (
                                     TrainConfig,
                                     load_config,
                                     save_config,
+                                    with_overrides,
 )
 from megacore.errors import ConfigError
 
 __all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "HealthConfig", "LoggingConfig", "ModelConfig",
            "OptimConfig", "ParallelConfig", "TrainConfig", "load_config", "load_dataclass", "parse_override",
-           "save_config"]
+           "save_config", "with_overrides"]

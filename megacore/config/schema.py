@@ -530,5 +530,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return build_dataclass(Config, raw, "").validate()
 
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A new validated Config: `cfg` with dotted `key=value` overrides (cfg itself is not changed)."""
+    raw = cfg.to_dict()
+    for item in overrides:
+        apply_override(raw, item)
+    return build_dataclass(Config, raw, "").validate()
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -6,14 +6,20 @@ often, the best val loss and early stopping); `evaluate_checkpoint` is `megacore
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 from data_pipeline.loader import PackedLoader, TokenStore
+from data_pipeline.storage import location
 from megacore.config import Config
 from megacore.distributed import all_reduce_sum
 from megacore.errors import DataError
@@ -22,17 +28,19 @@ from megacore.run_dir import CHECKPOINTS, CONFIG
 
 
 @torch.no_grad()
-def evaluate(module, loader: PackedLoader, max_batches: int) -> dict[str, float]:
+def evaluate(module, loader: PackedLoader, max_batches: int, progress: bool = False) -> dict[str, float]:
     """Mean loss over the first `max_batches` global batches of `loader` (in order), summed over ranks.
 
     `module` is a train module of either backend (megacore/train/module.py), any layout. The batches are
     the same for any number of ranks, so the result does not depend on the layout. Bits per byte
-    divides by the split's UTF-8 bytes per token, so it compares across tokenizers.
+    divides by the split's UTF-8 bytes per token, so it compares across tokenizers. `progress`: a
+    progress bar on stderr (`megacore eval`; the training loop logs its own lines).
     """
     module.train(False)
     # Sums stay on the device until the one all-reduce at the end.
     sums = torch.zeros(3, dtype=torch.float64, device=module.device)
-    for _ in range(min(max_batches, loader.batches_per_epoch)):
+    for _ in tqdm(range(min(max_batches, loader.batches_per_epoch)), desc="eval", unit="batch", leave=False,
+                  disable=not progress):
         batch = loader.next_batch()
         batch_sums = module.eval_batch(batch)
         if module.reports_loss:
@@ -87,15 +95,77 @@ class Evaluator:
         return 0 < self.patience <= self.evals_without_gain
 
 
-def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = None, text: list[str] | None = None,
-                        batch_size: int = 16, batches: int = 0) -> dict:
-    """`megacore eval`: a trained model (any backend, any layout) on one process, on a prepared split or
-    on raw text files tokenized with the run's tokenizer."""
-    from megacore.checkpoint.weights import load_trained
+class EvalSession(NamedTuple):
+    """A trained model ready to evaluate or sample on this rank."""
 
-    trained = load_trained(path)
-    tokenizer, cfg, ckpt = trained.tokenizer, trained.config, trained.source
-    with tempfile.TemporaryDirectory() as tmp:
+    module: object  # a TorchTrainModule without optimizers (megacore/train/torch_module.py)
+    tokenizer: object
+    config: Config
+    source: object  # the checkpoint directory or the published directory
+    env: object  # this rank (megacore.distributed.DistEnv)
+
+
+def distributed() -> bool:
+    """Whether this process is one rank of `--nproc N` (torchrun), not the one process of a plain command."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+@contextlib.contextmanager
+def trained_module(path: str, batch_size: int | None = None, overrides: list[str] = (), micro_batches: bool = False,
+                   check=None) -> Iterator[EvalSession]:
+    """The model of `path` as an evaluation module: whole on one process (as load_trained gives it; with
+    `micro_batches`, a batch runs in the run's train.micro_batch_size pieces), or, on a rank of
+    `--nproc N`, sharded over the ranks by the run's parallel settings and `overrides`
+    (megacore/eval/sharded.py). `check(cfg)`: a further rule for the resolved config."""
+    from megacore.distributed import init_distributed, shutdown
+
+    if not distributed():
+        from megacore.checkpoint.weights import load_trained
+        from megacore.parallel.layout import Layout
+        from megacore.train.torch_module import TorchTrainModule
+
+        trained = load_trained(path)
+        n_micro = max(1, batch_size // trained.config.train.micro_batch_size) if micro_batches and batch_size else 1
+        env = init_distributed("cpu")
+        try:
+            loss = _prepared_loss(trained.model)
+            module = TorchTrainModule([(0, trained.model)], Layout(n_micro=n_micro), env.rank, torch.device("cpu"),
+                                      loss, document_masking=trained.config.model.document_masking)
+            yield EvalSession(module, trained.tokenizer, trained.config, trained.source, env)
+        finally:
+            shutdown()
+        return
+    from megacore.checkpoint.weights import trained_config
+    from megacore.eval.sharded import chosen_source, eval_config, sharded_module
+
+    env = init_distributed("auto")  # (CUDA where there is one; results equal the CPU's one process in fp32)
+    try:
+        source = chosen_source(path, env)
+        cfg, tokenizer, _ = trained_config(source, verify=False)
+        cfg = eval_config(cfg, list(overrides), env.world_size, batch_size)
+        if check is not None:
+            check(cfg)
+        yield EvalSession(sharded_module(cfg, source, env), tokenizer, cfg, source, env)
+    finally:
+        shutdown()
+
+
+def _prepared_loss(model):
+    from megacore.loss import LanguageModelLoss
+
+    loss = LanguageModelLoss.for_run(tp=1, compiled=False)
+    loss.prepare(model)
+    return loss
+
+
+def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = None, text: list[str] | None = None,
+                        batch_size: int = 16, batches: int = 0, overrides: list[str] = ()) -> dict | None:
+    """`megacore eval`: a trained model (any backend, any layout) on a prepared split or on raw text files
+    tokenized with the run's tokenizer; on one process, or sharded over the ranks of `--nproc N` (the
+    result on rank 0; None on the others)."""
+    with trained_module(path, batch_size, overrides, micro_batches=True) as run, \
+            tempfile.TemporaryDirectory() as tmp:
+        tokenizer, ckpt, cfg = run.tokenizer, run.source, run.config
         if text:
             from data_pipeline.prepare import prepare
 
@@ -108,25 +178,29 @@ def evaluate_checkpoint(path: str, split: str = "val", data_dir: str | None = No
                 raise DataError(f"--data-dir {store.data_dir} is tokenized with tokenizer sha256 "
                                 f"{store.manifest['tokenizer']['sha256']}, but {ckpt} was trained with "
                                 f"{tokenizer.sha256}: prepare it with data.tokenizer_from={_tokenizer_of(ckpt)}")
-        result = _evaluate_one_process(trained.model, cfg, store, batch_size, batches)
-    return {"checkpoint": str(ckpt), "split": split, **result}
+        module = run.module
+        loader = PackedLoader(store, cfg.data.seq_len, batch_size, module.dp_rank, module.dp_size, shuffle=False)
+        result = evaluate(module, loader, batches or loader.batches_per_epoch, progress=run.env.is_main)
+        return {"checkpoint": str(ckpt), "split": split, **result} if run.env.is_main else None
 
 
-def evaluate_tasks(path: str, task_args: list[str], batch_size: int = 16) -> dict:
-    """`megacore eval --task NAME=FILE ...`: downstream tasks (megacore/eval/tasks.py) on one process, with
-    the model's own tokenizer; saved in RUN_DIR/evals/step_N.json for a megacore run."""
+def evaluate_tasks(path: str, task_args: list[str], batch_size: int = 16, overrides: list[str] = ()) -> dict | None:
+    """`megacore eval --task NAME=FILE ...`: downstream tasks (megacore/eval/tasks.py) with the model's own
+    tokenizer, on one process or sharded over `--nproc N` ranks (each data-parallel rank scores its share);
+    saved in RUN_DIR/evals/step_N.json for a megacore run (by rank 0, which alone returns the results)."""
     from megacore.checkpoint.meta import read_meta
-    from megacore.checkpoint.weights import load_trained
     from megacore.eval.tasks import TaskSet, parse_task_arg, save_results
 
     specs = [parse_task_arg(arg) for arg in task_args]
-    trained = load_trained(path)
-    tasks = TaskSet(specs, trained.tokenizer)
-    longest = max(len(r.context) + len(r.continuation) for requests in tasks.requests for r in requests)
-    seq_len = min(trained.model.cfg.max_seq_len, longest - 1)
-    results = _one_process(trained.model, trained.config, lambda module: tasks.run(module, seq_len, batch_size))
-    out = {"checkpoint": str(trained.source), "tasks": results}
-    ckpt = trained.source
+    with trained_module(path, batch_size, overrides) as run:
+        tasks = TaskSet(specs, run.tokenizer)
+        longest = max(len(r.context) + len(r.continuation) for requests in tasks.requests for r in requests)
+        seq_len = min(run.config.model.max_seq_len, longest - 1)
+        results = tasks.run(run.module, seq_len, batch_size // run.module.dp_size)
+        if not run.env.is_main:
+            return None
+    ckpt = location(run.source)
+    out = {"checkpoint": str(run.source), "tasks": results}
     # Saved in the run directory around a run's checkpoint (not for a published directory, nor for a
     # checkpoint in a checkpoint.dir of its own: no run directory is known there).
     if isinstance(ckpt, Path) and ckpt.parent.name == CHECKPOINTS and (ckpt.parent.parent / CONFIG).is_file():
@@ -140,29 +214,4 @@ def _tokenizer_of(source) -> str:
     from megacore.checkpoint.weights import is_published
     from megacore.run_dir import run_files_of
 
-    return str(source if is_published(source) else run_files_of(source))
-
-
-def _one_process(model, cfg: Config, work, n_micro: int = 1):
-    """`work(module)` on a one-process train module around `model`."""
-    from megacore.distributed import init_distributed, shutdown
-    from megacore.loss import LanguageModelLoss
-    from megacore.parallel.layout import Layout
-    from megacore.train.torch_module import TorchTrainModule
-
-    env = init_distributed("cpu")
-    try:
-        loss = LanguageModelLoss.for_run(tp=1, compiled=False)
-        loss.prepare(model)
-        module = TorchTrainModule([(0, model)], Layout(n_micro=n_micro), env.rank, torch.device("cpu"), loss,
-                                  document_masking=cfg.model.document_masking)
-        return work(module)
-    finally:
-        shutdown()
-
-
-def _evaluate_one_process(model, cfg: Config, store: TokenStore, batch_size: int, batches: int) -> dict:
-    loader = PackedLoader(store, cfg.data.seq_len, batch_size, shuffle=False)
-    return _one_process(model, cfg, lambda module: evaluate(module, loader, batches or loader.batches_per_epoch),
-                        n_micro=max(1, batch_size // cfg.train.micro_batch_size))
-
+    return str(source if is_published(source) else run_files_of(location(source)))

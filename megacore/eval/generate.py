@@ -16,11 +16,12 @@ from megacore.model.llama import KVCache
 @torch.no_grad()
 def sample(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, stop_ids: Iterable[int] = (),
-           generator: torch.Generator | None = None, use_cache: bool = True) -> list[int]:
+           generator: torch.Generator | None = None, use_cache: bool = True, agree=None) -> list[int]:
     """Autoregressive sampling; temperature 0 is greedy. Returns only the new tokens, ending with a stop
     token if one was drawn. With the KV cache each new token costs one position's forward; when the
     context is full the window slides and the cache is rebuilt from the last max_seq_len tokens,
-    exactly as the uncached path sees them."""
+    exactly as the uncached path sees them. `agree(token)`: the token every rank takes (a sharded model:
+    megacore/eval/sharded.py)."""
     device = next(model.parameters()).device
     context, stop_ids = model.cfg.max_seq_len, set(stop_ids)
     tokens: list[int] = list(prompt_ids)
@@ -38,6 +39,8 @@ def sample(model: Llama, prompt_ids: list[int], max_new_tokens: int, temperature
                 pending, fed = tokens[fed:], len(tokens)
             logits = model(torch.tensor([pending], device=device), cache=cache)[0, -1].float()
         next_id = _draw(logits, temperature, top_k, top_p, generator)
+        if agree is not None:
+            next_id = agree(next_id)
         new.append(next_id)
         tokens.append(next_id)
         if next_id in stop_ids:
@@ -63,7 +66,7 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, ge
 
 def generate_text(model: Llama, tokenizer: Tokenizer, prompt: str, *, chat_turn: bool = False,
                   stop: Iterable[str] = (), max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
-                  top_p: float = 0.95, seed: int = 0, use_cache: bool = True) -> str:
+                  top_p: float = 0.95, seed: int = 0, use_cache: bool = True, agree=None) -> str:
     """The prompt and its continuation; or, with chat_turn, the assistant's reply to `prompt` as one user
     turn of the chat template (ours, or a published tokenizer's), ending at its end-of-turn token (or EOS)."""
     if chat_turn:
@@ -77,7 +80,7 @@ def generate_text(model: Llama, tokenizer: Tokenizer, prompt: str, *, chat_turn:
         if None in stop_ids:
             raise ConfigError(f"--stop {list(stop)}: each must be one token of this tokenizer, e.g. '<|end|>'")
     new = sample(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids=stop_ids,
-                 generator=torch.Generator().manual_seed(seed), use_cache=use_cache)
+                 generator=torch.Generator().manual_seed(seed), use_cache=use_cache, agree=agree)
     if new and new[-1] in stop_ids:
         new = new[:-1]
     return tokenizer.decode(new) if chat_turn else prompt + tokenizer.decode(new)

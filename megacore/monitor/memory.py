@@ -44,11 +44,13 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def write_memory_report(path: Path, parts, optimizers, is_main: bool, resident_before_model: int | None = None) -> None:
-    """Gather every rank's real bytes into RUN_DIR/memory.json: local shards, and the process's peak
-    resident memory so far and before the model was built."""
+def write_memory_report(path: Path, parts, optimizers, is_main: bool, resident_before_model: int | None = None,
+                        peak_after_model: int | None = None) -> None:
+    """Gather every rank's real bytes into RUN_DIR/memory.json: local shards, the process's peak resident
+    memory so far, its resident memory before the model was built, and its peak once the model was built
+    and its weights initialised or loaded (before the first step)."""
     mine = {**local_memory(parts, optimizers), "peak_resident": peak_resident_bytes(),
-            "resident_before_model": resident_before_model}
+            "resident_before_model": resident_before_model, "peak_resident_after_model": peak_after_model}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if is_main:
@@ -65,7 +67,7 @@ class MemoryReport(Hook):
     def after_step(self, trainer, step: int, result) -> None:
         if not self.written or step == trainer.end_step:
             write_memory_report(self.path, trainer.module.parts, trainer.module.optimizers, self.is_main,
-                                trainer.resident_before_model)
+                                trainer.resident_before_model, trainer.peak_after_model)
             self.written = True
 
 

@@ -9,6 +9,7 @@ around the same engine.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -65,12 +66,10 @@ def build_partitioned(cfg: Config, layout: Layout, device: torch.device) -> Llam
     # accelerator without fp16, ours on CPU, and partitions in bf16.)
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, layout.n_micro)):
         model = Llama(cfg.model)
-    rank = dist.get_rank()
     with torch.no_grad():
         for name, p in model.named_parameters():
             local, std = p.ds_tensor.view(-1), model.init_std(name)
-            start = rank * local.numel()
-            stop = min(p.ds_numel, start + local.numel())
+            start, stop = partition_range(p)
             if stop <= start:
                 continue
             if std is None or std == 0:  # norm weights: ones; biases: zeros
@@ -79,6 +78,30 @@ def build_partitioned(cfg: Config, layout: Layout, device: torch.device) -> Llam
                 local[:stop - start].copy_(normal_values(cfg.train.seed, name, p.ds_numel, start, stop, std,
                                                          local.device))
     return model
+
+
+def partition_range(p) -> tuple[int, int]:
+    """[start, stop) of this rank's ZeRO-3 partition in the flattened parameter `p` (the last rank's may
+    be padding only: stop <= start)."""
+    size = p.ds_tensor.numel()
+    start = dist.get_rank() * size
+    return start, min(p.ds_numel, start + size)
+
+
+@torch.no_grad()
+def load_partitions(model: nn.Module, read) -> None:
+    """ZeRO-3 `train.init_from`: fill each rank's partition of every parameter from `read(name,
+    global_shape, offset, local_shape)`, asked for the rows that cover the partition (the partition and at
+    most two part rows more), never the whole model."""
+    for name, p in model.named_parameters():
+        start, stop = partition_range(p)
+        if stop <= start:
+            continue
+        shape = tuple(p.ds_shape)
+        row = math.prod(shape[1:])  # elements per row of dim 0 (1 for a vector)
+        first, last = start // row, -(-stop // row)
+        rows = read(name, shape, (first,) + (0,) * (len(shape) - 1), (last - first, *shape[1:]))
+        p.ds_tensor.view(-1)[:stop - start].copy_(rows.reshape(-1)[start - first * row:stop - first * row])
 
 
 def init_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, layout: Layout):

@@ -13,9 +13,9 @@ from torch import nn
 
 from megacore.checkpoint.deepspeed import DeepSpeedCheckpointer
 from megacore.checkpoint.meta import CheckpointMeta
-from megacore.checkpoint.weights import empty_model, init_source, init_weights_from
+from megacore.checkpoint.weights import empty_model, init_source, init_weights_from, load_weights_into_partitions
 from megacore.config import Config
-from megacore.distributed import DistEnv
+from megacore.distributed import DistEnv, on_every_rank
 from megacore.loss import LanguageModelLoss, LossSums, row_sums
 from megacore.parallel.deepspeed import build_partitioned, init_engine
 from megacore.parallel.layout import Layout
@@ -26,9 +26,12 @@ from megacore.train.optim import param_groups
 def build_deepspeed_module(cfg: Config, layout: Layout, env: DistEnv, init_from: str | None) -> DeepSpeedTrainModule:
     """ZeRO-3 partitions at construction; ZeRO-1/2 replicate the weights anyway, so their model is
     materialised whole. Both start from the initialisation of every torch layout. `init_from` weights
-    are loaded whole, then partitioned by the engine (init_from into ZeRO-3 partitions is not sliced)."""
-    if cfg.parallel.zero_stage == 3 and not init_from:
+    are read into ZeRO-3's partitions, each rank its own; into ZeRO-1/2's whole model otherwise."""
+    if cfg.parallel.zero_stage == 3:
         model = build_partitioned(cfg, layout, env.device)
+        if init_from:
+            source = init_source(cfg, env)  # (checked and verified once; fetched once per node)
+            on_every_rank(lambda: load_weights_into_partitions(model, source), env)
     else:
         model = empty_model(cfg, env.device)
         model.init_weights(cfg.train.seed)

@@ -42,7 +42,7 @@ from megacore.health.restarts import mark_ended, restart_loop
 from megacore.health.run_health import HealthStop, RunHealth, weights_finite
 from megacore.health.watchdog import Watchdog, flight_recorder_env, set_collective_timeout
 from megacore.model import Llama, flops_per_token, num_params
-from megacore.monitor.memory import MemoryReport, peak_memory_gib, resident_bytes
+from megacore.monitor.memory import MemoryReport, peak_memory_gib, peak_resident_bytes, resident_bytes
 from megacore.monitor.metrics import MetricsLogger
 from megacore.monitor.profiling import StepProfiler
 from megacore.monitor.throughput import ThroughputMeter
@@ -100,6 +100,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.resident_before_model = resident_bytes()
         self.module = build_train_module(cfg, self.layout, env, init_from=cfg.train.init_from if ckpt is None else None)
+        self.peak_after_model = peak_resident_bytes()  # (building and loading the model: memory.json)
         if ckpt is None and cfg.train.init_from:
             self._say(f"initialised weights from {cfg.train.init_from}")
         self.batches, self.evaluator = self._data()
