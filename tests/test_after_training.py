@@ -52,6 +52,9 @@ def test_export_streams_the_checkpoint_into_todays_files_in_a_quarter_of_the_mem
     state = {k: v.contiguous() for k, v in hf_state(ours).items()}
     save_file(state, tmp_path / "whole.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    # A published directory streams too: exported again, the same file.
+    megacore("export-hf", tmp_path / "hf", tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
     theirs = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 32))
     with torch.no_grad():

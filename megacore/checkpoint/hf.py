@@ -278,6 +278,36 @@ def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
+class PublishedWeights:
+    """A Hugging Face directory on local disk: each read takes one tensor (or one layer's experts, stacked)
+    from its safetensors files."""
+
+    def __init__(self, path: Path):
+        self.path, self.config = Path(path), read_hf_config(path)
+        self.files, self.handles = _hf_tensor_files(self.path), {}
+
+    def _tensor(self, theirs: str) -> torch.Tensor:
+        if theirs not in self.files:
+            raise CheckpointError(f"{self.path}: missing weight {theirs}")
+        f = self.files[theirs]
+        if f not in self.handles:
+            self.handles[f] = safe_open(str(f), framework="pt")
+        return self.handles[f].get_tensor(theirs).float()
+
+    def read(self, name: str) -> torch.Tensor:
+        family = self.config.get("model_type", "llama")
+        n_experts = self.config.get("num_experts") or self.config.get("num_local_experts") or 0
+        experts = hf_expert_names(name, family, n_experts) if family in _MOE else None
+        if experts is not None:
+            return torch.stack([self._tensor(e) for e in experts])
+        if name.endswith("router.expert_bias"):  # (ours only; a published model's is zero)
+            return torch.zeros(n_experts)
+        theirs = to_hf_name(name, family)
+        if theirs not in self.files and name == "output.weight" and self.config.get("tie_word_embeddings"):
+            theirs = to_hf_name("tok_embeddings.weight")
+        return self._tensor(theirs)
+
+
 def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path, local: Path | None = None) -> None:
     """Refuse a Hugging Face model that `cfg` would not reproduce: a field we do not implement (named,
     never dropped; megacore/checkpoint/hf_config.py), an architecture field that differs from cfg's

@@ -5,7 +5,8 @@ Each source reads one whole tensor of our model by name, in fp32: a torch-backen
 layout (DCP reads just that tensor's chunks, its metadata read once), a DeepSpeed ZeRO checkpoint
 (DeepSpeed's own reader in its lazy mode: ZeRO-3 files are memory-mapped and each tensor gathered from
 the ranks' partitions on demand; ZeRO-1/2 replicate the weights, and DeepSpeed merges them whole), a
-published Hugging Face directory (safetensors, experts stacked), or a model already in memory.
+published Hugging Face directory (megacore/checkpoint/hf.py: safetensors, experts stacked), or a model
+already in memory.
 """
 
 from __future__ import annotations
@@ -75,42 +76,6 @@ class DeepSpeedWeights:
         if name not in self.state:
             raise CheckpointError(f"{self.ckpt}: no weight {name} in the checkpoint")
         return self.state[name].contiguous().float()
-
-
-class PublishedWeights:
-    """A Hugging Face directory on local disk: each read takes one tensor (or one layer's experts, stacked)
-    from its safetensors files."""
-
-    def __init__(self, path: Path):
-        from megacore.checkpoint.hf import _hf_tensor_files, read_hf_config
-
-        self.path, self.config = Path(path), read_hf_config(path)
-        self.files, self.handles = _hf_tensor_files(self.path), {}
-
-    def _tensor(self, theirs: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if theirs not in self.files:
-            raise CheckpointError(f"{self.path}: missing weight {theirs}")
-        f = self.files[theirs]
-        if f not in self.handles:
-            self.handles[f] = safe_open(str(f), framework="pt")
-        return self.handles[f].get_tensor(theirs).float()
-
-    def read(self, name: str) -> torch.Tensor:
-        from megacore.checkpoint.hf import _MOE, hf_expert_names, to_hf_name
-
-        family = self.config.get("model_type", "llama")
-        n_experts = self.config.get("num_experts") or self.config.get("num_local_experts") or 0
-        experts = hf_expert_names(name, family, n_experts) if family in _MOE else None
-        if experts is not None:
-            return torch.stack([self._tensor(e) for e in experts])
-        if name.endswith("router.expert_bias"):  # (ours only; a published model's is zero)
-            return torch.zeros(n_experts)
-        theirs = to_hf_name(name, family)
-        if theirs not in self.files and name == "output.weight" and self.config.get("tie_word_embeddings"):
-            theirs = to_hf_name("tok_embeddings.weight")
-        return self._tensor(theirs)
 
 
 @torch.no_grad()

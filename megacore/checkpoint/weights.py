@@ -157,10 +157,9 @@ def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
 
 
 def load_weights_into_partitions(model: nn.Module, source: str) -> None:
-    """ZeRO-3 train.init_from: each rank fills only its partitions (megacore/parallel/deepspeed.py), from a
-    Hugging Face directory (safetensors slices of the rows they cover) or a run/checkpoint of either
-    backend (each tensor read whole, one at a time, and cut: the memory of one tensor, not the model; a
-    ZeRO-1/2 run's weights, which its ranks held whole, are merged whole by DeepSpeed's reader)."""
+    """ZeRO-3 train.init_from: each rank fills only its partitions (megacore/parallel/deepspeed.py), from
+    a Hugging Face directory (safetensors slices of the rows they cover) or a run/checkpoint (below)."""
+    from megacore.checkpoint.streaming import load_buffers
     from megacore.parallel.deepspeed import load_partitions
 
     if is_published(source):
@@ -168,13 +167,51 @@ def load_weights_into_partitions(model: nn.Module, source: str) -> None:
 
         load_partitions(model, hf_slice_reader(local_published(source)))
         return
-    from megacore.checkpoint.streaming import load_buffers
-
     ckpt = location(source) if is_checkpoint(source) else resolve_checkpoint(source)  # (init_source verified it)
     weights = checkpoint_weights(ckpt)
-    load_partitions(model, lambda name, shape, offset, local: weights.read(name)[
-        tuple(slice(o, o + n) for o, n in zip(offset, local))])
+    if read_meta(ckpt).backend == "deepspeed":  # a tensor at a time (ZeRO-1/2: merged whole by DeepSpeed)
+        load_partitions(model, lambda name, shape, offset, local: weights.read(name)[
+            tuple(slice(o, o + n) for o, n in zip(offset, local))])
+    else:
+        _partitions_from_dcp(model, ckpt)
     load_buffers(model, weights)  # (not partitioned: a mixture's balancing bias)
+
+
+# Bytes of rows each rank reads per DCP load into ZeRO-3 partitions (a group of tensors at a time).
+PARTITION_READ_BYTES = 1 << 30
+
+
+def _partitions_from_dcp(model: nn.Module, ckpt: Location) -> None:
+    """ZeRO-3 partitions from a torch-backend checkpoint: every rank reads 1/world of each tensor's rows
+    (a Shard(0) DTensor: DCP reads just those chunks), and one all_to_all per tensor moves each piece to
+    the partitions it covers. The checkpoint is read once over all ranks, not once per rank; a rank holds
+    its pieces of a group of tensors (PARTITION_READ_BYTES) beside its partitions. Collective: every rank
+    calls it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from megacore.checkpoint.safe_load import load_dcp
+    from megacore.parallel.deepspeed import partition_from_rows, rows_of
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    params, group, group_bytes = list(model.named_parameters()), [], 0
+    for i, (name, p) in enumerate(params):
+        group.append((name, p))
+        group_bytes += 4 * p.ds_numel // world
+        if group_bytes < PARTITION_READ_BYTES and i + 1 < len(params):
+            continue
+        pieces = {}
+        for name, p in group:
+            shape = tuple(p.ds_shape)
+            first, count = rows_of(rank, shape[0], world)
+            pieces[name] = DTensor.from_local(torch.empty((count, *shape[1:])), mesh, [Shard(0)], run_check=False,
+                                              shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+        load_dcp({"model": pieces}, ckpt)
+        for name, p in group:
+            partition_from_rows(p, pieces[name].to_local())
+        group, group_bytes = [], 0
 
 
 class TrainedModel(NamedTuple):
@@ -234,7 +271,7 @@ def trained_config(path: str | Location, verify: bool = True) -> tuple[Config, T
 
 def open_trained(path: str | Location) -> TrainedWeights:
     """What `load_trained` gives, with the weights left where they are, to stream."""
-    from megacore.checkpoint.streaming import PublishedWeights
+    from megacore.checkpoint.hf import PublishedWeights
 
     cfg, tokenizer, source = trained_config(path)
     weights = PublishedWeights(source) if is_published(source) else checkpoint_weights(source)

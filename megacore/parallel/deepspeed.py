@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import Shard
 
 from megacore.config import Config
 from megacore.model.init import normal_values
@@ -102,6 +103,39 @@ def load_partitions(model: nn.Module, read) -> None:
         first, last = start // row, -(-stop // row)
         rows = read(name, shape, (first,) + (0,) * (len(shape) - 1), (last - first, *shape[1:]))
         p.ds_tensor.view(-1)[:stop - start].copy_(rows.reshape(-1)[start - first * row:stop - first * row])
+
+
+def rows_of(rank: int, rows: int, world: int) -> tuple[int, int]:
+    """(first row, row count) of `rank`'s Shard(0) piece of a tensor with `rows` rows over `world` ranks
+    (torch.chunk's split: the pieces DCP reads for a Shard(0) DTensor)."""
+    count, first = Shard.local_shard_size_and_offset(rows, world, rank)
+    return int(first), int(count)
+
+
+@torch.no_grad()
+def partition_from_rows(p, piece: torch.Tensor) -> None:
+    """ZeRO-3 parameter `p`'s partitions from the ranks' Shard(0) pieces of its full value (`piece`: this
+    rank's rows): each rank sends every other the part of its rows that falls in that rank's partition,
+    one all_to_all (the pieces and the partitions both split the flattened tensor into ranges, in order)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shape = tuple(p.ds_shape)
+    row, size = math.prod(shape[1:]), p.ds_tensor.numel()
+
+    def overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
+        return max(0, min(a[1], b[1]) - max(a[0], b[0]))
+
+    def flat_rows(r: int) -> tuple[int, int]:
+        first, count = rows_of(r, shape[0], world)
+        return first * row, (first + count) * row
+
+    def partition(r: int) -> tuple[int, int]:
+        return r * size, min(p.ds_numel, (r + 1) * size)
+
+    send = [overlap(flat_rows(rank), partition(j)) for j in range(world)]
+    receive = [overlap(flat_rows(i), partition(rank)) for i in range(world)]
+    out = torch.empty(sum(receive), dtype=piece.dtype, device=piece.device)
+    dist.all_to_all_single(out, piece.reshape(-1).contiguous(), receive, send)
+    p.ds_tensor.view(-1)[:out.numel()].copy_(out)
 
 
 def init_engine(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, layout: Layout):
