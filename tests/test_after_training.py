@@ -101,12 +101,19 @@ def small(tmp_path_factory, data_dir):
     return run
 
 
+EVAL = ["--batches", "2", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def one_process_eval(small):
+    return json.loads(megacore("eval", small, *EVAL).stdout)
+
+
 @pytest.mark.parametrize("nproc, layout", [(2, []), (4, []), (4, ["parallel.tp=2"]), (2, ["parallel.pp=2"])],
                          ids=["fsdp2", "fsdp4", "tp2", "pp2"])
-def test_eval_on_n_ranks_equals_one_process(small, nproc, layout):
-    args = ["eval", small, "--batches", "2", "--batch-size", "8"]
-    one = json.loads(megacore(*args).stdout)
-    proc = megacore(*args, "--nproc", str(nproc), *layout)
+def test_eval_on_n_ranks_equals_one_process(small, one_process_eval, nproc, layout):
+    one = one_process_eval
+    proc = megacore("eval", small, *EVAL, "--nproc", str(nproc), *layout)
     assert len(proc.stdout.splitlines()) == 1, "rank 0 alone prints the result: " + proc.stdout
     many = json.loads(proc.stdout)
     assert many["tokens"] == one["tokens"] == 2 * 8 * 64
@@ -135,9 +142,19 @@ def zero3_fresh(deep_run, data_dir, tmp_path_factory):
     return json.loads((run / "memory.json").read_text())["ranks"]
 
 
+@pytest.fixture(scope="module")
+def torch_from_deep(deep_run, data_dir, tmp_path_factory):
+    """The first loss of the torch backend on 2 ranks started from the deep run (a Hugging Face export of it
+    holds the same fp32 weights)."""
+    run = tmp_path_factory.mktemp("after") / "torch_from_deep"
+    megacore("train", "configs/tiny.yaml", *DEEP, f"data.dir={data_dir}", f"train.run_dir={run}",
+             f"train.init_from={deep_run}", "--nproc", "2", timeout=600)
+    return read_metrics(run)[1]["loss"]
+
+
 @pytest.mark.parametrize("source", ["hf", "run"])
 def test_zero3_init_from_fills_partitions_with_the_torch_backends_first_loss(deep_run, data_dir, zero3_fresh,
-                                                                             tmp_path, source):
+                                                                             torch_from_deep, tmp_path, source):
     """ZeRO-3 on 2 ranks from a Hugging Face export (safetensors slices) or a torch-backend run (a tensor at
     a time): loading adds far less than the whole model to any rank's peak while the model is built (the
     same build from its own initialisation is the reference), and the first step's loss equals the torch
@@ -145,12 +162,10 @@ def test_zero3_init_from_fills_partitions_with_the_torch_backends_first_loss(dee
     src = deep_run if source == "run" else tmp_path / "hf"
     if source == "hf":
         megacore("export-hf", deep_run, src)
-    args = ["configs/tiny.yaml", *DEEP, f"data.dir={data_dir}", f"train.init_from={src}"]
-    megacore("train", *args, f"train.run_dir={tmp_path / 'torch'}", "--nproc", "2", timeout=600)
-    megacore("train", *args, f"train.run_dir={tmp_path / 'zero3'}", "parallel.backend=deepspeed",
-             "parallel.zero_stage=3", "--nproc", "2", timeout=600)
-    assert read_metrics(tmp_path / "zero3")[1]["loss"] == pytest.approx(read_metrics(tmp_path / "torch")[1]["loss"],
-                                                                        rel=1e-5)
+    megacore("train", "configs/tiny.yaml", *DEEP, f"data.dir={data_dir}", f"train.init_from={src}",
+             f"train.run_dir={tmp_path / 'zero3'}", "parallel.backend=deepspeed", "parallel.zero_stage=3",
+             "--nproc", "2", timeout=600)
+    assert read_metrics(tmp_path / "zero3")[1]["loss"] == pytest.approx(torch_from_deep, rel=1e-5)
     whole = _weight_bytes(load_trained(deep_run).model)
     loaded = json.loads((tmp_path / "zero3" / "memory.json").read_text())["ranks"]
     for rank, fresh in zip(loaded, zero3_fresh):
