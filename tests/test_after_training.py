@@ -120,7 +120,16 @@ def test_eval_on_n_ranks_equals_one_process(small, one_process_eval, nproc, layo
     for key in ("loss", "bits_per_byte", "accuracy"):
         assert many[key] == pytest.approx(one[key], abs=1e-5), key
     assert many["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)  # (exp of the loss)
-    assert "eval: 100%" in proc.stderr or "eval:" in proc.stderr, "a progress bar on stderr"
+
+
+def test_a_long_evaluation_in_a_job_log_reports_progress(monkeypatch, capsys):
+    """Not a terminal (a Slurm log): a plain line every 30 s, none once the last batch is done."""
+    from megacore.eval import evaluate
+
+    clock = iter(range(0, 1000, 20))  # each batch takes 20 s
+    monkeypatch.setattr(evaluate.time, "monotonic", lambda: next(clock))
+    assert list(evaluate._progress(5, show=True)) == list(range(5))
+    assert capsys.readouterr().err.splitlines() == ["eval: 2/5 batches, 0.05 batches/s", "eval: 4/5 batches, 0.05 batches/s"]
 
 
 def test_generate_on_two_ranks_gives_the_greedy_text_of_one_process(small):

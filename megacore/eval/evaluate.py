@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -33,14 +35,13 @@ def evaluate(module, loader: PackedLoader, max_batches: int, progress: bool = Fa
 
     `module` is a train module of either backend (megacore/train/module.py), any layout. The batches are
     the same for any number of ranks, so the result does not depend on the layout. Bits per byte
-    divides by the split's UTF-8 bytes per token, so it compares across tokenizers. `progress`: a
-    progress bar on stderr (`megacore eval`; the training loop logs its own lines).
+    divides by the split's UTF-8 bytes per token, so it compares across tokenizers. `progress`: show
+    progress on stderr (`megacore eval`; the training loop logs its own lines).
     """
     module.train(False)
     # Sums stay on the device until the one all-reduce at the end.
     sums = torch.zeros(3, dtype=torch.float64, device=module.device)
-    for _ in tqdm(range(min(max_batches, loader.batches_per_epoch)), desc="eval", unit="batch", leave=False,
-                  disable=not progress):
+    for _ in _progress(min(max_batches, loader.batches_per_epoch), progress):
         batch = loader.next_batch()
         batch_sums = module.eval_batch(batch)
         if module.reports_loss:
@@ -56,6 +57,26 @@ def evaluate(module, loader: PackedLoader, max_batches: int, progress: bool = Fa
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bits_per_byte": loss / math.log(2) / loader.store.bytes_per_token, "accuracy": correct / count,
             "tokens": int(count)}
+
+
+def _progress(batches: int, show: bool):
+    """range(batches), shown on stderr: a bar on a terminal; in a log (a Slurm job's), a line every 30 s."""
+    if not show:
+        return range(batches)
+    if sys.stderr.isatty():
+        return tqdm(range(batches), desc="eval", unit="batch", leave=False)
+    return _logged(batches)
+
+
+def _logged(batches: int, every_s: float = 30.0):
+    start = last = time.monotonic()
+    for done in range(batches):
+        yield done
+        now = time.monotonic()
+        if now - last >= every_s and done + 1 < batches:
+            last = now
+            print(f"eval: {done + 1}/{batches} batches, {(done + 1) / (now - start):.2f} batches/s", file=sys.stderr,
+                  flush=True)
 
 
 class Evaluator:
