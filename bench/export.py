@@ -23,8 +23,6 @@ from report import record
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
-_PEAK = ("import resource, subprocess, sys; status = subprocess.run(sys.argv[1:]).returncode; "
-         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(status)")
 BARE = "import torch, megacore.commands, megacore.checkpoint.hf, megacore.checkpoint.weights, megacore.checkpoint.streaming"
 # Today's export, kept here as the reference: the whole model in fp32, then safetensors' save_file.
 WHOLE = """
@@ -39,9 +37,12 @@ save_file({k: v.contiguous() for k, v in hf_state(model).items()}, sys.argv[2], 
 
 def peak(*args: str) -> tuple[int, float]:
     """(peak resident bytes, seconds) of `python ARGS` as the only child of a fresh wrapper."""
+    from megacore.monitor.memory import peak_resident_of
+
     start = time.perf_counter()
-    out = subprocess.run([PY, "-c", _PEAK, PY, *args], cwd=REPO, check=True, capture_output=True, text=True).stdout
-    return int(out.splitlines()[-1]), time.perf_counter() - start
+    bytes_, proc = peak_resident_of([PY, *args], cwd=REPO)
+    proc.check_returncode()
+    return bytes_, time.perf_counter() - start
 
 
 def main() -> None:

@@ -26,6 +26,11 @@ TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 ERROR_DIR_ENV = "MEGACORE_ERROR_DIR"
 
 
+def under_torchrun() -> bool:
+    """Whether this process is a rank that torchrun started (`--nproc N`, a Slurm job), not a plain command."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def torchrun_args(nproc: int, cli_args: list[str], max_restarts: int = 0) -> list[str]:
     """torchrun's arguments: a private rendezvous on a free local port (--standalone), running
     `megacore CLI_ARGS`.

@@ -130,20 +130,21 @@ def data_order(args) -> int:
 # -- training --
 
 def train(args) -> int:
+    from launcher.torchrun import under_torchrun
     from megacore.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
-    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    ranked = under_torchrun()
     if args.nproc is not None and args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if under_torchrun else (args.nproc or 1)
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if ranked else (args.nproc or 1)
     if args.world_size is not None:
         if not args.dry_run:
             raise UsageError("--world-size plans a job with --dry-run; to train, use --nproc N or torchrun")
         if args.world_size < 1:
             raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
         return _plan(preflight(cfg, args.world_size, overrides=args.overrides, data=False).cfg, args.world_size)
-    if not under_torchrun:
+    if not ranked:
         # Refuse bad settings, layouts, missing data and run-directory conflicts before starting any
         # process (each rank's train() resolves the same config again, with its device).
         from megacore.checkpoint.resume import refuse_lost_work, run_checkpoints
@@ -164,7 +165,7 @@ def train(args) -> int:
         print(format_estimate(estimate(cfg, world_size)))
         print(f"world size {world_size}: layout ok")
         return 0
-    if args.nproc and not under_torchrun:
+    if args.nproc and not ranked:
         from launcher.torchrun import run_local
 
         return run_local(args.nproc, _without_launch_args(args.argv), args.max_restarts)
@@ -177,7 +178,7 @@ def train(args) -> int:
         return 0
     # A fatal health stop (already reported): status 3, but a rank under torchrun exits 0, or torchrun
     # would restart it; the launcher (or the batch script, from RUN_DIR/health/STOPPED) gives the 3.
-    if under_torchrun:
+    if ranked:
         report_health_stop()
         return 0
     return EXIT_FATAL
@@ -319,11 +320,11 @@ def generate(args) -> int:
 def _launch_ranks(args, check=None) -> bool:
     """`eval`/`generate --nproc N` in the launching process: refuse a layout that does not fit N ranks (or
     overrides without --nproc) before any process starts; True when ranks are to be started."""
-    from megacore.eval.evaluate import distributed
+    from launcher.torchrun import under_torchrun
 
-    if args.overrides and not args.nproc and not distributed():
+    if args.overrides and not args.nproc and not under_torchrun():
         raise UsageError(f"{' '.join(args.overrides)}: parallel overrides apply with --nproc N")
-    if args.nproc is None or distributed():
+    if args.nproc is None or under_torchrun():
         return False
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")

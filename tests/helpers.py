@@ -56,24 +56,17 @@ def megacore(*args: str, cwd: Path | None = None, check: bool = True, timeout: i
     return proc
 
 
-# Runs ARGS as its only child and prints that child's peak resident set size (bytes) last: the wrapper
-# is a fresh process, so no other child of the test counts.
-_PEAK = ("import resource, subprocess, sys; status = subprocess.run(sys.argv[1:]).returncode; "
-         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(status)")
-
-
 def peak_resident(*args: str) -> tuple[int, subprocess.CompletedProcess]:
-    """(peak resident bytes, the completed process: its output without the wrapper's line) of `python ARGS`,
-    which must exit 0."""
+    """(peak resident bytes, the completed process: its output without the measurement) of `python ARGS`,
+    which must exit 0 (megacore/monitor/memory.py measures it)."""
+    from megacore.monitor.memory import peak_resident_of
+
     require_processes_marker("a process")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    peak, proc = peak_resident_of([sys.executable, *map(str, args)], cwd=REPO, timeout=600,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         raise AssertionError(failure_message(proc, f"python {' '.join(map(str, args))} exited {proc.returncode}"))
-    *output, peak = proc.stdout.splitlines(keepends=True)
-    proc.stdout = "".join(output)
-    return int(peak), proc
+    return peak, proc
 
 
 # A failed multi-process run prints each rank's output, torchrun's agent logs, its own traceback and its

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from megacore.checkpoint.hf import hf_state, read_hf_config, save_hf_weights
 from megacore.checkpoint.hf_config import model_config_from_hf
 from megacore.checkpoint.streaming import ModelWeights
-from megacore.checkpoint.weights import empty_model, load_published
+from megacore.checkpoint.weights import empty_model, load_trained
 from megacore.config import Config, ConfigError, load_config
 from megacore.errors import CheckpointError
 from megacore.eval.generate import sample
@@ -240,7 +240,7 @@ def test_a_published_moe_field_we_do_not_implement_is_refused_by_name(family, ch
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(ConfigError, match=named):
-        load_published(tmp_path)
+        load_trained(tmp_path)
 
 
 # Expert parallelism against one process (tests/moe_probe.py) --------------------------------------------

@@ -5,14 +5,12 @@ same `step_XXXXXXXX` directory, meta.json (loader state, config), RNG streams, s
 commit as the torch backend (megacore/checkpoint/store.py). DeepSpeed's files are torch
 pickles: they are read weights-only, with DeepSpeed's few data classes allowed and nothing else
 (megacore/checkpoint/safe_load.py). They resume only on the world size that wrote them;
-`consolidated_state_dict` turns them into fp32 weights for any other use.
+megacore/checkpoint/streaming.py reads fp32 weights from them for any other use.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
 
 from megacore.checkpoint.dcp import Checkpointer
 from megacore.checkpoint.safe_load import weights_only_torch_load
@@ -35,12 +33,3 @@ class DeepSpeedCheckpointer(Checkpointer):
         with weights_only_torch_load():
             self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=optimizers is not None,
                                         load_lr_scheduler_states=False, load_module_strict=True)
-
-
-def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a (verified) DeepSpeed checkpoint, on one process, no process group."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with weights_only_torch_load():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    return {k: v.float().contiguous() for k, v in state.items()}

@@ -207,8 +207,6 @@ def export_hf(weights: Weights, cfg: ModelConfig, tokenizer: Tokenizer, out: str
     object storage: written in local staging, each safetensors shard uploaded (and deleted here) as soon
     as it is complete, so local disk holds one shard; config.json goes up last, and a prefix without it is
     no model to transformers or to train.init_from."""
-    write = lambda directory, written=None: _write_hf(weights, cfg, tokenizer, directory, max_shard_bytes,  # noqa: E731
-                                                      dtype, written)
     if is_url(out):
         import tempfile
 
@@ -224,12 +222,12 @@ def export_hf(weights: Weights, cfg: ModelConfig, tokenizer: Tokenizer, out: str
                 upload(path, dest / path.name)
                 path.unlink()
 
-            write(Path(staging), upload_now)
+            _write_hf(weights, cfg, tokenizer, Path(staging), max_shard_bytes, dtype, upload_now)
             upload_tree(Path(staging), dest, last=("config.json",))
         return dest
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write(out)
+    _write_hf(weights, cfg, tokenizer, out, max_shard_bytes, dtype)
     return out
 
 
@@ -279,33 +277,19 @@ def read_hf(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 class PublishedWeights:
-    """A Hugging Face directory on local disk: each read takes one tensor (or one layer's experts, stacked)
-    from its safetensors files."""
+    """A Hugging Face directory on local disk describing the model `cfg`: each read is the whole-tensor box
+    of `hf_slice_reader` (one tensor, or one layer's experts stacked)."""
 
-    def __init__(self, path: Path):
-        self.path, self.config = Path(path), read_hf_config(path)
-        self.files, self.handles = _hf_tensor_files(self.path), {}
-
-    def _tensor(self, theirs: str) -> torch.Tensor:
-        if theirs not in self.files:
-            raise CheckpointError(f"{self.path}: missing weight {theirs}")
-        f = self.files[theirs]
-        if f not in self.handles:
-            self.handles[f] = safe_open(str(f), framework="pt")
-        return self.handles[f].get_tensor(theirs).float()
+    def __init__(self, path: Path, cfg: ModelConfig):
+        with torch.device("meta"):
+            self.shapes = {name: tuple(t.shape) for name, t in Llama(cfg).state_dict().items()}
+        self.slice = hf_slice_reader(path)
 
     def read(self, name: str) -> torch.Tensor:
-        family = self.config.get("model_type", "llama")
-        n_experts = self.config.get("num_experts") or self.config.get("num_local_experts") or 0
-        experts = hf_expert_names(name, family, n_experts) if family in _MOE else None
-        if experts is not None:
-            return torch.stack([self._tensor(e) for e in experts])
-        if name.endswith("router.expert_bias"):  # (ours only; a published model's is zero)
-            return torch.zeros(n_experts)
-        theirs = to_hf_name(name, family)
-        if theirs not in self.files and name == "output.weight" and self.config.get("tie_word_embeddings"):
-            theirs = to_hf_name("tok_embeddings.weight")
-        return self._tensor(theirs)
+        shape = self.shapes[name]
+        if _NOT_EXPORTED.fullmatch(name):  # (ours only: a published model has no balancing bias)
+            return torch.zeros(shape)
+        return self.slice(name, shape, (0,) * len(shape), shape)
 
 
 def check_hf_config(config: dict, cfg: ModelConfig, source: str | Path, local: Path | None = None) -> None:

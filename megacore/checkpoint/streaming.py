@@ -78,18 +78,6 @@ class DeepSpeedWeights:
         return self.state[name].contiguous().float()
 
 
-@torch.no_grad()
-def load_buffers(model: nn.Module, weights: Weights) -> None:
-    """The persistent buffers of `model` (a mixture's balancing bias) from `weights`: paths that fill the
-    parameters slice by slice from a source other than DCP's state dict leave them to this."""
-    from megacore.parallel.materialize import canonical_name
-
-    for module_name, module in model.named_modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                buffer.copy_(weights.read(canonical_name(f"{module_name}.{name}" if module_name else name)))
-
-
 def checkpoint_weights(ckpt) -> Weights:
     """The weights of a checkpoint of either backend (verified or chosen by the caller)."""
     if read_meta(ckpt).backend == "deepspeed":
@@ -109,7 +97,7 @@ def save_dcp_streaming(state: dict[str, torch.Tensor], read, directory: Path, dt
         """Reads each tensor when DCP asks for its data. DCP's file writer keeps every tensor it wrote
         (for its safetensors format), so the one written before is emptied when the next is read:
         `per_thread_copy_ahead=0` makes DCP ask for the next only after writing the last (its serial
-        loader). tests/test_export.py compares the files with a whole-model save."""
+        loader). tests/test_after_training.py compares the files with a whole-model save."""
 
         previous: torch.Tensor | None = None
 

@@ -63,14 +63,15 @@ def _signature(path: Location) -> str:
 
 
 
-def load_model_weights(model: nn.Module, path: str | Path) -> Path:
+def load_model_weights(model: nn.Module, path: str | Path) -> Location:
     """Whole-model fp32 weights from a run or checkpoint directory (either backend, any layout) into an
-    unparallelized model, on one process; returns the checkpoint used."""
-    ckpt = resolve_checkpoint(path)
+    unparallelized model, on one process; returns the checkpoint used. A checkpoint given as such is one
+    its caller chose and verified (load_trained, init_source): it is not hashed again; a run directory
+    means its newest good checkpoint."""
+    ckpt = location(path) if is_checkpoint(path) else resolve_checkpoint(path)
     if read_meta(ckpt).backend == "deepspeed":
-        from megacore.checkpoint.deepspeed import consolidated_state_dict
-
-        model.load_state_dict(consolidated_state_dict(ckpt))
+        weights = checkpoint_weights(ckpt)
+        model.load_state_dict({name: weights.read(name) for name in model.state_dict()})
     else:
         load_dcp_weights(model, ckpt)
     return ckpt
@@ -112,25 +113,39 @@ def init_weights_from(model: Llama, source: str) -> None:
 
 
 def init_source(cfg: Config, env) -> str:
-    """train.init_from for every rank of a run: rank 0 checks it against this run (`check_init_from`) and
-    verifies the checkpoint it means (once, not on every rank: in object storage that reads every byte),
-    and tells the others; then the first rank of each node fetches a published model that lies in object
-    storage into the node's cache, while the others wait."""
+    """train.init_from for every rank of a run: `agreed_source`, rank 0 first checking it against this
+    run (`check_init_from`)."""
+    return agreed_source(cfg.train.init_from, env, check=lambda: check_init_from(cfg))
+
+
+def agreed_source(path: str, env, check=None) -> str:
+    """The model `path` means, the same on every rank: rank 0 runs `check()` and chooses and verifies the
+    checkpoint (a run or checkpoint.dir: its newest good one; once, not on every rank: in object storage
+    that reads every byte), or takes a published directory as it is, and tells the others; then the first
+    rank of each node fetches what lies in object storage into the node's cache (a published model, a
+    checkpoint's run files) while the others wait."""
     import torch.distributed as dist
 
     from megacore.distributed import on_every_rank
 
     def resolve() -> str:
-        check_init_from(cfg)
-        source = cfg.train.init_from
-        return str(source) if is_published(source) else str(resolve_checkpoint(source))
+        if check is not None:
+            check()
+        return str(path) if is_published(path) else str(resolve_checkpoint(path))
 
     chosen = [on_every_rank(lambda: resolve() if env.is_main else None, env)]
     dist.broadcast_object_list(chosen, src=0)
     source = chosen[0]
-    fetch = env.local_rank == 0 and is_url(source) and is_published(source)
-    on_every_rank(lambda: local_published(source) if fetch else None, env)
+    published = is_published(source)
+    fetch = env.local_rank == 0 and is_url(source)
+    on_every_rank(lambda: (local_published(source) if published else checkpoint_run_files(location(source)))
+                  if fetch else None, env)
     return source
+
+
+def _cut(weights: Weights):
+    """`read(name, shape, offset, local)` of a source read a whole tensor at a time: that box of it."""
+    return lambda name, shape, offset, local: weights.read(name)[tuple(slice(o, o + n) for o, n in zip(offset, local))]
 
 
 def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
@@ -144,14 +159,9 @@ def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
         return
     ckpt = location(source) if is_checkpoint(source) else resolve_checkpoint(source)  # (resolve_init_from verified it)
     if read_meta(ckpt).backend == "deepspeed":
-        from megacore.checkpoint.streaming import load_buffers
         from megacore.parallel.materialize import load_slices
 
-        weights = checkpoint_weights(ckpt)  # (DeepSpeed's lazy reader: a ZeRO-3 tensor at a time)
-        load_slices(parts, lambda name, shape, offset, local: weights.read(name)[
-            tuple(slice(o, o + n) for o, n in zip(offset, local))])
-        for part in parts:
-            load_buffers(part, weights)
+        load_slices(parts, _cut(checkpoint_weights(ckpt)))  # (DeepSpeed's lazy reader: a ZeRO-3 tensor at a time)
     else:
         load_sharded_weights(parts, ckpt)
 
@@ -159,7 +169,6 @@ def load_weights_into_shards(parts: list[nn.Module], source: str) -> None:
 def load_weights_into_partitions(model: nn.Module, source: str) -> None:
     """ZeRO-3 train.init_from: each rank fills only its partitions (megacore/parallel/deepspeed.py), from
     a Hugging Face directory (safetensors slices of the rows they cover) or a run/checkpoint (below)."""
-    from megacore.checkpoint.streaming import load_buffers
     from megacore.parallel.deepspeed import load_partitions
 
     if is_published(source):
@@ -168,13 +177,10 @@ def load_weights_into_partitions(model: nn.Module, source: str) -> None:
         load_partitions(model, hf_slice_reader(local_published(source)))
         return
     ckpt = location(source) if is_checkpoint(source) else resolve_checkpoint(source)  # (init_source verified it)
-    weights = checkpoint_weights(ckpt)
     if read_meta(ckpt).backend == "deepspeed":  # a tensor at a time (ZeRO-1/2: merged whole by DeepSpeed)
-        load_partitions(model, lambda name, shape, offset, local: weights.read(name)[
-            tuple(slice(o, o + n) for o, n in zip(offset, local))])
+        load_partitions(model, _cut(checkpoint_weights(ckpt)))
     else:
         _partitions_from_dcp(model, ckpt)
-    load_buffers(model, weights)  # (not partitioned: a mixture's balancing bias)
 
 
 # Bytes of rows each rank reads per DCP load into ZeRO-3 partitions (a group of tensors at a time).
@@ -196,12 +202,14 @@ def _partitions_from_dcp(model: nn.Module, ckpt: Location) -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    params, group, group_bytes = list(model.named_parameters()), [], 0
-    for i, (name, p) in enumerate(params):
-        group.append((name, p))
+    groups, group_bytes = [[]], 0  # consecutive parameters whose pieces add up to PARTITION_READ_BYTES
+    for name, p in model.named_parameters():
+        if group_bytes >= PARTITION_READ_BYTES:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append((name, p))
         group_bytes += 4 * p.ds_numel // world
-        if group_bytes < PARTITION_READ_BYTES and i + 1 < len(params):
-            continue
+    for group in groups:
         pieces = {}
         for name, p in group:
             shape = tuple(p.ds_shape)
@@ -211,7 +219,6 @@ def _partitions_from_dcp(model: nn.Module, ckpt: Location) -> None:
         load_dcp({"model": pieces}, ckpt)
         for name, p in group:
             partition_from_rows(p, pieces[name].to_local())
-        group, group_bytes = [], 0
 
 
 class TrainedModel(NamedTuple):
@@ -225,17 +232,17 @@ class TrainedModel(NamedTuple):
 
 def load_trained(path: str | Location, device: str = "cpu") -> TrainedModel:
     """Model (eval mode), tokenizer and config from a run directory, a checkpoint or a checkpoint.dir
-    (local or a URL: its newest good checkpoint), or from a published model's Hugging Face directory (its
-    config.json defines the model)."""
-    if is_published(path):
-        return load_published(local_published(path), device)
-    ckpt = resolve_checkpoint(path)
-    run_files = checkpoint_run_files(ckpt)
-    cfg = load_run_config(run_files)
-    tokenizer = load_tokenizer(run_files)
+    (local or a URL: its newest good checkpoint, verified once), or from a published model's Hugging Face
+    directory (its config.json defines the model)."""
+    cfg, tokenizer, source = trained_config(path)
     model = empty_model(cfg, device)
-    load_model_weights(model, ckpt)
-    return TrainedModel(model.eval(), tokenizer, cfg, ckpt)
+    if is_published(source):
+        from megacore.checkpoint.hf import load_hf_into
+
+        load_hf_into(model, source)
+    else:
+        load_model_weights(model, source)
+    return TrainedModel(model.eval(), tokenizer, cfg, source)
 
 
 class TrainedWeights(NamedTuple):
@@ -274,21 +281,8 @@ def open_trained(path: str | Location) -> TrainedWeights:
     from megacore.checkpoint.hf import PublishedWeights
 
     cfg, tokenizer, source = trained_config(path)
-    weights = PublishedWeights(source) if is_published(source) else checkpoint_weights(source)
+    weights = PublishedWeights(source, cfg.model) if is_published(source) else checkpoint_weights(source)
     return TrainedWeights(weights, tokenizer, cfg, source)
-
-
-def load_published(path: str | Path, device: str = "cpu") -> TrainedModel:
-    """A Hugging Face directory as `load_trained` gives a run: the model its config.json describes, with
-    its weights and tokenizer; the rest of the config is the defaults."""
-    from megacore.checkpoint.hf import load_hf_into, read_hf_config
-    from megacore.checkpoint.hf_config import model_config_from_hf
-
-    path, cfg = Path(path), Config()
-    cfg.model = model_config_from_hf(read_hf_config(path), cfg.model, path)
-    model = empty_model(cfg, device)
-    load_hf_into(model, path)
-    return TrainedModel(model.eval(), load_tokenizer(path), cfg, path)
 
 
 def empty_model(cfg: Config, device: str | torch.device = "cpu") -> Llama:

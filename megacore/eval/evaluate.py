@@ -9,24 +9,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from data_pipeline.loader import PackedLoader, TokenStore
-from data_pipeline.storage import location
+from data_pipeline.storage import Location, location
+from data_pipeline.tokenizer import Tokenizer
 from megacore.config import Config
-from megacore.distributed import all_reduce_sum
+from megacore.distributed import DistEnv, all_reduce_sum
 from megacore.errors import DataError
 from megacore.loss import IGNORE_INDEX
 from megacore.run_dir import CHECKPOINTS, CONFIG
+
+if TYPE_CHECKING:
+    from megacore.train.torch_module import TorchTrainModule
 
 
 @torch.no_grad()
@@ -119,16 +122,11 @@ class Evaluator:
 class EvalSession(NamedTuple):
     """A trained model ready to evaluate or sample on this rank."""
 
-    module: object  # a TorchTrainModule without optimizers (megacore/train/torch_module.py)
-    tokenizer: object
+    module: TorchTrainModule  # without optimizers
+    tokenizer: Tokenizer
     config: Config
-    source: object  # the checkpoint directory or the published directory
-    env: object  # this rank (megacore.distributed.DistEnv)
-
-
-def distributed() -> bool:
-    """Whether this process is one rank of `--nproc N` (torchrun), not the one process of a plain command."""
-    return "TORCHELASTIC_RUN_ID" in os.environ
+    source: str | Location  # the checkpoint, or the published directory
+    env: DistEnv  # this rank
 
 
 @contextlib.contextmanager
@@ -138,9 +136,10 @@ def trained_module(path: str, batch_size: int | None = None, overrides: list[str
     `micro_batches`, a batch runs in the run's train.micro_batch_size pieces), or, on a rank of
     `--nproc N`, sharded over the ranks by the run's parallel settings and `overrides`
     (megacore/eval/sharded.py). `check(cfg)`: a further rule for the resolved config."""
+    from launcher.torchrun import under_torchrun
     from megacore.distributed import init_distributed, shutdown
 
-    if not distributed():
+    if not under_torchrun():
         from megacore.checkpoint.weights import load_trained
         from megacore.parallel.layout import Layout
         from megacore.train.torch_module import TorchTrainModule
@@ -156,12 +155,12 @@ def trained_module(path: str, batch_size: int | None = None, overrides: list[str
         finally:
             shutdown()
         return
-    from megacore.checkpoint.weights import trained_config
-    from megacore.eval.sharded import chosen_source, eval_config, sharded_module
+    from megacore.checkpoint.weights import agreed_source, trained_config
+    from megacore.eval.sharded import eval_config, sharded_module
 
     env = init_distributed("auto")  # (CUDA where there is one; results equal the CPU's one process in fp32)
     try:
-        source = chosen_source(path, env)
+        source = agreed_source(path, env)
         cfg, tokenizer, _ = trained_config(source, verify=False)
         cfg = eval_config(cfg, list(overrides), env.world_size, batch_size)
         if check is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from data_pipeline.storage import location
 from megacore.config import Config, with_overrides
 from megacore.errors import UsageError
 
@@ -72,30 +71,6 @@ def sharded_module(cfg: Config, source: str, env):
     return TorchTrainModule(par.stages, layout, env.rank, env.device, loss,
                             document_masking=cfg.model.document_masking,
                             pp_mesh=mesh["pp"] if layout.pp > 1 else None)
-
-
-def chosen_source(path: str, env) -> str:
-    """The checkpoint `path` means (its newest good one for a run or checkpoint.dir), chosen and verified
-    once on rank 0 and told to every rank; a published directory as it is. Each node's first rank fetches
-    what lies in object storage into the node's cache (a published model, a checkpoint's run files)
-    while the others wait."""
-    from data_pipeline.storage import is_url
-    from megacore.checkpoint.store import resolve_checkpoint
-    from megacore.checkpoint.weights import is_published, local_published
-    from megacore.distributed import on_every_rank
-    from megacore.run_dir import checkpoint_run_files
-
-    def resolve() -> str:
-        return str(path) if is_published(path) else str(resolve_checkpoint(path))
-
-    chosen = [on_every_rank(lambda: resolve() if env.is_main else None, env)]
-    dist.broadcast_object_list(chosen, src=0)
-    source = chosen[0]
-    published = is_published(source)
-    fetch = env.local_rank == 0 and is_url(source)
-    on_every_rank(lambda: (local_published(source) if published else checkpoint_run_files(location(source)))
-                  if fetch else None, env)
-    return str(local_published(source)) if published else source
 
 
 def agreed_token(token: int, device: torch.device) -> int:

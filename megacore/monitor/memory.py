@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -42,6 +44,22 @@ def resident_bytes() -> int:
 
 def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+# Runs its arguments as its only child, then prints that child's peak resident set size (bytes) last.
+_PEAK_OF_CHILD = ("import resource, subprocess, sys; status = subprocess.run(sys.argv[1:]).returncode; "
+                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(status)")
+
+
+def peak_resident_of(argv: list[str], **run_kwargs) -> tuple[int, subprocess.CompletedProcess]:
+    """(peak resident bytes, the completed process, its stdout without the measurement) of the command
+    `argv`, run as the only child of a fresh wrapper process (so no other child of the caller counts:
+    ru_maxrss of RUSAGE_CHILDREN is the largest child ever waited for). Output is captured as text."""
+    proc = subprocess.run([sys.executable, "-c", _PEAK_OF_CHILD, *argv], capture_output=True, text=True,
+                          **run_kwargs)
+    *output, peak = proc.stdout.splitlines(keepends=True) or ["0"]
+    proc.stdout = "".join(output)
+    return int(peak), proc
 
 
 def write_memory_report(path: Path, parts, optimizers, is_main: bool, resident_before_model: int | None = None,

@@ -81,11 +81,11 @@ def build_partitioned(cfg: Config, layout: Layout, device: torch.device) -> Llam
     return model
 
 
-def partition_range(p) -> tuple[int, int]:
-    """[start, stop) of this rank's ZeRO-3 partition in the flattened parameter `p` (the last rank's may
-    be padding only: stop <= start)."""
+def partition_range(p, rank: int | None = None) -> tuple[int, int]:
+    """[start, stop) of `rank`'s (default: this rank's) ZeRO-3 partition in the flattened parameter `p`
+    (the last ranks' may be padding only: stop <= start)."""
     size = p.ds_tensor.numel()
-    start = dist.get_rank() * size
+    start = (dist.get_rank() if rank is None else rank) * size
     return start, min(p.ds_numel, start + size)
 
 
@@ -119,7 +119,7 @@ def partition_from_rows(p, piece: torch.Tensor) -> None:
     one all_to_all (the pieces and the partitions both split the flattened tensor into ranges, in order)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     shape = tuple(p.ds_shape)
-    row, size = math.prod(shape[1:]), p.ds_tensor.numel()
+    row = math.prod(shape[1:])
 
     def overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
         return max(0, min(a[1], b[1]) - max(a[0], b[0]))
@@ -128,11 +128,8 @@ def partition_from_rows(p, piece: torch.Tensor) -> None:
         first, count = rows_of(r, shape[0], world)
         return first * row, (first + count) * row
 
-    def partition(r: int) -> tuple[int, int]:
-        return r * size, min(p.ds_numel, (r + 1) * size)
-
-    send = [overlap(flat_rows(rank), partition(j)) for j in range(world)]
-    receive = [overlap(flat_rows(i), partition(rank)) for i in range(world)]
+    send = [overlap(flat_rows(rank), partition_range(p, j)) for j in range(world)]
+    receive = [overlap(flat_rows(i), partition_range(p, rank)) for i in range(world)]
     out = torch.empty(sum(receive), dtype=piece.dtype, device=piece.device)
     dist.all_to_all_single(out, piece.reshape(-1).contiguous(), receive, send)
     p.ds_tensor.view(-1)[:out.numel()].copy_(out)
